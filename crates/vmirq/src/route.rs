@@ -1,0 +1,233 @@
+//! GSI routes and the routing table, with KVM's validation rules.
+//!
+//! Rules from Linux `virt/kvm/irqchip.c` (`setup_routing_entry`, `kvm_set_irq_routing`) and
+//! `arch/x86/kvm/irq_comm.c` (`kvm_set_routing_entry`): at most 4096 GSIs; PIC pins < 8,
+//! IOAPIC pins < 24 (here: < the configured pin count); one GSI may carry several IRQCHIP
+//! entries only for different chips; any other entry must be alone on its GSI.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use thiserror::Error;
+
+use crate::msi::MsiMessage;
+
+/// Most GSIs a routing table may name (KVM_MAX_IRQ_ROUTES).
+pub const MAX_GSIS: u32 = 4096;
+/// IOAPIC pins KVM's in-kernel IOAPIC has, and the default for the userspace one.
+pub const DEFAULT_IOAPIC_PINS: u32 = 24;
+/// Pins of one 8259 PIC.
+pub const PIC_PINS: u32 = 8;
+
+/// A global system interrupt number: the index into the routing table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Gsi(pub u32);
+
+impl fmt::Display for Gsi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GSI {}", self.0)
+    }
+}
+
+/// Which interrupt controller an IRQCHIP route drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IrqChip {
+    PicMaster,
+    PicSlave,
+    Ioapic,
+}
+
+/// Where a GSI's interrupt goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// A pin of an interrupt controller.
+    Irqchip { chip: IrqChip, pin: u32 },
+    /// An MSI message; `devid` is the requester ID for platforms that need it.
+    Msi { msg: MsiMessage, devid: Option<u32> },
+    /// A Xen event channel port (KVM_IRQ_ROUTING_XEN_EVTCHN).
+    XenEvtchn { port: u32, vcpu: u32, priority: u32 },
+}
+
+impl Route {
+    pub const fn ioapic(pin: u32) -> Self {
+        Route::Irqchip {
+            chip: IrqChip::Ioapic,
+            pin,
+        }
+    }
+
+    pub const fn msi(msg: MsiMessage) -> Self {
+        Route::Msi { msg, devid: None }
+    }
+}
+
+/// Errors from building or validating a routing table.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("{gsi} already has a {existing:?} route; only IRQCHIP routes for different chips may share a GSI")]
+    Conflict { gsi: Gsi, existing: Route },
+    #[error("{0} is beyond the {MAX_GSIS}-entry routing table")]
+    GsiOutOfRange(Gsi),
+    #[error("{gsi} is reserved for IOAPIC pin {} in split irqchip mode", gsi.0)]
+    GsiReserved { gsi: Gsi },
+    #[error("{chip:?} has no pin {pin} (it has {pins})")]
+    PinOutOfRange { chip: IrqChip, pin: u32, pins: u32 },
+    #[error("Xen event channel priority {0} is not 0..=15")]
+    XenPriority(u32),
+}
+
+/// An immutable routing table: GSI → the routes it fans out to.
+///
+/// Tables are built by [`crate::router::RouteBatch`] and published whole; nothing mutates a
+/// published table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutingTable {
+    entries: BTreeMap<Gsi, Vec<Route>>,
+    ioapic_pins: u32,
+}
+
+impl RoutingTable {
+    pub fn new(ioapic_pins: u32) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            ioapic_pins,
+        }
+    }
+
+    /// Routes of `gsi` (empty if it has none).
+    pub fn get(&self, gsi: Gsi) -> &[Route] {
+        self.entries.get(&gsi).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every (GSI, route) pair, in GSI order.
+    pub fn iter(&self) -> impl Iterator<Item = (Gsi, &Route)> {
+        self.entries
+            .iter()
+            .flat_map(|(gsi, routes)| routes.iter().map(move |r| (*gsi, r)))
+    }
+
+    /// Number of (GSI, route) entries.
+    pub fn len(&self) -> usize {
+        self.entries.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds one route to `gsi`, enforcing KVM's rules.
+    pub fn add(&mut self, gsi: Gsi, route: Route) -> Result<(), RouteError> {
+        self.check(gsi, &route)?;
+        let routes = self.entries.entry(gsi).or_default();
+        for existing in routes.iter() {
+            let shareable = matches!(
+                (existing, &route),
+                (Route::Irqchip { chip: a, .. }, Route::Irqchip { chip: b, .. }) if a != b
+            );
+            if !shareable {
+                return Err(RouteError::Conflict {
+                    gsi,
+                    existing: *existing,
+                });
+            }
+        }
+        routes.push(route);
+        Ok(())
+    }
+
+    /// Replaces every route of `gsi` with `route`.
+    pub fn set(&mut self, gsi: Gsi, route: Route) -> Result<(), RouteError> {
+        self.check(gsi, &route)?;
+        self.entries.insert(gsi, vec![route]);
+        Ok(())
+    }
+
+    /// Removes every route of `gsi`; returns whether it had any.
+    pub fn remove(&mut self, gsi: Gsi) -> bool {
+        self.entries.remove(&gsi).is_some()
+    }
+
+    fn check(&self, gsi: Gsi, route: &Route) -> Result<(), RouteError> {
+        if gsi.0 >= MAX_GSIS {
+            return Err(RouteError::GsiOutOfRange(gsi));
+        }
+        match *route {
+            Route::Irqchip { chip, pin } => {
+                let pins = match chip {
+                    IrqChip::PicMaster | IrqChip::PicSlave => PIC_PINS,
+                    IrqChip::Ioapic => self.ioapic_pins,
+                };
+                if pin >= pins {
+                    return Err(RouteError::PinOutOfRange { chip, pin, pins });
+                }
+            }
+            Route::XenEvtchn { priority, .. } if priority > 15 => {
+                return Err(RouteError::XenPriority(priority));
+            }
+            Route::Msi { .. } | Route::XenEvtchn { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pic_and_ioapic_pins_may_share_a_gsi() {
+        let mut t = RoutingTable::new(24);
+        t.add(
+            Gsi(4),
+            Route::Irqchip {
+                chip: IrqChip::PicMaster,
+                pin: 4,
+            },
+        )
+        .unwrap();
+        t.add(Gsi(4), Route::ioapic(4)).unwrap();
+        assert_eq!(t.get(Gsi(4)).len(), 2);
+    }
+
+    #[test]
+    fn duplicate_gsi_entries_are_refused() {
+        let mut t = RoutingTable::new(24);
+        t.add(Gsi(30), Route::msi(MsiMessage::new(0xFEE0_0000, 0x30)))
+            .unwrap();
+        let err = t
+            .add(Gsi(30), Route::msi(MsiMessage::new(0xFEE0_0000, 0x31)))
+            .unwrap_err();
+        assert!(matches!(err, RouteError::Conflict { gsi: Gsi(30), .. }));
+        t.add(Gsi(5), Route::ioapic(5)).unwrap();
+        assert!(t.add(Gsi(5), Route::ioapic(6)).is_err(), "same chip twice");
+    }
+
+    #[test]
+    fn bad_pins_and_gsis_are_refused() {
+        let mut t = RoutingTable::new(24);
+        assert_eq!(
+            t.add(Gsi(1), Route::ioapic(24)),
+            Err(RouteError::PinOutOfRange {
+                chip: IrqChip::Ioapic,
+                pin: 24,
+                pins: 24
+            })
+        );
+        let pic = Route::Irqchip {
+            chip: IrqChip::PicSlave,
+            pin: 8,
+        };
+        assert!(t.add(Gsi(1), pic).is_err());
+        assert_eq!(
+            t.add(Gsi(4096), Route::ioapic(1)),
+            Err(RouteError::GsiOutOfRange(Gsi(4096)))
+        );
+        let xen = Route::XenEvtchn {
+            port: 3,
+            vcpu: 0,
+            priority: 16,
+        };
+        assert_eq!(t.add(Gsi(40), xen), Err(RouteError::XenPriority(16)));
+        assert!(t.is_empty());
+    }
+}
