@@ -16,6 +16,7 @@ pub use lapic::Lapic;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -68,6 +69,9 @@ pub struct SimBackend {
     state: Mutex<SimState>,
     eoi_sink: Mutex<Option<Weak<dyn EoiSink>>>,
     observer: Mutex<Option<IsrObserver>>,
+    commits: AtomicU64,
+    /// Test hook: refuse the next N route commits, as a hypervisor out of memory would.
+    refuse_commits: AtomicU64,
 }
 
 impl SimBackend {
@@ -91,6 +95,8 @@ impl SimBackend {
             }),
             eoi_sink: Mutex::new(None),
             observer: Mutex::new(None),
+            commits: AtomicU64::new(0),
+            refuse_commits: AtomicU64::new(0),
         })
     }
 
@@ -122,6 +128,16 @@ impl SimBackend {
             .vcpus
             .get(vcpu)
             .is_some_and(|v| v.lapic.is_pending(vector))
+    }
+
+    /// Route tables committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Makes the next `n` route commits fail with a hypervisor error.
+    pub fn refuse_next_commits(&self, n: u64) {
+        self.refuse_commits.store(n, Ordering::Relaxed);
     }
 
     pub fn set_isr_observer(&self, observer: IsrObserver) {
@@ -407,6 +423,16 @@ impl Backend for SimBackend {
     }
 
     fn commit_routes(&self, routes: &[KernelRoute]) -> Result<(), BackendError> {
+        let refuse = self
+            .refuse_commits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if refuse.is_ok() {
+            return Err(BackendError::Hypervisor {
+                op: "KVM_SET_GSI_ROUTING",
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
         let mut table: HashMap<Gsi, Vec<Route>> = HashMap::new();
         for r in routes {
             if matches!(r.route, Route::XenEvtchn { .. }) {
