@@ -1,1 +1,18 @@
+//! KVM backend for vmirq, and a minimal KVM VM to run interrupt test guests on.
+//!
+//! [`KvmBackend`] implements [`vmirq::Backend`] with KVM's routing table, `KVM_SIGNAL_MSI`,
+//! `KVM_IRQ_LINE` and `KVM_IRQFD`, for an in-kernel or a split irqchip. [`KvmVm`] creates the
+//! VM, guest RAM at GPA 0 and vCPUs that start in real mode, and runs one thread per vCPU,
+//! handing port I/O and MMIO exits to a [`VcpuExitHandler`] and IOAPIC EOI exits to the
+//! backend's [`vmirq::EoiSink`].
 
+mod backend;
+mod error;
+mod vcpu;
+mod vm;
+
+pub use backend::KvmBackend;
+pub use error::KvmError;
+pub use vcpu::VcpuExitHandler;
+pub use vm::{KvmVm, KvmVmConfig, RealModeBoot};
+pub use vmirq::IrqchipMode;

@@ -1,0 +1,516 @@
+//! One interface over a booted test guest, on KVM or on the simulated backend.
+//!
+//! Both machines run "the same guest": every vCPU enables its LAPIC, vCPU 0 runs the boot MMIO
+//! script (which programs the IOAPIC), and every interrupt taken is counted per (vCPU, vector)
+//! and reported to the host ([`IsrEvent`]) before the guest EOIs it. Tests and the CLI drive
+//! them through [`Machine`] only.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vmirq::{Interrupts, IrqchipMode, SimBackend};
+use vmirq_kvm::{KvmVm, KvmVmConfig, RealModeBoot, VcpuExitHandler};
+
+use crate::layout;
+use crate::program;
+
+/// Errors booting a test machine.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Guest(#[from] program::GuestError),
+    #[error(transparent)]
+    Interrupts(#[from] vmirq::Error),
+    #[error(transparent)]
+    Kvm(#[from] vmirq_kvm::KvmError),
+    #[error("vCPU {vcpu} did not finish booting the test guest within {secs} s")]
+    NotReady { vcpu: usize, secs: u64 },
+}
+
+/// The guest took `vector` on `vcpu`; `at` is when the host saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IsrEvent {
+    pub vcpu: usize,
+    pub vector: u8,
+    pub at: Instant,
+}
+
+/// ISR reports and boot readiness, as the guest sends them.
+#[derive(Default)]
+pub struct IsrLog {
+    state: Mutex<LogState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    events: VecDeque<IsrEvent>,
+    ready: u64,
+    failed: Option<String>,
+}
+
+/// Keeps the log bounded if nobody reads it (a long demo on many vectors).
+const LOG_LIMIT: usize = 1 << 16;
+
+impl IsrLog {
+    pub fn record(&self, vcpu: usize, vector: u8) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.events.len() == LOG_LIMIT {
+            st.events.pop_front();
+        }
+        st.events.push_back(IsrEvent {
+            vcpu,
+            vector,
+            at: Instant::now(),
+        });
+        self.cv.notify_all();
+    }
+
+    fn mark_ready(&self, vcpu: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.ready |= 1 << vcpu.min(63);
+        self.cv.notify_all();
+    }
+
+    fn fail(&self, reason: String) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.failed.get_or_insert(reason);
+        self.cv.notify_all();
+    }
+
+    /// Removes and returns the first event matching `pred`, waiting up to `wait` for one.
+    fn take(&self, pred: impl Fn(&IsrEvent) -> bool, wait: Duration) -> Option<IsrEvent> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = st.events.iter().position(&pred) {
+            return st.events.remove(i);
+        }
+        if wait.is_zero() {
+            return None;
+        }
+        st = self.cv.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+        let i = st.events.iter().position(&pred)?;
+        st.events.remove(i)
+    }
+
+    /// Drops every queued event.
+    pub fn clear(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).events.clear();
+    }
+
+    fn ready_mask(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).ready
+    }
+
+    /// Why a vCPU stopped, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).failed.clone()
+    }
+}
+
+/// How to boot a test machine.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub vcpus: usize,
+    pub irqchip: IrqchipMode,
+    /// 32-bit MMIO writes vCPU 0 performs at boot, in order (at most
+    /// [`layout::MMIO_SCRIPT_MAX`]).
+    pub mmio_script: Vec<(u32, u32)>,
+    pub interrupts: vmirq::Config,
+}
+
+impl MachineConfig {
+    pub fn new(vcpus: usize, irqchip: IrqchipMode) -> Self {
+        Self {
+            vcpus,
+            irqchip,
+            mmio_script: Vec::new(),
+            interrupts: vmirq::Config::default(),
+        }
+    }
+
+    /// Adds the writes that program IOAPIC pin `pin` (unmasked) to deliver `vector` to APIC
+    /// `dest`, edge or level.
+    pub fn ioapic_pin(mut self, pin: u32, vector: u8, dest: u8, level: bool) -> Self {
+        let lo = u32::from(vector) | if level { 1 << 15 } else { 0 };
+        let base = vmirq::ioapic::IOAPIC_BASE as u32;
+        self.mmio_script.extend([
+            (base, 0x11 + 2 * pin),
+            (base + 0x10, u32::from(dest) << 24),
+            (base, 0x10 + 2 * pin),
+            (base + 0x10, lo),
+        ]);
+        self
+    }
+}
+
+/// A booted test guest. Every method is safe to call from any thread.
+pub trait Machine: Send + Sync {
+    /// "kvm" or "sim".
+    fn kind(&self) -> &'static str;
+    fn interrupts(&self) -> &Arc<Interrupts>;
+    fn vcpus(&self) -> usize;
+    /// Interrupts the guest counted on (vcpu, vector).
+    fn count(&self, vcpu: usize, vector: u8) -> u64;
+    /// Lets the machine make progress: the simulated one runs until idle; KVM runs by itself.
+    fn pump(&self);
+    fn log(&self) -> &IsrLog;
+
+    /// Waits up to `timeout` for the guest to take `vector` (on `vcpu`, if given) and returns
+    /// that report, removing it from the log.
+    fn wait_isr(&self, vcpu: Option<usize>, vector: u8, timeout: Duration) -> Option<IsrEvent> {
+        let deadline = Instant::now() + timeout;
+        let pred = |e: &IsrEvent| e.vector == vector && vcpu.is_none_or(|c| c == e.vcpu);
+        loop {
+            self.pump();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(e) = self.log().take(pred, left.min(Duration::from_millis(2))) {
+                return Some(e);
+            }
+            if left.is_zero() || self.log().failure().is_some() {
+                return None;
+            }
+        }
+    }
+
+    /// Waits up to `timeout` until the guest counted at least `n` on (vcpu, vector); returns
+    /// the count then.
+    fn wait_count(&self, vcpu: usize, vector: u8, n: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.pump();
+            let c = self.count(vcpu, vector);
+            if c >= n || Instant::now() >= deadline || self.log().failure().is_some() {
+                return c;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Runs until nothing more arrives for `quiet` (bounded by 100 × `quiet`).
+    fn settle(&self, quiet: Duration) {
+        let start = Instant::now();
+        let mut last = self.total();
+        let mut since = Instant::now();
+        while since.elapsed() < quiet && start.elapsed() < quiet * 100 {
+            self.pump();
+            std::thread::sleep(Duration::from_micros(200));
+            let now = self.total();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            }
+        }
+    }
+
+    /// Every interrupt counted on every vCPU.
+    fn total(&self) -> u64 {
+        (0..self.vcpus())
+            .flat_map(|c| (0..=255u8).map(move |v| (c, v)))
+            .map(|(c, v)| self.count(c, v))
+            .sum()
+    }
+}
+
+/// The simulated machine: [`SimBackend`] plus the core, with the guest's behaviour played by
+/// the simulated vCPUs.
+pub struct SimMachine {
+    sim: Arc<SimBackend>,
+    interrupts: Arc<Interrupts>,
+    log: Arc<IsrLog>,
+}
+
+impl SimMachine {
+    pub fn boot(config: &MachineConfig) -> Result<Self, MachineError> {
+        let sim = SimBackend::new(config.vcpus, config.irqchip);
+        let interrupts = Interrupts::new(sim.clone(), config.interrupts)?;
+        let log = Arc::new(IsrLog::default());
+        let l = Arc::clone(&log);
+        sim.set_isr_observer(Box::new(move |vcpu, vector| l.record(vcpu, vector)));
+        if config.mmio_script.len() > layout::MMIO_SCRIPT_MAX {
+            return Err(program::GuestError::ScriptTooLong(config.mmio_script.len()).into());
+        }
+        // What the guest's vCPU 0 does at boot: the in-kernel IOAPIC (kernel irqchip) or
+        // vmirq's (split) decodes each write.
+        for &(addr, value) in &config.mmio_script {
+            let data = value.to_le_bytes();
+            if !sim.mmio_write(u64::from(addr), &data) {
+                interrupts.mmio_write(u64::from(addr), &data);
+            }
+        }
+        for vcpu in 0..config.vcpus {
+            log.mark_ready(vcpu);
+        }
+        Ok(Self {
+            sim,
+            interrupts,
+            log,
+        })
+    }
+
+    pub fn sim(&self) -> &Arc<SimBackend> {
+        &self.sim
+    }
+}
+
+impl Machine for SimMachine {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.interrupts
+    }
+
+    fn vcpus(&self) -> usize {
+        self.sim.vcpus()
+    }
+
+    fn count(&self, vcpu: usize, vector: u8) -> u64 {
+        self.sim.count(vcpu, vector)
+    }
+
+    fn pump(&self) {
+        self.sim.run_until_idle();
+    }
+
+    fn log(&self) -> &IsrLog {
+        &self.log
+    }
+}
+
+/// Routes the test guest's exits: ISR and READY ports to the log, IOAPIC MMIO to the core.
+struct GuestExits {
+    interrupts: Arc<Interrupts>,
+    log: Arc<IsrLog>,
+}
+
+impl VcpuExitHandler for GuestExits {
+    fn pio_out(&self, vcpu: usize, port: u16, data: &[u8]) {
+        match (port, data.first()) {
+            (layout::ISR_PORT, Some(v)) => self.log.record(vcpu, *v),
+            (layout::READY_PORT, _) => self.log.mark_ready(vcpu),
+            _ => {}
+        }
+    }
+
+    fn mmio_read(&self, _vcpu: usize, addr: u64, data: &mut [u8]) {
+        if !self.interrupts.mmio_read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn mmio_write(&self, _vcpu: usize, addr: u64, data: &[u8]) {
+        self.interrupts.mmio_write(addr, data);
+    }
+
+    fn vcpu_failed(&self, vcpu: usize, reason: String) {
+        self.log.fail(format!("vCPU {vcpu}: {reason}"));
+    }
+}
+
+/// The test guest on real KVM.
+pub struct KvmMachine {
+    vm: Mutex<KvmVm>,
+    interrupts: Arc<Interrupts>,
+    log: Arc<IsrLog>,
+    vcpus: usize,
+}
+
+/// Guest RAM of a test machine: the real-mode megabyte.
+pub const GUEST_RAM: usize = 1 << 20;
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KvmMachine {
+    /// Whether this host can run KVM machines.
+    pub fn available() -> bool {
+        KvmVm::is_available()
+    }
+
+    pub fn boot(config: &MachineConfig) -> Result<Self, MachineError> {
+        let mut vm = KvmVm::new(KvmVmConfig {
+            vcpus: config.vcpus,
+            mem_size: GUEST_RAM,
+            irqchip: config.irqchip,
+        })?;
+        let interrupts = Interrupts::new(vm.backend(), config.interrupts)?;
+        let image = program::build();
+        program::load(vm.memory(), &image, &config.mmio_script)?;
+        let log = Arc::new(IsrLog::default());
+        let exits = Arc::new(GuestExits {
+            interrupts: Arc::clone(&interrupts),
+            log: Arc::clone(&log),
+        });
+        vm.start(
+            &RealModeBoot {
+                ip: image.entry_ip,
+                stack_top: layout::stack_top,
+            },
+            exits,
+        )?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let all = (1u64 << config.vcpus) - 1;
+        while log.ready_mask() & all != all {
+            if Instant::now() > deadline || log.failure().is_some() {
+                let vcpu = (0..config.vcpus)
+                    .find(|c| log.ready_mask() & (1 << c) == 0)
+                    .unwrap_or(0);
+                return Err(MachineError::NotReady {
+                    vcpu,
+                    secs: READY_TIMEOUT.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(Self {
+            vcpus: config.vcpus,
+            vm: Mutex::new(vm),
+            interrupts,
+            log,
+        })
+    }
+}
+
+impl Machine for KvmMachine {
+    fn kind(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.interrupts
+    }
+
+    fn vcpus(&self) -> usize {
+        self.vcpus
+    }
+
+    fn count(&self, vcpu: usize, vector: u8) -> u64 {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        u64::from(program::read_counter(vm.memory(), vcpu, vector))
+    }
+
+    fn pump(&self) {}
+
+    fn log(&self) -> &IsrLog {
+        &self.log
+    }
+}
+
+impl Drop for KvmMachine {
+    fn drop(&mut self) {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).stop();
+    }
+}
+
+/// Which backend a machine runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Kvm,
+    Sim,
+}
+
+/// Boots a machine of `kind`.
+pub fn boot(kind: BackendKind, config: &MachineConfig) -> Result<Box<dyn Machine>, MachineError> {
+    Ok(match kind {
+        BackendKind::Kvm => Box::new(KvmMachine::boot(config)?),
+        BackendKind::Sim => Box::new(SimMachine::boot(config)?),
+    })
+}
+
+/// For KVM tests: reports on stderr (past the test harness's capture, so CI can count it)
+/// whether the test runs, and returns false when it must skip.
+pub fn kvm_test_gate(name: &str) -> bool {
+    let available = KvmMachine::available();
+    let verdict = if available {
+        "ran"
+    } else {
+        "SKIPPED (no /dev/kvm)"
+    };
+    let _ = writeln!(std::io::stderr(), "kvm test {name}: {verdict}");
+    available
+}
+
+/// The four machines every behaviour test runs on.
+pub const EVERY_MACHINE: [(BackendKind, Mode); 4] = [
+    (BackendKind::Sim, Mode::Kernel),
+    (BackendKind::Sim, Mode::Split),
+    (BackendKind::Kvm, Mode::Kernel),
+    (BackendKind::Kvm, Mode::Split),
+];
+
+/// Irqchip mode without parameters, for naming test variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Kernel,
+    Split,
+}
+
+impl Mode {
+    pub fn irqchip(self) -> IrqchipMode {
+        match self {
+            Mode::Kernel => IrqchipMode::Kernel,
+            Mode::Split => IrqchipMode::Split {
+                ioapic_pins: vmirq::route::DEFAULT_IOAPIC_PINS,
+            },
+        }
+    }
+}
+
+/// Boots `config` on `kind` for test `name`, or returns None (after saying so on stderr) when
+/// KVM is wanted but absent. Panics with the boot error otherwise: a test that cannot boot fails.
+pub fn boot_for_test(
+    name: &str,
+    kind: BackendKind,
+    config: &MachineConfig,
+) -> Option<Box<dyn Machine>> {
+    if kind == BackendKind::Kvm && !kvm_test_gate(name) {
+        return None;
+    }
+    match boot(kind, config) {
+        Ok(m) => Some(m),
+        Err(e) => panic!("{name}: cannot boot the {kind:?} test machine: {e}"),
+    }
+}
+
+/// Writes one behaviour test once and runs it on every machine: expands to a module `$name`
+/// with tests `sim_kernel`, `sim_split`, `kvm_kernel` and `kvm_split`, each calling
+/// `$body(&dyn Machine)` on a machine booted from `$config(Mode)`.
+#[macro_export]
+macro_rules! on_every_machine {
+    ($name:ident, $config:expr, $body:expr) => {
+        mod $name {
+            use super::*;
+            use $crate::machine::{boot_for_test, BackendKind, Mode};
+
+            fn run(kind: BackendKind, mode: Mode) {
+                let config = ($config)(mode);
+                let test = concat!(stringify!($name), "::", "{kind:?}-{mode:?}");
+                let test = test
+                    .replace("{kind:?}", &format!("{kind:?}"))
+                    .replace("{mode:?}", &format!("{mode:?}"));
+                if let Some(machine) = boot_for_test(&test, kind, &config) {
+                    ($body)(&*machine, mode);
+                }
+            }
+
+            #[test]
+            fn sim_kernel() {
+                run(BackendKind::Sim, Mode::Kernel)
+            }
+            #[test]
+            fn sim_split() {
+                run(BackendKind::Sim, Mode::Split)
+            }
+            #[test]
+            fn kvm_kernel() {
+                run(BackendKind::Kvm, Mode::Kernel)
+            }
+            #[test]
+            fn kvm_split() {
+                run(BackendKind::Kvm, Mode::Split)
+            }
+        }
+    };
+}

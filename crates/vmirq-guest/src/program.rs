@@ -1,0 +1,367 @@
+//! The real-mode test guest: assembled with iced-x86 (16-bit), loaded into guest RAM by the
+//! host, and read back through its interrupt counters.
+//!
+//! Every vCPU runs the same code: mask both PICs, software-enable its LAPIC, run the boot
+//! MMIO script (APIC ID 0 only), report ready on [`READY_PORT`], then `sti; hlt` forever.
+//! Each vector has a stub that saves EAX, loads the vector and jumps to one common handler,
+//! which counts the interrupt in the [`COUNTERS_ADDR`] block, reports it on [`ISR_PORT`] and
+//! EOIs the LAPIC. 32-bit operands and addresses make iced emit the 0x66/0x67 prefixes; the
+//! 4 GiB data segment limits the host sets make the 32-bit addresses legal in real mode.
+
+use std::sync::atomic::Ordering;
+
+use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vmirq_kvm::RealModeBoot;
+
+use crate::layout::*;
+
+/// Errors loading the guest or reading its state.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    #[error("guest memory access failed: {0}")]
+    Memory(#[from] GuestMemoryError),
+    #[error("the boot MMIO script has {0} entries; at most {MMIO_SCRIPT_MAX} fit")]
+    ScriptTooLong(usize),
+    #[error("vCPU {vcpu} is beyond the guest layout's {MAX_VCPUS} vCPUs")]
+    VcpuOutOfRange { vcpu: usize },
+}
+
+/// The assembled guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestImage {
+    /// Machine code, loaded at `code_addr`.
+    pub code: Vec<u8>,
+    pub code_addr: u64,
+    /// IP of the boot entry point (CS = 0).
+    pub entry_ip: u16,
+    /// IP of each vector's stub (CS = 0): what the IVT holds.
+    pub stub_offsets: [u16; VECTORS],
+}
+
+impl GuestImage {
+    /// Where `vcpus` vCPUs start: the entry point, each on its own stack. Refuses more vCPUs
+    /// than the layout has stacks and counters for.
+    pub fn boot(&self, vcpus: usize) -> Result<RealModeBoot, GuestError> {
+        if vcpus > MAX_VCPUS {
+            return Err(GuestError::VcpuOutOfRange { vcpu: vcpus - 1 });
+        }
+        Ok(RealModeBoot {
+            ip: self.entry_ip,
+            stack_top,
+        })
+    }
+}
+
+/// IPs of a few instructions, so tests can check their encoding.
+#[derive(Debug, Default)]
+#[cfg_attr(not(test), allow(dead_code))]
+struct Marks {
+    svr_write: u16,
+    script_write: u16,
+    counter_inc: u16,
+    isr_out: u16,
+    iret: u16,
+}
+
+/// Assembles the guest.
+pub fn build() -> GuestImage {
+    // The program is fixed; failing to assemble it is a bug in this file, not a runtime state.
+    match assemble() {
+        Ok((image, _)) => image,
+        Err(AsmError(why)) => panic!("the fixed guest program does not assemble: {why}"),
+    }
+}
+
+/// Why the fixed program failed to assemble (a bug in this file).
+#[derive(Debug)]
+struct AsmError(String);
+
+impl From<IcedError> for AsmError {
+    fn from(e: IcedError) -> Self {
+        AsmError(e.to_string())
+    }
+}
+
+fn ip_of(result: &CodeAssemblerResult, label: &CodeLabel) -> Result<u16, AsmError> {
+    let ip = result.label_ip(label)?;
+    u16::try_from(ip).map_err(|_| AsmError(format!("label at {ip:#x} is beyond 64 KiB")))
+}
+
+fn assemble() -> Result<(GuestImage, Marks), AsmError> {
+    let mut a = CodeAssembler::new(16)?;
+    let mut entry = a.create_label();
+    let mut script_loop = a.create_label();
+    let mut script_count_ok = a.create_label();
+    let mut ready = a.create_label();
+    let mut halt_loop = a.create_label();
+    let mut common = a.create_label();
+    let mut id_ok = a.create_label();
+    let mut svr_write = a.create_label();
+    let mut script_write = a.create_label();
+    let mut counter_inc = a.create_label();
+    let mut isr_out = a.create_label();
+    let mut iret = a.create_label();
+
+    // --- Boot, identical on every vCPU.
+    a.set_label(&mut entry)?;
+    a.cli()?;
+    a.mov(al, 0xffu32)?;
+    a.out(u32::from(PIC_MASTER_DATA_PORT), al)?;
+    a.out(u32::from(PIC_SLAVE_DATA_PORT), al)?;
+    a.mov(ebx, LAPIC_SVR)?;
+    a.set_label(&mut svr_write)?;
+    a.mov(dword_ptr(ebx), LAPIC_SVR_ENABLE)?;
+    a.mov(ebx, LAPIC_TPR)?;
+    a.mov(dword_ptr(ebx), 0u32)?;
+    a.mov(ebx, LAPIC_ID)?;
+    a.mov(ebp, dword_ptr(ebx))?;
+    a.shr(ebp, 24u32)?;
+    a.test(ebp, ebp)?;
+    a.jnz(ready)?;
+
+    // APIC ID 0: the boot MMIO script. The count is guest memory the host wrote, but clamp
+    // it anyway so a corrupt count cannot run off the script area.
+    a.mov(ebx, MMIO_SCRIPT_COUNT_ADDR as u32)?;
+    a.mov(ecx, dword_ptr(ebx))?;
+    a.cmp(ecx, MMIO_SCRIPT_MAX as u32)?;
+    a.jbe(script_count_ok)?;
+    a.mov(ecx, MMIO_SCRIPT_MAX as u32)?;
+    a.set_label(&mut script_count_ok)?;
+    a.mov(esi, MMIO_SCRIPT_ENTRIES_ADDR as u32)?;
+    a.set_label(&mut script_loop)?;
+    a.test(ecx, ecx)?;
+    a.jz(ready)?;
+    a.mov(ebx, dword_ptr(esi))?;
+    a.mov(eax, dword_ptr(esi + 4))?;
+    a.set_label(&mut script_write)?;
+    a.mov(dword_ptr(ebx), eax)?;
+    a.add(esi, MMIO_SCRIPT_ENTRY_SIZE as u32)?;
+    a.dec(ecx)?;
+    a.jmp(script_loop)?;
+
+    a.set_label(&mut ready)?;
+    a.mov(eax, ebp)?;
+    a.mov(dx, u32::from(READY_PORT))?;
+    a.out(dx, al)?;
+    // sti's one-instruction shadow makes `sti; hlt` atomic: no wake-up is lost before hlt.
+    a.sti()?;
+    a.set_label(&mut halt_loop)?;
+    a.hlt()?;
+    a.jmp(halt_loop)?;
+
+    // --- Common interrupt handler. On entry: AL = vector, EAX saved by the stub, the CPU
+    // pushed FLAGS, CS, IP.
+    a.set_label(&mut common)?;
+    a.push(ebx)?;
+    a.push(edx)?;
+    a.movzx(eax, al)?;
+    a.mov(ebx, LAPIC_ID)?;
+    a.mov(ebx, dword_ptr(ebx))?;
+    a.shr(ebx, 24u32)?;
+    // Clamp the APIC ID so a vCPU with an unexpected ID cannot count outside the block.
+    a.cmp(ebx, (MAX_VCPUS - 1) as u32)?;
+    a.jbe(id_ok)?;
+    a.mov(ebx, (MAX_VCPUS - 1) as u32)?;
+    a.set_label(&mut id_ok)?;
+    a.shl(ebx, COUNTERS_PER_VCPU.trailing_zeros())?;
+    a.set_label(&mut counter_inc)?;
+    a.lock()
+        .inc(dword_ptr(ebx + eax * 4 + COUNTERS_ADDR as i32))?;
+    a.mov(dx, u32::from(ISR_PORT))?;
+    a.set_label(&mut isr_out)?;
+    a.out(dx, al)?;
+    a.mov(ebx, LAPIC_EOI)?;
+    a.mov(dword_ptr(ebx), 0u32)?;
+    a.pop(edx)?;
+    a.pop(ebx)?;
+    a.pop(eax)?;
+    a.set_label(&mut iret)?;
+    a.iret()?;
+
+    // --- One stub per vector.
+    let mut stubs: Vec<CodeLabel> = (0..VECTORS).map(|_| a.create_label()).collect();
+    for (vector, stub) in stubs.iter_mut().enumerate() {
+        a.set_label(stub)?;
+        a.push(eax)?;
+        a.mov(al, vector as u32)?;
+        a.jmp(common)?;
+    }
+
+    let result = a.assemble_options(
+        CODE_ADDR,
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let code = result.inner.code_buffer.clone();
+    if CODE_ADDR + code.len() as u64 > CODE_END {
+        return Err(AsmError(format!(
+            "{} bytes of code overflow the code area",
+            code.len()
+        )));
+    }
+    let mut stub_offsets = [0u16; VECTORS];
+    for (offset, stub) in stub_offsets.iter_mut().zip(&stubs) {
+        *offset = ip_of(&result, stub)?;
+    }
+    let marks = Marks {
+        svr_write: ip_of(&result, &svr_write)?,
+        script_write: ip_of(&result, &script_write)?,
+        counter_inc: ip_of(&result, &counter_inc)?,
+        isr_out: ip_of(&result, &isr_out)?,
+        iret: ip_of(&result, &iret)?,
+    };
+    let image = GuestImage {
+        code,
+        code_addr: CODE_ADDR,
+        entry_ip: ip_of(&result, &entry)?,
+        stub_offsets,
+    };
+    Ok((image, marks))
+}
+
+/// Writes the IVT, the code and the boot MMIO script into `mem`, and zeroes the counters.
+/// Call before starting the vCPUs.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    image: &GuestImage,
+    mmio_script: &[(u32, u32)],
+) -> Result<(), GuestError> {
+    if mmio_script.len() > MMIO_SCRIPT_MAX {
+        return Err(GuestError::ScriptTooLong(mmio_script.len()));
+    }
+    for (vector, &offset) in image.stub_offsets.iter().enumerate() {
+        let entry = IVT_ADDR + vector as u64 * IVT_ENTRY_SIZE;
+        mem.write_obj(offset, GuestAddress(entry))?;
+        mem.write_obj(0u16, GuestAddress(entry + 2))?; // segment
+    }
+    mem.write_slice(&image.code, GuestAddress(image.code_addr))?;
+    mem.write_obj(
+        mmio_script.len() as u32,
+        GuestAddress(MMIO_SCRIPT_COUNT_ADDR),
+    )?;
+    for (i, &(addr, value)) in mmio_script.iter().enumerate() {
+        let entry = MMIO_SCRIPT_ENTRIES_ADDR + i as u64 * MMIO_SCRIPT_ENTRY_SIZE;
+        mem.write_obj(addr, GuestAddress(entry))?;
+        mem.write_obj(value, GuestAddress(entry + 4))?;
+    }
+    mem.write_slice(&[0u8; COUNTERS_SIZE as usize], GuestAddress(COUNTERS_ADDR))?;
+    Ok(())
+}
+
+/// How many times `vector` was taken by the vCPU with APIC ID `vcpu`; 0 for a vCPU beyond
+/// the layout or RAM too small to hold the counters ([`try_read_counter`] says which).
+pub fn read_counter(mem: &GuestMemoryMmap, vcpu: usize, vector: u8) -> u32 {
+    try_read_counter(mem, vcpu, vector).unwrap_or(0)
+}
+
+/// [`read_counter`] that reports why a counter cannot be read.
+pub fn try_read_counter(mem: &GuestMemoryMmap, vcpu: usize, vector: u8) -> Result<u32, GuestError> {
+    let addr = counter_addr(vcpu, vector).ok_or(GuestError::VcpuOutOfRange { vcpu })?;
+    // The guest updates it with `lock inc`; an aligned atomic load sees whole values.
+    Ok(mem.load(GuestAddress(addr), Ordering::Acquire)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of the instruction at `ip`.
+    fn at(image: &GuestImage, ip: u16, len: usize) -> &[u8] {
+        let start = usize::from(ip) - image.code_addr as usize;
+        &image.code[start..start + len]
+    }
+
+    /// Operand-size (0x66) and address-size (0x67) prefixes, in either order.
+    fn has_both_size_prefixes(bytes: &[u8]) -> bool {
+        let mut p = [bytes[0], bytes[1]];
+        p.sort_unstable();
+        p == [0x66, 0x67]
+    }
+
+    #[test]
+    fn lapic_write_uses_32_bit_operand_and_address() {
+        let (image, marks) = assemble().unwrap();
+        // mov dword [ebx], 0x1FF: 66 67 C7 /0 ModRM 03 imm32
+        let bytes = at(&image, marks.svr_write, 8);
+        assert!(has_both_size_prefixes(bytes), "{bytes:02x?}");
+        assert_eq!(&bytes[2..], &[0xC7, 0x03, 0xFF, 0x01, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn script_write_is_a_32_bit_store_through_ebx() {
+        let (image, marks) = assemble().unwrap();
+        // mov dword [ebx], eax: 66 67 89 ModRM 03
+        let bytes = at(&image, marks.script_write, 4);
+        assert!(has_both_size_prefixes(bytes), "{bytes:02x?}");
+        assert_eq!(&bytes[2..], &[0x89, 0x03]);
+    }
+
+    #[test]
+    fn counter_increment_is_locked_with_sib_and_disp32() {
+        let (image, marks) = assemble().unwrap();
+        // lock inc dword [ebx+eax*4+0x4000]: F0 66 67 FF ModRM 84 SIB 83 disp32
+        let bytes = at(&image, marks.counter_inc, 10);
+        assert_eq!(bytes[0], 0xF0, "{bytes:02x?}");
+        assert!(has_both_size_prefixes(&bytes[1..]), "{bytes:02x?}");
+        assert_eq!(&bytes[3..], &[0xFF, 0x84, 0x83, 0x00, 0x40, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn isr_reports_with_out_dx_al_and_returns_with_16_bit_iret() {
+        let (image, marks) = assemble().unwrap();
+        assert_eq!(at(&image, marks.isr_out, 1), &[0xEE]);
+        assert_eq!(at(&image, marks.iret, 1), &[0xCF]);
+    }
+
+    #[test]
+    fn every_stub_saves_eax_then_loads_its_vector() {
+        let image = build();
+        for (vector, &ip) in image.stub_offsets.iter().enumerate() {
+            // push eax (66 50); mov al, imm8 (B0 ib)
+            assert_eq!(at(&image, ip, 4), &[0x66, 0x50, 0xB0, vector as u8]);
+        }
+        assert_eq!(image.entry_ip as u64, CODE_ADDR);
+        assert!(CODE_ADDR + image.code.len() as u64 <= CODE_END);
+    }
+
+    #[test]
+    fn load_writes_ivt_code_and_script() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let image = build();
+        let script = [(IOAPIC_IOREGSEL, 0x1a), (IOAPIC_IOWIN, 0x45)];
+        load(&mem, &image, &script).unwrap();
+        let off: u16 = mem.read_obj(GuestAddress(0x40 * 4)).unwrap();
+        let seg: u16 = mem.read_obj(GuestAddress(0x40 * 4 + 2)).unwrap();
+        assert_eq!((seg, off), (0, image.stub_offsets[0x40]));
+        let count: u32 = mem.read_obj(GuestAddress(MMIO_SCRIPT_COUNT_ADDR)).unwrap();
+        assert_eq!(count, 2);
+        let value: u32 = mem
+            .read_obj(GuestAddress(MMIO_SCRIPT_ENTRIES_ADDR + 12))
+            .unwrap();
+        assert_eq!(value, 0x45);
+        let mut code = vec![0; image.code.len()];
+        mem.read_slice(&mut code, GuestAddress(CODE_ADDR)).unwrap();
+        assert_eq!(code, image.code);
+        assert_eq!(try_read_counter(&mem, 7, 0xff).unwrap(), 0);
+    }
+
+    #[test]
+    fn oversized_script_and_bad_vcpu_are_refused() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let script = vec![(0u32, 0u32); MMIO_SCRIPT_MAX + 1];
+        assert!(matches!(
+            load(&mem, &build(), &script),
+            Err(GuestError::ScriptTooLong(65))
+        ));
+        assert!(matches!(
+            try_read_counter(&mem, MAX_VCPUS, 0),
+            Err(GuestError::VcpuOutOfRange { vcpu: 8 })
+        ));
+        assert_eq!(read_counter(&mem, MAX_VCPUS, 0), 0);
+        assert!(build().boot(MAX_VCPUS + 1).is_err());
+        let boot = build().boot(MAX_VCPUS).unwrap();
+        assert_eq!(((boot.stack_top)(0), (boot.stack_top)(1)), (0xF000, 0xE800));
+    }
+}

@@ -1,0 +1,432 @@
+//! [`KvmBackend`]: `vmirq::Backend` on a KVM VM file descriptor.
+//!
+//! Owns the VM fd and the guest memory registered with it, so neither outlives the other.
+
+use std::collections::HashSet;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Mutex, RwLock, Weak};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_irq_routing_msi, kvm_irq_routing_msi__bindgen_ty_1, kvm_msi, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES, KVM_MSI_VALID_DEVID,
+};
+use kvm_ioctls::{Cap, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmirq::{
+    Backend, BackendError, EoiSink, Gsi, IrqChip, IrqchipMode, KernelRoute, MsiMessage, Route,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The KVM side of vmirq: routing table, MSI injection, irqchip lines and irqfds of one VM.
+///
+/// Locks: `eoi_sink` is read on every `KVM_EXIT_IOAPIC_EOI` and written by `set_eoi_sink`.
+/// `irqfds` is held across each `KVM_IRQFD` so the bookkeeping matches KVM's list. The other
+/// ioctls run lock-free; KVM serialises them itself.
+pub struct KvmBackend {
+    // Declared before `memory`: the VM fd closes before the memory it maps is unmapped.
+    vm: VmFd,
+    mode: IrqchipMode,
+    resample: bool,
+    eoi_sink: RwLock<Option<Weak<dyn EoiSink>>>,
+    /// (eventfd, GSI) pairs assigned through this backend. KVM answers 0 to a deassign it
+    /// cannot match (virt/kvm/eventfd.c `kvm_irqfd_deassign`), so the contract's
+    /// `IrqfdNotFound` is decided here.
+    irqfds: Mutex<HashSet<(RawFd, u32)>>,
+    memory: GuestMemoryMmap,
+}
+
+impl KvmBackend {
+    pub(crate) fn new(vm: VmFd, mode: IrqchipMode, memory: GuestMemoryMmap) -> Self {
+        // KVM needs the full in-kernel irqchip for resample irqfds (EINVAL on split).
+        let resample = mode == IrqchipMode::Kernel && vm.check_extension(Cap::IrqfdResample);
+        Self {
+            vm,
+            mode,
+            resample,
+            eoi_sink: RwLock::new(None),
+            irqfds: Mutex::new(HashSet::new()),
+            memory,
+        }
+    }
+
+    pub(crate) fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Reports a guest EOI of a level vector to the registered sink, if it is still alive.
+    pub(crate) fn deliver_eoi(&self, vector: u8) {
+        let sink = match self.eoi_sink.read() {
+            Ok(slot) => slot.as_ref().and_then(Weak::upgrade),
+            Err(poisoned) => poisoned.into_inner().as_ref().and_then(Weak::upgrade),
+        };
+        match sink {
+            Some(sink) => sink.eoi(vector),
+            None => tracing::debug!(vector, "IOAPIC EOI exit with no EOI sink"),
+        }
+    }
+
+    fn routing_entry(&self, route: &KernelRoute) -> Result<kvm_irq_routing_entry, BackendError> {
+        let mut entry = kvm_irq_routing_entry {
+            gsi: route.gsi.0,
+            ..Default::default()
+        };
+        match route.route {
+            Route::Irqchip { chip, pin } => {
+                // arch/x86/kvm/irq_comm.c: IRQCHIP entries are refused on a split irqchip.
+                if self.mode != IrqchipMode::Kernel {
+                    return Err(BackendError::Unsupported(
+                        "route a GSI to an in-kernel irqchip pin on a split irqchip",
+                    ));
+                }
+                let irqchip = match chip {
+                    IrqChip::PicMaster => KVM_IRQCHIP_PIC_MASTER,
+                    IrqChip::PicSlave => KVM_IRQCHIP_PIC_SLAVE,
+                    IrqChip::Ioapic => KVM_IRQCHIP_IOAPIC,
+                };
+                entry.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+                entry.u = kvm_irq_routing_entry__bindgen_ty_1 {
+                    irqchip: kvm_irq_routing_irqchip { irqchip, pin },
+                };
+            }
+            Route::Msi { msg, devid } => {
+                entry.type_ = KVM_IRQ_ROUTING_MSI;
+                if devid.is_some() {
+                    entry.flags = KVM_MSI_VALID_DEVID;
+                }
+                entry.u = kvm_irq_routing_entry__bindgen_ty_1 {
+                    msi: kvm_irq_routing_msi {
+                        address_lo: msg.address_lo(),
+                        address_hi: msg.address_hi(),
+                        data: msg.data,
+                        __bindgen_anon_1: kvm_irq_routing_msi__bindgen_ty_1 {
+                            devid: devid.unwrap_or(0),
+                        },
+                    },
+                };
+            }
+            Route::XenEvtchn { .. } => {
+                return Err(BackendError::Unsupported(
+                    "route to a Xen event channel (no KVM_CAP_XEN_HVM)",
+                ))
+            }
+        }
+        Ok(entry)
+    }
+
+    fn lock_irqfds(&self) -> std::sync::MutexGuard<'_, HashSet<(RawFd, u32)>> {
+        // The set holds plain data; a panic elsewhere cannot leave it half-updated.
+        self.irqfds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn hypervisor(op: &'static str, err: kvm_ioctls::Error) -> BackendError {
+    BackendError::Hypervisor {
+        op,
+        source: io::Error::from_raw_os_error(err.errno()),
+    }
+}
+
+impl Backend for KvmBackend {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn irqchip_mode(&self) -> IrqchipMode {
+        self.mode
+    }
+
+    fn delivers(&self, route: &Route) -> bool {
+        match route {
+            Route::Msi { .. } => true,
+            Route::Irqchip { .. } => self.mode == IrqchipMode::Kernel,
+            Route::XenEvtchn { .. } => false,
+        }
+    }
+
+    fn commit_routes(&self, routes: &[KernelRoute]) -> Result<(), BackendError> {
+        if routes.len() > KVM_MAX_IRQ_ROUTES {
+            return Err(BackendError::Hypervisor {
+                op: "KVM_SET_GSI_ROUTING",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} routes exceed KVM's {KVM_MAX_IRQ_ROUTES}", routes.len()),
+                ),
+            });
+        }
+        let entries = routes
+            .iter()
+            .map(|r| self.routing_entry(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let table =
+            KvmIrqRouting::from_entries(&entries).map_err(|e| BackendError::Hypervisor {
+                op: "KVM_SET_GSI_ROUTING",
+                source: io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")),
+            })?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| hypervisor("KVM_SET_GSI_ROUTING", e))
+    }
+
+    fn signal_msi(&self, msg: MsiMessage, devid: Option<u32>) -> Result<(), BackendError> {
+        let msi = kvm_msi {
+            address_lo: msg.address_lo(),
+            address_hi: msg.address_hi(),
+            data: msg.data,
+            flags: if devid.is_some() {
+                KVM_MSI_VALID_DEVID
+            } else {
+                0
+            },
+            devid: devid.unwrap_or(0),
+            ..Default::default()
+        };
+        // > 0: delivered; 0: the guest blocked it (e.g. APIC software-disabled), like hardware.
+        match self.vm.signal_msi(msi) {
+            Ok(0) => {
+                tracing::debug!(?msg, "KVM_SIGNAL_MSI: guest blocked the message");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(hypervisor("KVM_SIGNAL_MSI", e)),
+        }
+    }
+
+    fn set_line(&self, gsi: Gsi, level: bool) -> Result<(), BackendError> {
+        if self.mode != IrqchipMode::Kernel {
+            return Err(BackendError::Unsupported(
+                "drive an irqchip line on a split irqchip",
+            ));
+        }
+        self.vm
+            .set_irq_line(gsi.0, level)
+            .map_err(|e| hypervisor("KVM_IRQ_LINE", e))
+    }
+
+    fn supports_resample(&self) -> bool {
+        self.resample
+    }
+
+    fn assign_irqfd(
+        &self,
+        fd: &EventFd,
+        gsi: Gsi,
+        resample: Option<&EventFd>,
+    ) -> Result<(), BackendError> {
+        let mut irqfds = self.lock_irqfds();
+        let result = match resample {
+            Some(resamplefd) => self.vm.register_irqfd_with_resample(fd, resamplefd, gsi.0),
+            None => self.vm.register_irqfd(fd, gsi.0),
+        };
+        match result {
+            Ok(()) => {
+                irqfds.insert((fd.as_raw_fd(), gsi.0));
+                Ok(())
+            }
+            Err(e) => Err(match e.errno() {
+                libc::EBUSY => BackendError::IrqfdBusy,
+                libc::EBADF => BackendError::BadEventFd,
+                _ => hypervisor("KVM_IRQFD", e),
+            }),
+        }
+    }
+
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> Result<(), BackendError> {
+        let key = (fd.as_raw_fd(), gsi.0);
+        let mut irqfds = self.lock_irqfds();
+        if !irqfds.contains(&key) {
+            return Err(BackendError::IrqfdNotFound(gsi));
+        }
+        match self.vm.unregister_irqfd(fd, gsi.0) {
+            Ok(()) => {
+                irqfds.remove(&key);
+                Ok(())
+            }
+            Err(e) => Err(match e.errno() {
+                libc::ENOENT => {
+                    irqfds.remove(&key);
+                    BackendError::IrqfdNotFound(gsi)
+                }
+                libc::EBADF => BackendError::BadEventFd,
+                _ => hypervisor("KVM_IRQFD deassign", e),
+            }),
+        }
+    }
+
+    fn set_eoi_sink(&self, sink: Weak<dyn EoiSink>) {
+        match self.eoi_sink.write() {
+            Ok(mut slot) => *slot = Some(sink),
+            Err(poisoned) => *poisoned.into_inner() = Some(sink),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{KvmVm, KvmVmConfig};
+    use vmirq::X86Msi;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn vm(irqchip: IrqchipMode) -> Option<KvmVm> {
+        if !KvmVm::is_available() {
+            println!("SKIPPED (no /dev/kvm)");
+            return None;
+        }
+        let config = KvmVmConfig {
+            vcpus: 1,
+            mem_size: 0x10000,
+            irqchip,
+        };
+        Some(KvmVm::new(config).unwrap())
+    }
+
+    fn msi_route(gsi: u32) -> KernelRoute {
+        KernelRoute {
+            gsi: Gsi(gsi),
+            route: Route::msi(X86Msi::fixed(0, 0x40).encode().unwrap()),
+        }
+    }
+
+    #[test]
+    fn routing_table_takes_4096_entries_and_refuses_more() {
+        let Some(vm) = vm(IrqchipMode::Kernel) else {
+            return;
+        };
+        let full: Vec<_> = (0..4096).map(msi_route).collect();
+        vm.backend().commit_routes(&full).unwrap();
+        let over: Vec<_> = (0..4097).map(|g| msi_route(g % 4096)).collect();
+        assert!(matches!(
+            vm.backend().commit_routes(&over),
+            Err(BackendError::Hypervisor { .. })
+        ));
+    }
+
+    #[test]
+    fn deassign_of_an_unassigned_irqfd_is_not_found() {
+        // KVM itself answers 0 here; the backend's bookkeeping gives the contract's error.
+        let Some(vm) = vm(IrqchipMode::Kernel) else {
+            return;
+        };
+        let b = vm.backend();
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        b.commit_routes(&[msi_route(40)]).unwrap();
+        assert!(matches!(
+            b.deassign_irqfd(&fd, Gsi(40)),
+            Err(BackendError::IrqfdNotFound(Gsi(40)))
+        ));
+        b.assign_irqfd(&fd, Gsi(40), None).unwrap();
+        assert!(matches!(
+            b.deassign_irqfd(&fd, Gsi(41)),
+            Err(BackendError::IrqfdNotFound(Gsi(41)))
+        ));
+        b.deassign_irqfd(&fd, Gsi(40)).unwrap();
+    }
+
+    #[test]
+    fn one_eventfd_backs_at_most_one_irqfd() {
+        let Some(vm) = vm(IrqchipMode::Kernel) else {
+            return;
+        };
+        let b = vm.backend();
+        b.commit_routes(&[msi_route(40), msi_route(41)]).unwrap();
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        b.assign_irqfd(&fd, Gsi(40), None).unwrap();
+        assert!(matches!(
+            b.assign_irqfd(&fd, Gsi(41), None),
+            Err(BackendError::IrqfdBusy)
+        ));
+    }
+
+    #[test]
+    fn kernel_irqchip_takes_pin_routes_lines_and_resample() {
+        let Some(vm) = vm(IrqchipMode::Kernel) else {
+            return;
+        };
+        let b = vm.backend();
+        assert_eq!(b.name(), "kvm");
+        assert_eq!(b.irqchip_mode(), IrqchipMode::Kernel);
+        assert!(b.delivers(&Route::ioapic(5)));
+        let pin = KernelRoute {
+            gsi: Gsi(5),
+            route: Route::ioapic(5),
+        };
+        let pic = KernelRoute {
+            gsi: Gsi(5),
+            route: Route::Irqchip {
+                chip: IrqChip::PicMaster,
+                pin: 5,
+            },
+        };
+        b.commit_routes(&[pin, pic]).unwrap();
+        b.set_line(Gsi(5), true).unwrap();
+        b.set_line(Gsi(5), false).unwrap();
+        assert!(b.supports_resample());
+        let (fd, resample) = (
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(0).unwrap(),
+        );
+        b.assign_irqfd(&fd, Gsi(5), Some(&resample)).unwrap();
+        b.deassign_irqfd(&fd, Gsi(5)).unwrap();
+    }
+
+    #[test]
+    fn split_irqchip_refuses_pin_routes_lines_and_resample() {
+        let Some(vm) = vm(IrqchipMode::Split { ioapic_pins: 24 }) else {
+            return;
+        };
+        let b = vm.backend();
+        assert!(!b.delivers(&Route::ioapic(5)));
+        assert!(b.delivers(&msi_route(0).route));
+        let pin = KernelRoute {
+            gsi: Gsi(5),
+            route: Route::ioapic(5),
+        };
+        assert!(matches!(
+            b.commit_routes(&[pin]),
+            Err(BackendError::Unsupported(_))
+        ));
+        assert!(matches!(
+            b.set_line(Gsi(5), true),
+            Err(BackendError::Unsupported(_))
+        ));
+        assert!(!b.supports_resample());
+        // REFERENCE §1: KVM refuses resample irqfds without the full in-kernel irqchip.
+        b.commit_routes(&[msi_route(5)]).unwrap();
+        let (fd, resample) = (
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(0).unwrap(),
+        );
+        assert!(matches!(
+            b.assign_irqfd(&fd, Gsi(5), Some(&resample)),
+            Err(BackendError::Hypervisor {
+                op: "KVM_IRQFD",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn xen_routes_are_unsupported() {
+        let Some(vm) = vm(IrqchipMode::Kernel) else {
+            return;
+        };
+        let xen = Route::XenEvtchn {
+            port: 3,
+            vcpu: 0,
+            priority: 0,
+        };
+        let b = vm.backend();
+        assert!(!b.delivers(&xen));
+        let route = KernelRoute {
+            gsi: Gsi(40),
+            route: xen,
+        };
+        assert!(matches!(
+            b.commit_routes(&[route]),
+            Err(BackendError::Unsupported(_))
+        ));
+    }
+}

@@ -1,0 +1,404 @@
+//! [`KvmVm`]: a minimal KVM virtual machine for interrupt tests — guest RAM at GPA 0, an
+//! in-kernel or split irqchip, and vCPUs that start in real mode.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_mp_state, kvm_segment, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_MP_STATE_RUNNABLE,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmirq::IrqchipMode;
+
+use crate::backend::KvmBackend;
+use crate::error::KvmError;
+use crate::vcpu::{self, RunContext, VcpuExitHandler, VcpuThread};
+
+/// How long `stop()` waits for vCPU threads before detaching them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to build.
+#[derive(Clone, Copy, Debug)]
+pub struct KvmVmConfig {
+    pub vcpus: usize,
+    /// Bytes of guest RAM, mapped at GPA 0.
+    pub mem_size: usize,
+    pub irqchip: IrqchipMode,
+}
+
+/// Where each vCPU starts: real mode, CS = 0, IP = `ip`, SS:SP = 0:`stack_top(vcpu)`.
+#[derive(Clone, Copy, Debug)]
+pub struct RealModeBoot {
+    pub ip: u16,
+    /// Initial SP of each vCPU, by vCPU number.
+    pub stack_top: fn(usize) -> u16,
+}
+
+/// A KVM VM with its vCPUs. Dropping it stops and joins the vCPU threads.
+///
+/// vCPUs not running are held in `idle`; while running, each thread owns its `VcpuFd` and
+/// returns it on join, so `start` may follow `stop`.
+pub struct KvmVm {
+    // Declared first: vCPU fds close before the backend (VM fd and memory) can go.
+    idle: Vec<Option<VcpuFd>>,
+    threads: Vec<VcpuThread>,
+    stop: Arc<AtomicBool>,
+    backend: Arc<KvmBackend>,
+}
+
+impl KvmVm {
+    /// Whether `/dev/kvm` can be opened.
+    pub fn is_available() -> bool {
+        Kvm::new().is_ok()
+    }
+
+    /// Creates the VM, its irqchip, guest RAM and `config.vcpus` vCPUs (not yet running).
+    pub fn new(config: KvmVmConfig) -> Result<Self, KvmError> {
+        if config.vcpus == 0 {
+            return Err(KvmError::NoVcpus);
+        }
+        let kvm = Kvm::new().map_err(|e| KvmError::OpenKvm(e.into()))?;
+        let max = kvm.get_max_vcpus();
+        if config.vcpus > max {
+            return Err(KvmError::TooManyVcpus {
+                requested: config.vcpus,
+                max,
+            });
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| KvmError::ioctl("KVM_CREATE_VM", e))?;
+        // Only needed by VMX real-mode emulation; harmless elsewhere. Best effort: this host
+        // has no VMX.
+        if let Err(e) = vm.set_tss_address(0xfffb_d000) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        // The irqchip must exist before the first vCPU (api.rst: KVM_CREATE_IRQCHIP,
+        // KVM_CAP_SPLIT_IRQCHIP).
+        match config.irqchip {
+            IrqchipMode::Kernel => vm
+                .create_irq_chip()
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_IRQCHIP", e))?,
+            IrqchipMode::Split { ioapic_pins } => {
+                let mut cap = kvm_enable_cap {
+                    cap: KVM_CAP_SPLIT_IRQCHIP,
+                    ..Default::default()
+                };
+                cap.args[0] = u64::from(ioapic_pins);
+                vm.enable_cap(&cap)
+                    .map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
+            }
+        }
+
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.mem_size)])
+            .map_err(KvmError::GuestMemory)?;
+        for (slot, region) in memory.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping is `region.len()` bytes at `as_ptr()`, and it lives as long
+            // as the VM fd: both are owned by the same KvmBackend, the fd dropped first.
+            unsafe { vm.set_user_memory_region(region_desc) }
+                .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let mut idle = Vec::with_capacity(config.vcpus);
+        for id in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(id as u64)
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
+            idle.push(Some(vcpu));
+        }
+        let backend = Arc::new(KvmBackend::new(vm, config.irqchip, memory));
+        Ok(Self {
+            idle,
+            threads: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            backend,
+        })
+    }
+
+    /// The interrupt backend of this VM, for `vmirq`.
+    pub fn backend(&self) -> Arc<KvmBackend> {
+        Arc::clone(&self.backend)
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.backend.memory()
+    }
+
+    pub fn vcpus(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Whether vCPU threads are running.
+    pub fn is_running(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// Puts every vCPU in real mode at `boot` and starts one `KVM_RUN` thread per vCPU.
+    ///
+    /// Segments: CS base 0 limit 0xFFFF; DS/ES/FS/GS/SS base 0 limit 4 GiB with granularity
+    /// set ("unreal mode"), so 32-bit addresses reach the LAPIC and IOAPIC. Every vCPU is made
+    /// runnable directly: APs do not wait for INIT/SIPI.
+    pub fn start(
+        &mut self,
+        boot: &RealModeBoot,
+        handler: Arc<dyn VcpuExitHandler>,
+    ) -> Result<(), KvmError> {
+        if self.is_running() {
+            return Err(KvmError::AlreadyRunning);
+        }
+        let vcpus = self.vcpus();
+        for (id, slot) in self.idle.iter().enumerate() {
+            // A vCPU lost to a thread that never stopped cannot run again.
+            let vcpu = slot.as_ref().ok_or(KvmError::VcpuLost { vcpu: id })?;
+            set_real_mode(vcpu, boot.ip, (boot.stack_top)(id))?;
+        }
+        vcpu::install_kick_handler()?;
+
+        self.stop.store(false, Ordering::SeqCst);
+        for id in 0..vcpus {
+            let Some(fd) = self.idle[id].take() else {
+                continue;
+            };
+            let ctx = RunContext {
+                index: id,
+                backend: Arc::clone(&self.backend),
+                handler: Arc::clone(&handler),
+                stop: Arc::clone(&self.stop),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run_vcpu(fd, ctx));
+            match spawned {
+                Ok(handle) => self.threads.push(VcpuThread { index: id, handle }),
+                Err(source) => {
+                    // The closure (and the VcpuFd in it) is gone; stop the others cleanly.
+                    self.stop();
+                    return Err(KvmError::SpawnThread { vcpu: id, source });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops and joins every vCPU thread. Never blocks longer than a few seconds, even when a
+    /// vCPU is halted inside the kernel; a thread that does not stop in time is detached.
+    pub fn stop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        let threads = std::mem::take(&mut self.threads);
+        let returned = vcpu::kick_and_join(threads, STOP_TIMEOUT);
+        for (index, fd) in returned {
+            self.idle[index] = fd;
+        }
+    }
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Puts `vcpu` in real mode at 0:`ip` with SS:SP = 0:`sp`, unreal data segments, runnable.
+fn set_real_mode(vcpu: &VcpuFd, ip: u16, sp: u16) -> Result<(), KvmError> {
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;
+    sregs.cs = kvm_segment {
+        base: 0,
+        limit: 0xffff,
+        selector: 0,
+        ..sregs.cs
+    };
+    let unreal = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0,
+        g: 1,
+        ..sregs.ds
+    };
+    sregs.ds = unreal;
+    sregs.es = unreal;
+    sregs.fs = unreal;
+    sregs.gs = unreal;
+    sregs.ss = unreal;
+    // Real-mode IVT at 0.
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0x3ff;
+    sregs.cr0 &= !1; // PE off
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| KvmError::ioctl("KVM_SET_SREGS", e))?;
+
+    let mut regs = vcpu
+        .get_regs()
+        .map_err(|e| KvmError::ioctl("KVM_GET_REGS", e))?;
+    regs.rip = u64::from(ip);
+    regs.rsp = u64::from(sp);
+    regs.rflags = 2; // bit 1 is reserved-one; IF clear until the guest's sti
+    vcpu.set_regs(&regs)
+        .map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+
+    // APs start in wait-for-SIPI, and a vCPU stopped while halted stays halted: make every
+    // vCPU runnable from the registers set above.
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(|e| KvmError::ioctl("KVM_SET_MP_STATE", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    const CODE: u64 = 0x1000;
+
+    #[derive(Default)]
+    struct Log {
+        pio: Mutex<Vec<(usize, u16, Vec<u8>)>>,
+        failed: Mutex<Vec<(usize, String)>>,
+    }
+
+    impl VcpuExitHandler for Log {
+        fn pio_out(&self, vcpu: usize, port: u16, data: &[u8]) {
+            self.pio.lock().unwrap().push((vcpu, port, data.to_vec()));
+        }
+        fn mmio_read(&self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&self, _: usize, _: u64, _: &[u8]) {}
+        fn vcpu_failed(&self, vcpu: usize, reason: String) {
+            self.failed.lock().unwrap().push((vcpu, reason));
+        }
+    }
+
+    /// A VM with `code` at 0x1000, or None without /dev/kvm.
+    fn vm_with(vcpus: usize, code: &[u8]) -> Option<KvmVm> {
+        if !KvmVm::is_available() {
+            println!("SKIPPED (no /dev/kvm)");
+            return None;
+        }
+        let config = KvmVmConfig {
+            vcpus,
+            mem_size: 0x10000,
+            irqchip: IrqchipMode::Kernel,
+        };
+        let vm = KvmVm::new(config).unwrap();
+        vm.memory().write_slice(code, GuestAddress(CODE)).unwrap();
+        Some(vm)
+    }
+
+    fn boot() -> RealModeBoot {
+        RealModeBoot {
+            ip: CODE as u16,
+            stack_top: |vcpu| 0xF000 - vcpu as u16 * 0x800,
+        }
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn every_vcpu_runs_in_real_mode_and_reaches_the_handler() {
+        // mov al, 0x5a; out 0x80, al; cli; hlt; jmp $-1
+        let Some(mut vm) = vm_with(2, &[0xB0, 0x5A, 0xE6, 0x80, 0xFA, 0xF4, 0xEB, 0xFD]) else {
+            return;
+        };
+        let log = Arc::new(Log::default());
+        vm.start(&boot(), log.clone()).unwrap();
+        wait_until("both port writes", || log.pio.lock().unwrap().len() == 2);
+        vm.stop();
+        let mut pio = log.pio.lock().unwrap().clone();
+        pio.sort();
+        assert_eq!(pio, vec![(0, 0x80, vec![0x5A]), (1, 0x80, vec![0x5A])]);
+        assert!(log.failed.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn stop_returns_while_vcpus_halt_with_interrupts_off_and_start_works_again() {
+        // out 0x80, al; cli; hlt; jmp $-1
+        let Some(mut vm) = vm_with(2, &[0xE6, 0x80, 0xFA, 0xF4, 0xEB, 0xFD]) else {
+            return;
+        };
+        let log = Arc::new(Log::default());
+        for round in 1..=2 {
+            vm.start(&boot(), log.clone()).unwrap();
+            assert!(matches!(
+                vm.start(&boot(), log.clone()),
+                Err(KvmError::AlreadyRunning)
+            ));
+            wait_until("vCPUs to halt", || {
+                log.pio.lock().unwrap().len() == 2 * round
+            });
+            let t0 = Instant::now();
+            vm.stop();
+            assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+            assert!(!vm.is_running());
+        }
+        assert!(log.failed.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_vcpu_failure_is_reported_to_the_handler() {
+        // rdrand eax; out 0x80, al; cli; hlt. This host's KVM emulates every guest
+        // instruction and has no rdrand: KVM_EXIT_INTERNAL_ERROR (emulation failure).
+        let code = [0x0F, 0xC7, 0xF0, 0xE6, 0x80, 0xFA, 0xF4];
+        let Some(mut vm) = vm_with(1, &code) else {
+            return;
+        };
+        let log = Arc::new(Log::default());
+        vm.start(&boot(), log.clone()).unwrap();
+        wait_until("vcpu_failed or the port write", || {
+            !log.failed.lock().unwrap().is_empty() || !log.pio.lock().unwrap().is_empty()
+        });
+        vm.stop();
+        if !log.pio.lock().unwrap().is_empty() {
+            println!("SKIPPED (this KVM executes rdrand)");
+            return;
+        }
+        let failed = log.failed.lock().unwrap();
+        assert_eq!(failed[0].0, 0);
+        assert!(failed[0].1.starts_with("internal error"), "{}", failed[0].1);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        if !KvmVm::is_available() {
+            println!("SKIPPED (no /dev/kvm)");
+            return;
+        }
+        let config = |vcpus| KvmVmConfig {
+            vcpus,
+            mem_size: 0x10000,
+            irqchip: IrqchipMode::Kernel,
+        };
+        assert!(matches!(KvmVm::new(config(0)), Err(KvmError::NoVcpus)));
+        assert!(matches!(
+            KvmVm::new(config(usize::MAX)),
+            Err(KvmError::TooManyVcpus { .. })
+        ));
+    }
+}
