@@ -47,7 +47,10 @@ fn bytes_per_user_irqfd(m: &dyn Machine) -> Result<f64, vmirq::Error> {
     let irq = m.interrupts();
     let gsi = irq.allocate_gsi()?;
     let mut batch = irq.routes();
-    batch.set(gsi.gsi(), Route::msi(X86Msi::fixed(0, 0x7e).encode().expect("fits")))?;
+    batch.set(
+        gsi.gsi(),
+        Route::msi(X86Msi::fixed(0, 0x7e).encode().expect("fits")),
+    )?;
     batch.commit()?;
     let fds: Vec<EventFd> = (0..IRQFDS_FOR_MEMORY)
         .map(|_| EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd))
@@ -71,7 +74,10 @@ fn idle_cpu_ms_per_s(m: &dyn Machine, n: usize) -> Result<f64, vmirq::Error> {
     let irq = m.interrupts();
     let gsi = irq.allocate_gsi()?;
     let mut batch = irq.routes();
-    batch.set(gsi.gsi(), Route::msi(X86Msi::fixed(0, 0x7d).encode().expect("fits")))?;
+    batch.set(
+        gsi.gsi(),
+        Route::msi(X86Msi::fixed(0, 0x7d).encode().expect("fits")),
+    )?;
     batch.commit()?;
     let fds: Vec<EventFd> = (0..n)
         .map(|_| EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd))
@@ -144,17 +150,33 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
     ];
     drop(rigs);
     let per_irqfd = bytes_per_user_irqfd(m).map_err(bench_err)?;
-    results.push(result("dispatcher.bytes-per-irqfd", per_irqfd, "bytes", None));
+    results.push(result(
+        "dispatcher.bytes-per-irqfd",
+        per_irqfd,
+        "bytes",
+        None,
+    ));
     let idle = idle_cpu_ms_per_s(m, 1000).map_err(bench_err)?;
-    results.push(result("dispatcher.idle-cpu-1000-irqfds", idle, "cpu-ms/s", None));
+    results.push(result(
+        "dispatcher.idle-cpu-1000-irqfds",
+        idle,
+        "cpu-ms/s",
+        None,
+    ));
     if json {
         let report = Report {
             backend: m.kind(),
             results,
         };
-        println!("{}", serde_json::to_string(&report).expect("plain data serializes"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("plain data serializes")
+        );
     } else {
-        println!("backend: {} ({samples} interleaved samples per latency path)", m.kind());
+        println!(
+            "backend: {} ({samples} interleaved samples per latency path)",
+            m.kind()
+        );
         for r in &results {
             let value = if r.unit == "ns" {
                 human_ns(r.value as u64)

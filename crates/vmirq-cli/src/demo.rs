@@ -10,7 +10,12 @@ use crate::paths::{self, TARGET_VCPU};
 use crate::report::{human_ns, quantile};
 
 /// Paths in the order the table shows them.
-pub const PATHS: [&str; 4] = ["msi-signal", "msi-irqfd-kernel", "msi-irqfd-user", "pin-edge"];
+pub const PATHS: [&str; 4] = [
+    "msi-signal",
+    "msi-irqfd-kernel",
+    "msi-irqfd-user",
+    "pin-edge",
+];
 /// Triggers fired back to back after the paced ones, to show coalescing.
 const BURST: u64 = 100;
 const WAIT: Duration = Duration::from_secs(2);
@@ -49,7 +54,12 @@ struct Report {
 /// Paced triggers (each waits for its interrupt: latency), then a burst (coalescing allowed,
 /// but some interrupt must follow the last trigger). Lost = paced triggers never taken, plus a
 /// burst with no delivery after its last trigger.
-fn drive(m: &dyn Machine, rig: &paths::Rig, paced: u64, bar: &ProgressBar) -> Result<Row, vmirq::Error> {
+fn drive(
+    m: &dyn Machine,
+    rig: &paths::Rig,
+    paced: u64,
+    bar: &ProgressBar,
+) -> Result<Row, vmirq::Error> {
     m.log().clear();
     let before = m.count(TARGET_VCPU, rig.vector);
     let mut latencies = Vec::with_capacity(paced as usize);
@@ -111,9 +121,15 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
             backend: m.kind(),
             paths: rows,
         };
-        println!("{}", serde_json::to_string(&report).expect("plain data serializes"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("plain data serializes")
+        );
     } else {
-        println!("backend: {} (2 vCPUs, real-mode guest; interrupts sent to vCPU {TARGET_VCPU})", m.kind());
+        println!(
+            "backend: {} (2 vCPUs, real-mode guest; interrupts sent to vCPU {TARGET_VCPU})",
+            m.kind()
+        );
         println!(
             "{:<18} {:>6} {:>10} {:>10} {:>5} {:>10} {:>10}",
             "path", "sent", "delivered", "coalesced", "lost", "p50", "p99"

@@ -15,7 +15,11 @@ use vmirq_guest::machine::BackendKind;
 static ALLOC: alloc::Counting = alloc::Counting;
 
 #[derive(Parser)]
-#[command(name = "vmirq", version, about = "vmirq: a VM's interrupt path from eventfd to guest vCPU")]
+#[command(
+    name = "vmirq",
+    version,
+    about = "vmirq: a VM's interrupt path from eventfd to guest vCPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

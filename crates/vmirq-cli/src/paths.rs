@@ -52,9 +52,7 @@ fn irqfd_rig(
     Ok(Rig {
         name,
         vector,
-        fire: Box::new(move || {
-            trigger.write(1).map_err(|_| vmirq::Error::BadEventFd)
-        }),
+        fire: Box::new(move || trigger.write(1).map_err(|_| vmirq::Error::BadEventFd)),
         _keep: Some((gsi, fd, irqfd)),
     })
 }
@@ -95,10 +93,13 @@ pub fn rig(m: &dyn Machine, name: &str) -> Result<Rig, vmirq::Error> {
 }
 
 /// Fires once and waits for the interrupt; the latency from trigger to the guest's ISR report.
-pub fn round_trip(m: &dyn Machine, rig: &Rig, timeout: Duration) -> Result<Option<Duration>, vmirq::Error> {
+pub fn round_trip(
+    m: &dyn Machine,
+    rig: &Rig,
+    timeout: Duration,
+) -> Result<Option<Duration>, vmirq::Error> {
     let t0 = Instant::now();
     rig.fire()?;
-    Ok(m
-        .wait_isr(Some(TARGET_VCPU), rig.vector, timeout)
+    Ok(m.wait_isr(Some(TARGET_VCPU), rig.vector, timeout)
         .map(|ev| ev.at.saturating_duration_since(t0)))
 }

@@ -6,7 +6,6 @@
 //! them through [`Machine`] only.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,14 +89,22 @@ impl IsrLog {
         if wait.is_zero() {
             return None;
         }
-        st = self.cv.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+        st = self
+            .cv
+            .wait_timeout(st, wait)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
         let i = st.events.iter().position(&pred)?;
         st.events.remove(i)
     }
 
     /// Drops every queued event.
     pub fn clear(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).events.clear();
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .events
+            .clear();
     }
 
     fn ready_mask(&self) -> u64 {
@@ -106,7 +113,11 @@ impl IsrLog {
 
     /// Why a vCPU stopped, if one did.
     pub fn failure(&self) -> Option<String> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).failed.clone()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed
+            .clone()
     }
 }
 
@@ -419,18 +430,7 @@ pub fn boot(kind: BackendKind, config: &MachineConfig) -> Result<Box<dyn Machine
     })
 }
 
-/// For KVM tests: reports on stderr (past the test harness's capture, so CI can count it)
-/// whether the test runs, and returns false when it must skip.
-pub fn kvm_test_gate(name: &str) -> bool {
-    let available = KvmMachine::available();
-    let verdict = if available {
-        "ran"
-    } else {
-        "SKIPPED (no /dev/kvm)"
-    };
-    let _ = writeln!(std::io::stderr(), "kvm test {name}: {verdict}");
-    available
-}
+pub use vmirq_kvm::kvm_test_gate;
 
 /// The four machines every behaviour test runs on.
 pub const EVERY_MACHINE: [(BackendKind, Mode); 4] = [

@@ -52,43 +52,73 @@ fn paced(m: &dyn Machine, n: u64, vcpu: usize, vector: u8, fire: impl Fn()) -> u
     m.count(vcpu, vector) - before
 }
 
-on_every_machine!(msi_signal_reaches_the_named_vcpu, two_vcpus, |m: &dyn Machine, _| {
-    m.interrupts().signal_msi(msi(1, 0x40)).unwrap();
-    let ev = m.wait_isr(None, 0x40, WAIT).expect("MSI never taken");
-    assert_eq!(ev.vcpu, 1);
-    m.settle(Duration::from_millis(20));
-    assert_eq!((m.count(0, 0x40), m.count(1, 0x40)), (0, 1));
-    let n = paced(m, 50, 0, 0x41, || m.interrupts().signal_msi(msi(0, 0x41)).unwrap());
-    assert_eq!(n, 50);
-});
+on_every_machine!(
+    msi_signal_reaches_the_named_vcpu,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        m.interrupts().signal_msi(msi(1, 0x40)).unwrap();
+        let ev = m.wait_isr(None, 0x40, WAIT).expect("MSI never taken");
+        assert_eq!(ev.vcpu, 1);
+        m.settle(Duration::from_millis(20));
+        assert_eq!((m.count(0, 0x40), m.count(1, 0x40)), (0, 1));
+        let n = paced(m, 50, 0, 0x41, || {
+            m.interrupts().signal_msi(msi(0, 0x41)).unwrap()
+        });
+        assert_eq!(n, 50);
+    }
+);
 
-on_every_machine!(msi_irqfd_kernel_delivers_every_paced_trigger, two_vcpus, |m: &dyn Machine, _| {
-    let (_gsi, fd, irqfd) = msi_irqfd(m, msi(1, 0x50), None);
-    assert_eq!(irqfd.path(), IrqfdPath::Kernel);
-    assert_eq!(paced(m, 100, 1, 0x50, || fd.write(1).unwrap()), 100);
-    assert_eq!(m.count(0, 0x50), 0, "MSIs to vCPU 1 reach vCPU 1 only");
-});
+on_every_machine!(
+    msi_irqfd_kernel_delivers_every_paced_trigger,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let (_gsi, fd, irqfd) = msi_irqfd(m, msi(1, 0x50), None);
+        assert_eq!(irqfd.path(), IrqfdPath::Kernel);
+        assert_eq!(paced(m, 100, 1, 0x50, || fd.write(1).unwrap()), 100);
+        assert_eq!(m.count(0, 0x50), 0, "MSIs to vCPU 1 reach vCPU 1 only");
+    }
+);
 
-on_every_machine!(msi_irqfd_user_delivers_every_paced_trigger, two_vcpus, |m: &dyn Machine, _| {
-    let (_gsi, fd, irqfd) = msi_irqfd(m, msi(0, 0x51), Some(IrqfdPath::User));
-    assert_eq!(irqfd.path(), IrqfdPath::User);
-    assert_eq!(paced(m, 100, 0, 0x51, || fd.write(1).unwrap()), 100);
-    assert_eq!(m.interrupts().user_irqfds(), 1);
-    assert_eq!(m.interrupts().stats().user_inject_errors.load(std::sync::atomic::Ordering::Relaxed), 0);
-});
+on_every_machine!(
+    msi_irqfd_user_delivers_every_paced_trigger,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let (_gsi, fd, irqfd) = msi_irqfd(m, msi(0, 0x51), Some(IrqfdPath::User));
+        assert_eq!(irqfd.path(), IrqfdPath::User);
+        assert_eq!(paced(m, 100, 0, 0x51, || fd.write(1).unwrap()), 100);
+        assert_eq!(m.interrupts().user_irqfds(), 1);
+        assert_eq!(
+            m.interrupts()
+                .stats()
+                .user_inject_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+);
 
-on_every_machine!(ioapic_pin_edge_route_delivers_every_paced_trigger, two_vcpus, |m: &dyn Machine, mode| {
-    let fd = EventFd::new(0).unwrap();
-    let irqfd = m.interrupts().assign_irqfd(&fd, Gsi(PIN)).unwrap();
-    // The kernel's IOAPIC serves its own pins; the split irqchip's IOAPIC is vmirq's.
-    let expected = match mode {
-        Mode::Kernel => IrqfdPath::Kernel,
-        Mode::Split => IrqfdPath::User,
-    };
-    assert_eq!(irqfd.path(), expected);
-    assert_eq!(paced(m, 50, 0, PIN_VECTOR, || fd.write(1).unwrap()), 50);
-    assert_eq!(paced(m, 10, 0, PIN_VECTOR, || m.interrupts().inject_edge(Gsi(PIN)).unwrap()), 10);
-});
+on_every_machine!(
+    ioapic_pin_edge_route_delivers_every_paced_trigger,
+    two_vcpus,
+    |m: &dyn Machine, mode| {
+        let fd = EventFd::new(0).unwrap();
+        let irqfd = m.interrupts().assign_irqfd(&fd, Gsi(PIN)).unwrap();
+        // The kernel's IOAPIC serves its own pins; the split irqchip's IOAPIC is vmirq's.
+        let expected = match mode {
+            Mode::Kernel => IrqfdPath::Kernel,
+            Mode::Split => IrqfdPath::User,
+        };
+        assert_eq!(irqfd.path(), expected);
+        assert_eq!(paced(m, 50, 0, PIN_VECTOR, || fd.write(1).unwrap()), 50);
+        assert_eq!(
+            paced(m, 10, 0, PIN_VECTOR, || m
+                .interrupts()
+                .inject_edge(Gsi(PIN))
+                .unwrap()),
+            10
+        );
+    }
+);
 
 fn burst(m: &dyn Machine, path: IrqfdPath, vector: u8) {
     let (_gsi, fd, _irqfd) = msi_irqfd(m, msi(0, vector), Some(path));
@@ -103,18 +133,29 @@ fn burst(m: &dyn Machine, path: IrqfdPath, vector: u8) {
         last_isr = Some(ev.at);
     }
     let last_isr = last_isr.expect("a burst produced no interrupt");
-    assert!(last_isr >= last_trigger, "no delivery after the last trigger");
+    assert!(
+        last_isr >= last_trigger,
+        "no delivery after the last trigger"
+    );
     let n = m.count(0, vector);
     assert!((1..=200).contains(&n), "{n} interrupts from 200 triggers");
 }
 
-on_every_machine!(burst_on_the_kernel_path_delivers_after_the_last_trigger, two_vcpus, |m: &dyn Machine, _| {
-    burst(m, IrqfdPath::Kernel, 0x60);
-});
+on_every_machine!(
+    burst_on_the_kernel_path_delivers_after_the_last_trigger,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        burst(m, IrqfdPath::Kernel, 0x60);
+    }
+);
 
-on_every_machine!(burst_on_the_user_path_delivers_after_the_last_trigger, two_vcpus, |m: &dyn Machine, _| {
-    burst(m, IrqfdPath::User, 0x61);
-});
+on_every_machine!(
+    burst_on_the_user_path_delivers_after_the_last_trigger,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        burst(m, IrqfdPath::User, 0x61);
+    }
+);
 
 fn deassign_then_silence(m: &dyn Machine, path: IrqfdPath, vector: u8) {
     let (_gsi, fd, irqfd) = msi_irqfd(m, msi(0, vector), Some(path));
@@ -126,8 +167,14 @@ fn deassign_then_silence(m: &dyn Machine, path: IrqfdPath, vector: u8) {
     m.settle(Duration::from_millis(50));
     assert_eq!(m.count(0, vector), 3, "an event fired after deassign");
     // The eventfd is free again: a new irqfd on it works and picks up the counted events.
-    let again = m.interrupts().assign_irqfd_on(&fd, irqfd_gsi(&_gsi), Some(path)).unwrap();
-    assert!(m.wait_isr(Some(0), vector, WAIT).is_some(), "counted events not delivered at assign");
+    let again = m
+        .interrupts()
+        .assign_irqfd_on(&fd, irqfd_gsi(&_gsi), Some(path))
+        .unwrap();
+    assert!(
+        m.wait_isr(Some(0), vector, WAIT).is_some(),
+        "counted events not delivered at assign"
+    );
     drop(again);
 }
 
@@ -135,39 +182,72 @@ fn irqfd_gsi(h: &vmirq::GsiHandle) -> Gsi {
     h.gsi()
 }
 
-on_every_machine!(deassign_on_the_kernel_path_stops_delivery, two_vcpus, |m: &dyn Machine, _| {
-    deassign_then_silence(m, IrqfdPath::Kernel, 0x62);
-});
+on_every_machine!(
+    deassign_on_the_kernel_path_stops_delivery,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        deassign_then_silence(m, IrqfdPath::Kernel, 0x62);
+    }
+);
 
-on_every_machine!(deassign_on_the_user_path_stops_delivery, two_vcpus, |m: &dyn Machine, _| {
-    deassign_then_silence(m, IrqfdPath::User, 0x63);
-});
+on_every_machine!(
+    deassign_on_the_user_path_stops_delivery,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        deassign_then_silence(m, IrqfdPath::User, 0x63);
+    }
+);
 
-on_every_machine!(an_eventfd_backs_at_most_one_irqfd, two_vcpus, |m: &dyn Machine, _| {
-    let (gsi, fd, _irqfd) = msi_irqfd(m, msi(0, 0x64), None);
-    let err = m.interrupts().assign_irqfd(&fd, gsi.gsi()).unwrap_err();
-    assert!(matches!(err, Error::IrqfdBusy(_)), "{err}");
-    let err = m.interrupts().assign_irqfd_on(&fd, gsi.gsi(), Some(IrqfdPath::User)).unwrap_err();
-    assert!(matches!(err, Error::IrqfdBusy(_)), "{err}");
-});
+on_every_machine!(
+    an_eventfd_backs_at_most_one_irqfd,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let (gsi, fd, _irqfd) = msi_irqfd(m, msi(0, 0x64), None);
+        let err = m.interrupts().assign_irqfd(&fd, gsi.gsi()).unwrap_err();
+        assert!(matches!(err, Error::IrqfdBusy(_)), "{err}");
+        let err = m
+            .interrupts()
+            .assign_irqfd_on(&fd, gsi.gsi(), Some(IrqfdPath::User))
+            .unwrap_err();
+        assert!(matches!(err, Error::IrqfdBusy(_)), "{err}");
+    }
+);
 
-on_every_machine!(bad_irqfd_requests_get_typed_errors, two_vcpus, |m: &dyn Machine, _| {
-    let irq = m.interrupts();
-    let fd = EventFd::new(0).unwrap();
-    let unrouted = irq.allocate_gsi().unwrap();
-    assert!(matches!(irq.assign_irqfd(&fd, unrouted.gsi()), Err(Error::NoRoute(_))));
-    // A descriptor that was closed behind the EventFd's back.
-    let closed = EventFd::new(0).unwrap();
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&closed);
-    // SAFETY: closes a descriptor this test owns; `closed` is forgotten so it is not closed twice.
-    unsafe { libc::close(raw) };
-    let err = irq.assign_irqfd(&closed, Gsi(PIN)).unwrap_err();
-    std::mem::forget(closed);
-    assert!(matches!(err, Error::BadEventFd), "{err}");
-    // A Xen route cannot be served by a kernel irqfd on this host.
-    let mut batch = irq.routes();
-    batch.set(unrouted.gsi(), Route::XenEvtchn { port: 3, vcpu: 0, priority: 7 }).unwrap();
-    batch.commit().unwrap();
-    let err = irq.assign_irqfd_on(&fd, unrouted.gsi(), Some(IrqfdPath::Kernel)).unwrap_err();
-    assert!(matches!(err, Error::Unsupported(_)), "{err}");
-});
+on_every_machine!(
+    bad_irqfd_requests_get_typed_errors,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let irq = m.interrupts();
+        let fd = EventFd::new(0).unwrap();
+        let unrouted = irq.allocate_gsi().unwrap();
+        assert!(matches!(
+            irq.assign_irqfd(&fd, unrouted.gsi()),
+            Err(Error::NoRoute(_))
+        ));
+        // A descriptor that was closed behind the EventFd's back.
+        let closed = EventFd::new(0).unwrap();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&closed);
+        // SAFETY: closes a descriptor this test owns; `closed` is forgotten so it is not closed twice.
+        unsafe { libc::close(raw) };
+        let err = irq.assign_irqfd(&closed, Gsi(PIN)).unwrap_err();
+        std::mem::forget(closed);
+        assert!(matches!(err, Error::BadEventFd), "{err}");
+        // A Xen route cannot be served by a kernel irqfd on this host.
+        let mut batch = irq.routes();
+        batch
+            .set(
+                unrouted.gsi(),
+                Route::XenEvtchn {
+                    port: 3,
+                    vcpu: 0,
+                    priority: 7,
+                },
+            )
+            .unwrap();
+        batch.commit().unwrap();
+        let err = irq
+            .assign_irqfd_on(&fd, unrouted.gsi(), Some(IrqfdPath::Kernel))
+            .unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    }
+);

@@ -158,8 +158,7 @@ fn boot(mode: IrqchipMode, script: &[(u32, u32)]) -> (KvmVm, Arc<Recorder>) {
 
 fn smoke(mode: IrqchipMode) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !KvmVm::is_available() {
-        println!("SKIPPED (no /dev/kvm)");
+    if !vmirq_kvm::kvm_test_gate(&format!("kvm_smoke({mode:?})")) {
         return;
     }
     let kernel = mode == IrqchipMode::Kernel;

@@ -271,8 +271,7 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn vm(irqchip: IrqchipMode) -> Option<KvmVm> {
-        if !KvmVm::is_available() {
-            println!("SKIPPED (no /dev/kvm)");
+        if !crate::kvm_test_gate(&format!("backend::vm({irqchip:?})")) {
             return None;
         }
         let config = KvmVmConfig {

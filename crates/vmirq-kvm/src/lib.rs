@@ -16,3 +16,17 @@ pub use error::KvmError;
 pub use vcpu::VcpuExitHandler;
 pub use vm::{KvmVm, KvmVmConfig, RealModeBoot};
 pub use vmirq::IrqchipMode;
+
+/// For KVM tests: says on stderr (past the test harness's output capture, so CI can count it)
+/// whether test `name` runs here, and returns false when it must skip for lack of /dev/kvm.
+pub fn kvm_test_gate(name: &str) -> bool {
+    use std::io::Write;
+    let available = KvmVm::is_available();
+    let verdict = if available {
+        "ran"
+    } else {
+        "SKIPPED (no /dev/kvm)"
+    };
+    let _ = writeln!(std::io::stderr(), "kvm test {name}: {verdict}");
+    available
+}

@@ -184,7 +184,9 @@ impl Interrupts {
             }
             let kernel_can = routes.iter().all(|r| backend.delivers(r));
             if path == Some(IrqfdPath::Kernel) && !kernel_can {
-                return Err(Error::Unsupported("deliver these routes from a kernel irqfd"));
+                return Err(Error::Unsupported(
+                    "deliver these routes from a kernel irqfd",
+                ));
             }
             if kernel_can && path != Some(IrqfdPath::User) {
                 backend.assign_irqfd(&own, gsi, None)?;
@@ -275,7 +277,9 @@ impl Delivery {
                         ioapic.set_line(pin, false, &mut fx);
                         self.apply(&ioapic, fx);
                     }
-                    (Some(_), _) => return Err(Error::Unsupported("drive a PIC on a split irqchip")),
+                    (Some(_), _) => {
+                        return Err(Error::Unsupported("drive a PIC on a split irqchip"))
+                    }
                     // One KVM_IRQ_LINE pulse drives every irqchip route of the GSI.
                     (None, _) if !line_pulsed => {
                         self.backend().set_line(gsi, true)?;
@@ -297,13 +301,17 @@ impl Delivery {
     fn apply(&self, ioapic: &Ioapic, fx: Effects) {
         for pin in fx.routes_changed {
             if let Err(e) = self.router.set_pin_msi(pin, ioapic.pin_msi(pin)) {
-                self.stats.user_inject_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .user_inject_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("IOAPIC pin {pin}: kernel route update failed: {e}");
             }
         }
         for (pin, msg) in fx.deliver {
             if let Err(e) = self.backend().signal_msi(msg, None) {
-                self.stats.user_inject_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .user_inject_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("IOAPIC pin {pin}: delivery failed: {e}");
             }
         }
@@ -348,7 +356,9 @@ impl Inject for Delivery {
             Ok(()) => self.stats.user_injections.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
                 tracing::warn!("irqfd on {gsi}: injection failed: {e}");
-                self.stats.user_inject_errors.fetch_add(1, Ordering::Relaxed)
+                self.stats
+                    .user_inject_errors
+                    .fetch_add(1, Ordering::Relaxed)
             }
         };
     }

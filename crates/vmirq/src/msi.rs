@@ -140,8 +140,8 @@ impl X86Msi {
         if self.dest_logical {
             address |= ADDR_DEST_MODE_LOGICAL;
         }
-        let mut data = u32::from(self.vector)
-            | (self.delivery_mode as u32) << DATA_DELIVERY_MODE_SHIFT;
+        let mut data =
+            u32::from(self.vector) | (self.delivery_mode as u32) << DATA_DELIVERY_MODE_SHIFT;
         if self.level_assert {
             data |= DATA_LEVEL_ASSERT;
         }

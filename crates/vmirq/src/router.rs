@@ -75,7 +75,7 @@ impl Router {
         use crate::route::IrqChip;
         for gsi in 0..pins {
             if mode == IrqchipMode::Kernel && gsi < 16 {
-                    let chip = if gsi < 8 {
+                let chip = if gsi < 8 {
                     IrqChip::PicMaster
                 } else {
                     IrqChip::PicSlave
@@ -89,7 +89,14 @@ impl Router {
         let writer = Writer {
             table: table.clone(),
             free: (first..limit).collect(),
-            pin_msis: vec![None; if mode == IrqchipMode::Kernel { 0 } else { pins as usize }],
+            pin_msis: vec![
+                None;
+                if mode == IrqchipMode::Kernel {
+                    0
+                } else {
+                    pins as usize
+                }
+            ],
             kernel_irqfd_gsis: Vec::new(),
         };
         let router = Self {

@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vmirq::{
-    Config, Error, Gsi, Interrupts, IrqchipMode, Route, RouteError, RouterError,
-    SimBackend, X86Msi,
+    Config, Error, Gsi, Interrupts, IrqchipMode, Route, RouteError, RouterError, SimBackend, X86Msi,
 };
 
 fn split() -> IrqchipMode {
@@ -125,7 +124,11 @@ fn hot_plug_loop_leaks_no_gsi() {
     }
     irq.router().flush().unwrap();
     assert_eq!(irq.router().free_gsis(), free);
-    assert_eq!(irq.router().load().len(), 24 + 16, "only the default routes remain");
+    assert_eq!(
+        irq.router().load().len(),
+        24 + 16,
+        "only the default routes remain"
+    );
 }
 
 #[test]
@@ -136,7 +139,10 @@ fn split_irqchip_reserves_pin_gsis_for_the_ioapic() {
     let mut batch = irq.routes();
     let err = batch.set(Gsi(3), msi(0x33)).unwrap_err();
     assert!(
-        matches!(err, RouterError::Route(RouteError::GsiReserved { gsi: Gsi(3) })),
+        matches!(
+            err,
+            RouterError::Route(RouteError::GsiReserved { gsi: Gsi(3) })
+        ),
         "{err}"
     );
     batch.set(Gsi(3), Route::ioapic(3)).unwrap();
@@ -178,5 +184,8 @@ fn a_kernel_irqfd_pins_its_gsi_to_deliverable_routes() {
 fn user_injection_of_an_unroutable_or_unknown_gsi_is_a_typed_error() {
     let sim = SimBackend::new(1, split());
     let irq = Interrupts::new(sim, Config::default()).unwrap();
-    assert!(matches!(irq.inject_edge(Gsi(100)), Err(Error::NoRoute(Gsi(100)))));
+    assert!(matches!(
+        irq.inject_edge(Gsi(100)),
+        Err(Error::NoRoute(Gsi(100)))
+    ));
 }

@@ -435,7 +435,9 @@ impl Backend for SimBackend {
         let mut table: HashMap<Gsi, Vec<Route>> = HashMap::new();
         for r in routes {
             if matches!(r.route, Route::XenEvtchn { .. }) {
-                return Err(BackendError::Unsupported("route Xen event channels in the kernel"));
+                return Err(BackendError::Unsupported(
+                    "route Xen event channels in the kernel",
+                ));
             }
             table.entry(r.gsi).or_default().push(r.route);
         }
@@ -473,7 +475,9 @@ impl Backend for SimBackend {
             return Err(BackendError::BadEventFd);
         }
         if resample.is_some() && !self.supports_resample() {
-            return Err(BackendError::Unsupported("resample irqfds on a split irqchip"));
+            return Err(BackendError::Unsupported(
+                "resample irqfds on a split irqchip",
+            ));
         }
         let mut st = lock(&self.state);
         if st.irqfds.iter().any(|i| i.key == fd.as_raw_fd()) {
@@ -499,7 +503,12 @@ impl Backend for SimBackend {
             .position(|i| i.key == key && i.gsi == gsi)
             .ok_or(BackendError::IrqfdNotFound(gsi))?;
         let irqfd = st.irqfds.swap_remove(idx);
-        if irqfd.resample.is_some() && !st.irqfds.iter().any(|i| i.gsi == gsi && i.resample.is_some()) {
+        if irqfd.resample.is_some()
+            && !st
+                .irqfds
+                .iter()
+                .any(|i| i.gsi == gsi && i.resample.is_some())
+        {
             // The last resampler of the GSI goes: its source de-asserts (KVM irqfd_resampler_shutdown).
             st.set_resampled(gsi, false);
         }

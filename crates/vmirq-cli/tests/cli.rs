@@ -1,0 +1,93 @@
+//! The `vmirq` binary end to end: the demo's JSON report and the bench's figures.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn vmirq(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmirq"))
+        .args(args)
+        .output()
+        .expect("vmirq runs");
+    assert!(
+        out.status.success(),
+        "vmirq {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn check_demo(report: &Value, backend: &str, paced: u64) {
+    assert_eq!(report["backend"], backend);
+    let paths = report["paths"].as_array().unwrap();
+    let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "msi-signal",
+            "msi-irqfd-kernel",
+            "msi-irqfd-user",
+            "pin-edge"
+        ]
+    );
+    for p in paths {
+        let n = |k: &str| {
+            p[k].as_u64()
+                .unwrap_or_else(|| panic!("{k} missing in {p}"))
+        };
+        assert_eq!(n("lost"), 0, "{p}");
+        assert_eq!(n("sent"), paced + 100, "{p}");
+        assert!(
+            n("delivered") > paced,
+            "paced triggers each deliver, and the burst too: {p}"
+        );
+        assert_eq!(
+            n("delivered") + n("coalesced") + n("lost"),
+            n("sent"),
+            "{p}"
+        );
+        assert!(n("p50_ns") > 0 && n("p50_ns") <= n("p99_ns"), "{p}");
+    }
+}
+
+#[test]
+fn demo_on_the_simulated_backend_loses_nothing() {
+    check_demo(
+        &vmirq(&["demo", "--sim", "--json", "--count", "20"]),
+        "sim",
+        20,
+    );
+}
+
+#[test]
+fn demo_on_kvm_loses_nothing() {
+    if !vmirq_kvm_gate("cli::demo_on_kvm_loses_nothing") {
+        return;
+    }
+    check_demo(&vmirq(&["demo", "--json", "--count", "20"]), "kvm", 20);
+}
+
+#[test]
+fn bench_reports_each_figure_against_its_baseline() {
+    let report = vmirq(&["bench", "--sim", "--json", "--samples", "20"]);
+    assert_eq!(report["backend"], "sim");
+    let results = report["results"].as_array().unwrap();
+    let get = |name: &str| {
+        results
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    for name in ["latency.msi-signal", "latency.msi-irqfd-user"] {
+        let r = get(name);
+        assert_eq!(r["baseline"], "latency.msi-irqfd-kernel");
+        let ratio = r["ratio"].as_f64().unwrap();
+        let expect = r["value"].as_f64().unwrap() / r["baseline_value"].as_f64().unwrap();
+        assert!((ratio - expect).abs() < 1e-9);
+    }
+    assert!(get("dispatcher.bytes-per-irqfd")["value"].as_f64().unwrap() > 0.0);
+}
+
+fn vmirq_kvm_gate(name: &str) -> bool {
+    vmirq_guest::machine::kvm_test_gate(name)
+}
