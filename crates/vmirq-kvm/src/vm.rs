@@ -52,7 +52,8 @@ pub struct KvmVm {
 impl KvmVm {
     /// Whether `/dev/kvm` can be opened.
     pub fn is_available() -> bool {
-        Kvm::new().is_ok()
+        // A /dev/kvm that opens but is not KVM (e.g. masked by a bind mount) does not count.
+        Kvm::new().is_ok_and(|kvm| kvm.get_api_version() == kvm_bindings::KVM_API_VERSION as i32)
     }
 
     /// Creates the VM, its irqchip, guest RAM and `config.vcpus` vCPUs (not yet running).
