@@ -72,6 +72,17 @@ pub const PIC_SLAVE_DATA_PORT: u16 = 0xA1;
 pub const ISR_PORT: u16 = 0x510;
 /// Each vCPU writes its APIC ID here (one byte) once, after setup, right before `sti`.
 pub const READY_PORT: u16 = 0x511;
+/// vCPU 0 writes the completed command's sequence number (low byte) here after running a
+/// runtime MMIO script.
+pub const DONE_PORT: u16 = 0x512;
+
+/// Runtime MMIO commands: the host writes a script into the MMIO script area, bumps the u32 at
+/// [`CMD_SEQ_ADDR`] and sends [`DOORBELL_VECTOR`] to vCPU 0, which runs the script after the
+/// interrupt, stores the sequence number at [`CMD_DONE_ADDR`] and writes [`DONE_PORT`].
+pub const CMD_SEQ_ADDR: u64 = 0x0800;
+pub const CMD_DONE_ADDR: u64 = 0x0804;
+/// The vector that wakes vCPU 0 for a runtime command (lowest priority class in use).
+pub const DOORBELL_VECTOR: u8 = 0x2F;
 
 /// Initial SP of `vcpu`. The layout has stacks for [`MAX_VCPUS`]; later vCPUs would share
 /// the last one, which is why [`crate::program::GuestImage::boot`] refuses them.

@@ -25,6 +25,8 @@ pub enum MachineError {
     Interrupts(#[from] vmirq::Error),
     #[error(transparent)]
     Kvm(#[from] vmirq_kvm::KvmError),
+    #[error("the guest did not run MMIO command {seq} within {secs} s")]
+    CommandTimeout { seq: u32, secs: u64 },
     #[error("vCPU {vcpu} did not finish booting the test guest within {secs} s")]
     NotReady { vcpu: usize, secs: u64 },
 }
@@ -145,15 +147,47 @@ impl MachineConfig {
     /// Adds the writes that program IOAPIC pin `pin` (unmasked) to deliver `vector` to APIC
     /// `dest`, edge or level.
     pub fn ioapic_pin(mut self, pin: u32, vector: u8, dest: u8, level: bool) -> Self {
-        let lo = u32::from(vector) | if level { 1 << 15 } else { 0 };
-        let base = vmirq::ioapic::IOAPIC_BASE as u32;
-        self.mmio_script.extend([
-            (base, 0x11 + 2 * pin),
-            (base + 0x10, u32::from(dest) << 24),
-            (base, 0x10 + 2 * pin),
-            (base + 0x10, lo),
-        ]);
+        self.mmio_script
+            .extend(ioapic_pin_script(pin, vector, dest, level, false));
         self
+    }
+}
+
+/// The guest MMIO writes that program IOAPIC pin `pin` through IOREGSEL/IOWIN: `vector` to
+/// APIC `dest` (physical, fixed), edge or level, masked or not.
+pub fn ioapic_pin_script(pin: u32, vector: u8, dest: u8, level: bool, masked: bool) -> [(u32, u32); 4] {
+    let lo = u32::from(vector) | u32::from(level) << 15 | u32::from(masked) << 16;
+    let base = vmirq::ioapic::IOAPIC_BASE as u32;
+    [
+        (base, 0x11 + 2 * pin),
+        (base + 0x10, u32::from(dest) << 24),
+        (base, 0x10 + 2 * pin),
+        (base + 0x10, lo),
+    ]
+}
+
+/// Waits up to `timeout` for `fd` (a resamplefd) to be signalled, letting the machine run;
+/// consumes and returns its count.
+pub fn wait_fd(m: &dyn Machine, fd: &vmm_sys_util::eventfd::EventFd, timeout: Duration) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    loop {
+        m.pump();
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd that outlives the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 1) } == 1;
+        if ready {
+            if let Ok(n) = fd.read() {
+                return Some(n);
+            }
+        }
+        if Instant::now() >= deadline || m.log().failure().is_some() {
+            return None;
+        }
     }
 }
 
@@ -168,6 +202,10 @@ pub trait Machine: Send + Sync {
     /// Lets the machine make progress: the simulated one runs until idle; KVM runs by itself.
     fn pump(&self);
     fn log(&self) -> &IsrLog;
+
+    /// Has vCPU 0 perform these 32-bit MMIO writes now, in order, and waits until it has (the
+    /// guest's runtime command mailbox; at most [`layout::MMIO_SCRIPT_MAX`] writes).
+    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<(), MachineError>;
 
     /// Waits up to `timeout` for the guest to take `vector` (on `vcpu`, if given) and returns
     /// that report, removing it from the log.
@@ -240,25 +278,31 @@ impl SimMachine {
         let log = Arc::new(IsrLog::default());
         let l = Arc::clone(&log);
         sim.set_isr_observer(Box::new(move |vcpu, vector| l.record(vcpu, vector)));
-        if config.mmio_script.len() > layout::MMIO_SCRIPT_MAX {
-            return Err(program::GuestError::ScriptTooLong(config.mmio_script.len()).into());
-        }
-        // What the guest's vCPU 0 does at boot: the in-kernel IOAPIC (kernel irqchip) or
-        // vmirq's (split) decodes each write.
-        for &(addr, value) in &config.mmio_script {
-            let data = value.to_le_bytes();
-            if !sim.mmio_write(u64::from(addr), &data) {
-                interrupts.mmio_write(u64::from(addr), &data);
-            }
-        }
-        for vcpu in 0..config.vcpus {
-            log.mark_ready(vcpu);
-        }
-        Ok(Self {
+        let machine = Self {
             sim,
             interrupts,
             log,
-        })
+        };
+        machine.run_script(&config.mmio_script)?;
+        for vcpu in 0..config.vcpus {
+            machine.log.mark_ready(vcpu);
+        }
+        Ok(machine)
+    }
+
+    /// What the guest's vCPU 0 does with an MMIO script: the in-kernel IOAPIC (kernel
+    /// irqchip) or vmirq's (split) decodes each write.
+    fn run_script(&self, script: &[(u32, u32)]) -> Result<(), MachineError> {
+        if script.len() > layout::MMIO_SCRIPT_MAX {
+            return Err(program::GuestError::ScriptTooLong(script.len()).into());
+        }
+        for &(addr, value) in script {
+            let data = value.to_le_bytes();
+            if !self.sim.mmio_write(u64::from(addr), &data) {
+                self.interrupts.mmio_write(u64::from(addr), &data);
+            }
+        }
+        Ok(())
     }
 
     pub fn sim(&self) -> &Arc<SimBackend> {
@@ -285,6 +329,12 @@ impl Machine for SimMachine {
 
     fn pump(&self) {
         self.sim.run_until_idle();
+    }
+
+    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<(), MachineError> {
+        self.run_script(script)?;
+        self.pump();
+        Ok(())
     }
 
     fn log(&self) -> &IsrLog {
@@ -333,6 +383,7 @@ pub struct KvmMachine {
 /// Guest RAM of a test machine: the real-mode megabyte.
 pub const GUEST_RAM: usize = 1 << 20;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl KvmMachine {
     /// Whether this host can run KVM machines.
@@ -403,6 +454,34 @@ impl Machine for KvmMachine {
     }
 
     fn pump(&self) {}
+
+    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<(), MachineError> {
+        let seq = {
+            let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+            program::post_command(vm.memory(), script)?
+        };
+        let doorbell = vmirq::X86Msi::fixed(0, layout::DOORBELL_VECTOR)
+            .encode()
+            .expect("APIC 0 fits");
+        self.interrupts.signal_msi(doorbell)?;
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let done = {
+                let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+                program::command_done(vm.memory(), seq)
+            };
+            if done {
+                return Ok(());
+            }
+            if Instant::now() > deadline || self.log.failure().is_some() {
+                return Err(MachineError::CommandTimeout {
+                    seq,
+                    secs: COMMAND_TIMEOUT.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
 
     fn log(&self) -> &IsrLog {
         &self.log

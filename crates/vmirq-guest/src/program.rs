@@ -104,6 +104,9 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     let mut counter_inc = a.create_label();
     let mut isr_out = a.create_label();
     let mut iret = a.create_label();
+    let mut run_script = a.create_label();
+    let mut script_done = a.create_label();
+    let mut idle = a.create_label();
 
     // --- Boot, identical on every vCPU.
     a.set_label(&mut entry)?;
@@ -122,8 +125,43 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.test(ebp, ebp)?;
     a.jnz(ready)?;
 
-    // APIC ID 0: the boot MMIO script. The count is guest memory the host wrote, but clamp
-    // it anyway so a corrupt count cannot run off the script area.
+    // APIC ID 0: the boot MMIO script.
+    a.call(run_script)?;
+
+    a.set_label(&mut ready)?;
+    a.mov(eax, ebp)?;
+    a.mov(dx, u32::from(READY_PORT))?;
+    a.out(dx, al)?;
+    // The idle loop. vCPU 0 also serves runtime MMIO commands: with interrupts off it checks
+    // for a new command; if none, `sti; hlt` (sti's one-instruction shadow makes the pair
+    // atomic, so a doorbell arriving after the check still wakes the hlt).
+    a.set_label(&mut halt_loop)?;
+    a.cli()?;
+    a.test(ebp, ebp)?;
+    a.jnz(idle)?;
+    a.mov(ebx, CMD_SEQ_ADDR as u32)?;
+    a.mov(eax, dword_ptr(ebx))?;
+    a.mov(ebx, CMD_DONE_ADDR as u32)?;
+    a.cmp(eax, dword_ptr(ebx))?;
+    a.je(idle)?;
+    a.sti()?;
+    a.push(eax)?;
+    a.call(run_script)?;
+    a.pop(eax)?;
+    a.mov(ebx, CMD_DONE_ADDR as u32)?;
+    a.mov(dword_ptr(ebx), eax)?;
+    a.mov(dx, u32::from(DONE_PORT))?;
+    a.out(dx, al)?;
+    a.jmp(halt_loop)?;
+    a.set_label(&mut idle)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(halt_loop)?;
+
+    // --- The MMIO script: 32-bit writes of (address, value) pairs. The count is guest memory
+    // the host wrote, but clamp it anyway so a corrupt count cannot run off the script area.
+    // Uses EAX, EBX, ECX, ESI (the ISR preserves what it touches).
+    a.set_label(&mut run_script)?;
     a.mov(ebx, MMIO_SCRIPT_COUNT_ADDR as u32)?;
     a.mov(ecx, dword_ptr(ebx))?;
     a.cmp(ecx, MMIO_SCRIPT_MAX as u32)?;
@@ -133,7 +171,7 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.mov(esi, MMIO_SCRIPT_ENTRIES_ADDR as u32)?;
     a.set_label(&mut script_loop)?;
     a.test(ecx, ecx)?;
-    a.jz(ready)?;
+    a.jz(script_done)?;
     a.mov(ebx, dword_ptr(esi))?;
     a.mov(eax, dword_ptr(esi + 4))?;
     a.set_label(&mut script_write)?;
@@ -141,16 +179,8 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.add(esi, MMIO_SCRIPT_ENTRY_SIZE as u32)?;
     a.dec(ecx)?;
     a.jmp(script_loop)?;
-
-    a.set_label(&mut ready)?;
-    a.mov(eax, ebp)?;
-    a.mov(dx, u32::from(READY_PORT))?;
-    a.out(dx, al)?;
-    // sti's one-instruction shadow makes `sti; hlt` atomic: no wake-up is lost before hlt.
-    a.sti()?;
-    a.set_label(&mut halt_loop)?;
-    a.hlt()?;
-    a.jmp(halt_loop)?;
+    a.set_label(&mut script_done)?;
+    a.ret()?;
 
     // --- Common interrupt handler. On entry: AL = vector, EAX saved by the stub, the CPU
     // pushed FLAGS, CS, IP.
@@ -237,6 +267,17 @@ pub fn load(
         mem.write_obj(0u16, GuestAddress(entry + 2))?; // segment
     }
     mem.write_slice(&image.code, GuestAddress(image.code_addr))?;
+    write_script(mem, mmio_script)?;
+    mem.write_obj(0u32, GuestAddress(CMD_SEQ_ADDR))?;
+    mem.write_obj(0u32, GuestAddress(CMD_DONE_ADDR))?;
+    mem.write_slice(&[0u8; COUNTERS_SIZE as usize], GuestAddress(COUNTERS_ADDR))?;
+    Ok(())
+}
+
+fn write_script(mem: &GuestMemoryMmap, mmio_script: &[(u32, u32)]) -> Result<(), GuestError> {
+    if mmio_script.len() > MMIO_SCRIPT_MAX {
+        return Err(GuestError::ScriptTooLong(mmio_script.len()));
+    }
     mem.write_obj(
         mmio_script.len() as u32,
         GuestAddress(MMIO_SCRIPT_COUNT_ADDR),
@@ -246,8 +287,24 @@ pub fn load(
         mem.write_obj(addr, GuestAddress(entry))?;
         mem.write_obj(value, GuestAddress(entry + 4))?;
     }
-    mem.write_slice(&[0u8; COUNTERS_SIZE as usize], GuestAddress(COUNTERS_ADDR))?;
     Ok(())
+}
+
+/// Posts a runtime MMIO command: writes the script and bumps the sequence number. The caller
+/// then rings [`DOORBELL_VECTOR`] on vCPU 0 and waits for [`DONE_PORT`] (or
+/// [`command_done`]). Returns the new sequence number. Only one command may be in flight.
+pub fn post_command(mem: &GuestMemoryMmap, mmio_script: &[(u32, u32)]) -> Result<u32, GuestError> {
+    write_script(mem, mmio_script)?;
+    let seq: u32 = mem.read_obj(GuestAddress(CMD_SEQ_ADDR))?;
+    let seq = seq.wrapping_add(1);
+    mem.write_obj(seq, GuestAddress(CMD_SEQ_ADDR))?;
+    Ok(seq)
+}
+
+/// Whether vCPU 0 has finished command `seq`.
+pub fn command_done(mem: &GuestMemoryMmap, seq: u32) -> bool {
+    mem.read_obj::<u32>(GuestAddress(CMD_DONE_ADDR))
+        .is_ok_and(|done| done == seq)
 }
 
 /// How many times `vector` was taken by the vCPU with APIC ID `vcpu`; 0 for a vCPU beyond

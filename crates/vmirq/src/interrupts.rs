@@ -3,17 +3,20 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use crate::delivery::Stats;
+
 use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode};
-use crate::ioapic::{Effects, Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
-use crate::irqfd::{Dispatcher, Inject, IrqfdPath};
+use crate::delivery::Delivery;
+use crate::ioapic::{Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
+use crate::irqfd::{Action, Dispatcher, Inject, IrqfdPath};
+use crate::line::{IrqSource, Line};
 use crate::msi::MsiMessage;
+use crate::resample::Resampler;
 use crate::route::{Gsi, IrqChip, Route, MAX_GSIS};
 use crate::router::{lock, GsiHandle, RouteBatch, Router, RouterError};
 
@@ -54,26 +57,6 @@ impl Default for Config {
     }
 }
 
-/// Counters of the userspace path; nothing it drops goes uncounted.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Events the dispatcher injected.
-    pub user_injections: AtomicU64,
-    /// Events the dispatcher could not inject (logged with the reason).
-    pub user_inject_errors: AtomicU64,
-    /// IOAPIC re-deliveries deferred by the interrupt-storm guard.
-    pub storm_deferrals: AtomicU64,
-}
-
-/// The delivery state shared with the dispatcher thread and the backend's EOI reports.
-struct Delivery {
-    router: Router,
-    /// Split irqchip only: the userspace IOAPIC. Lock order: ioapic, then the router's writer.
-    ioapic: Option<Mutex<Ioapic>>,
-    stats: Stats,
-    me: Weak<Delivery>,
-}
-
 /// The interrupt path of one VM. Create with [`Interrupts::new`]; share as `Arc`.
 pub struct Interrupts {
     delivery: Arc<Delivery>,
@@ -92,14 +75,9 @@ impl Interrupts {
         )?;
         let ioapic = match mode {
             IrqchipMode::Kernel => None,
-            IrqchipMode::Split { ioapic_pins } => Some(Mutex::new(Ioapic::new(ioapic_pins))),
+            IrqchipMode::Split { ioapic_pins } => Some(Ioapic::new(ioapic_pins)),
         };
-        let delivery = Arc::new_cyclic(|me| Delivery {
-            router,
-            ioapic,
-            stats: Stats::default(),
-            me: me.clone(),
-        });
+        let delivery = Delivery::new(router, ioapic);
         let sink: Weak<dyn EoiSink> = Arc::downgrade(&delivery) as Weak<dyn EoiSink>;
         backend.set_eoi_sink(sink);
         Ok(Arc::new(Self {
@@ -195,7 +173,7 @@ impl Interrupts {
                 let dup = own.try_clone().map_err(|_| Error::BadEventFd)?;
                 let token = self
                     .dispatcher
-                    .add(dup, gsi, &inject)
+                    .add(dup, Action::Edge(gsi), &inject)
                     .map_err(Error::Dispatcher)?;
                 Ok((IrqfdPath::User, Some(token)))
             }
@@ -208,8 +186,127 @@ impl Interrupts {
             gsi,
             path,
             token,
+            resampler: None,
+            level: false,
             assigned: true,
         })
+    }
+
+    /// Binds `trigger` to `gsi` as a level irqfd with a resamplefd ("on ack, de-assert and
+    /// notify"): a trigger signal asserts the line, which stays high until the guest EOIs it;
+    /// then the line is de-asserted once and every resamplefd of `gsi` is signalled. A device
+    /// that still needs service signals `trigger` again. `gsi` must be routed to an IOAPIC pin.
+    ///
+    /// On an in-kernel irqchip this is KVM's resample irqfd ([`IrqfdPath::Kernel`]); on a split
+    /// irqchip, where KVM refuses resample, vmirq's IOAPIC and one shared resampler per GSI do it
+    /// ([`IrqfdPath::User`]).
+    pub fn assign_irqfd_with_resample(
+        self: &Arc<Self>,
+        trigger: &EventFd,
+        resample: &EventFd,
+        gsi: Gsi,
+    ) -> Result<Irqfd, Error> {
+        let key = trigger.as_raw_fd();
+        if !crate::sim::is_open(key) || !crate::sim::is_open(resample.as_raw_fd()) {
+            return Err(Error::BadEventFd);
+        }
+        let mut registry = lock(&self.irqfds);
+        if registry.contains_key(&key) {
+            return Err(Error::IrqfdBusy(key));
+        }
+        let own = trigger.try_clone().map_err(|_| Error::BadEventFd)?;
+        let resample = resample.try_clone().map_err(|_| Error::BadEventFd)?;
+        let backend = Arc::clone(self.backend());
+        let inject: Arc<dyn Inject> = Arc::clone(&self.delivery) as Arc<dyn Inject>;
+        let (path, ()) = self.delivery.router.with_routes(gsi, |routes| {
+            if routes.is_empty() {
+                return Err(Error::NoRoute(gsi));
+            }
+            let on_ioapic = routes.iter().any(|r| {
+                matches!(r, Route::Irqchip { chip: IrqChip::Ioapic, .. })
+            });
+            if !on_ioapic {
+                return Err(Error::Unsupported(
+                    "resample a GSI that is not routed to an IOAPIC pin",
+                ));
+            }
+            if backend.supports_resample() && routes.iter().all(|r| backend.delivers(r)) {
+                backend.assign_irqfd(&own, gsi, Some(&resample))?;
+                return Ok((IrqfdPath::Kernel, ()));
+            }
+            if self.delivery.ioapic.is_none() {
+                return Err(Error::Unsupported("resample without an IOAPIC to ack it"));
+            }
+            Ok((IrqfdPath::User, ()))
+        })?;
+        // The user path joins the resampler outside the router's lock (lock order: resamplers
+        // before the IOAPIC and the router).
+        let (token, resampler) = match path {
+            IrqfdPath::Kernel => (None, None),
+            IrqfdPath::User => {
+                let (token, r, id) = self.join_resampler(&own, resample, gsi, &inject)?;
+                (Some(token), Some((r, id)))
+            }
+        };
+        registry.insert(key, gsi);
+        Ok(Irqfd {
+            owner: Arc::clone(self),
+            fd: own,
+            key,
+            gsi,
+            path,
+            token,
+            resampler,
+            level: true,
+            assigned: true,
+        })
+    }
+
+    /// Joins `gsi`'s one resampler (under the map lock, so a leaving last member cannot
+    /// retire it between lookup and join) and hands the trigger to the dispatcher.
+    fn join_resampler(
+        &self,
+        trigger: &EventFd,
+        resample: EventFd,
+        gsi: Gsi,
+        inject: &Arc<dyn Inject>,
+    ) -> Result<(u64, Arc<Resampler<EventFd>>, u64), Error> {
+        let delivery = &self.delivery;
+        let (r, id) = {
+            let mut resamplers = lock(&delivery.resamplers);
+            let r = Arc::clone(
+                resamplers
+                    .entry(gsi)
+                    .or_insert_with(|| Arc::new(Resampler::new(gsi))),
+            );
+            let id = r.join(resample);
+            (r, id)
+        };
+        let token = trigger
+            .try_clone()
+            .map_err(|_| Error::BadEventFd)
+            .and_then(|dup| {
+                self.dispatcher
+                    .add(dup, Action::Level(Arc::clone(&r)), inject)
+                    .map_err(Error::Dispatcher)
+            });
+        match token {
+            Ok(token) => Ok((token, r, id)),
+            Err(e) => {
+                leave_resampler(delivery, &r, id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The level line of `gsi`: the OR of any number of [`IrqSource`]s.
+    pub fn line(&self, gsi: Gsi) -> Arc<Line> {
+        self.delivery.line(gsi)
+    }
+
+    /// A new source on `gsi`'s line (shorthand for `line(gsi).source()`).
+    pub fn irq_source(&self, gsi: Gsi) -> IrqSource {
+        self.line(gsi).source()
     }
 
     /// Split irqchip: a guest MMIO read. Returns false if the address is not the IOAPIC's.
@@ -226,11 +323,8 @@ impl Interrupts {
     /// Split irqchip: a guest MMIO write. Returns false if the address is not the IOAPIC's.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
         match (&self.delivery.ioapic, ioapic_offset(addr)) {
-            (Some(ioapic), Some(off)) => {
-                let mut fx = Effects::default();
-                let mut ioapic = lock(ioapic);
-                ioapic.mmio_write(off, data, &mut fx);
-                self.delivery.apply(&ioapic, fx);
+            (Some(_), Some(off)) => {
+                self.delivery.ioapic_mmio_write(off, data);
                 true
             }
             _ => false,
@@ -254,116 +348,6 @@ fn ioapic_offset(addr: u64) -> Option<u64> {
         .filter(|off| *off < IOAPIC_MMIO_SIZE)
 }
 
-impl Delivery {
-    fn backend(&self) -> &Arc<dyn Backend> {
-        self.router.backend()
-    }
-
-    fn inject_edge(&self, gsi: Gsi) -> Result<(), Error> {
-        let table = self.router.load();
-        let routes = table.get(gsi);
-        if routes.is_empty() {
-            return Err(Error::NoRoute(gsi));
-        }
-        let mut line_pulsed = false;
-        for route in routes {
-            match *route {
-                Route::Msi { msg, devid } => self.backend().signal_msi(msg, devid)?,
-                Route::Irqchip { chip, pin } => match (&self.ioapic, chip) {
-                    (Some(ioapic), IrqChip::Ioapic) => {
-                        let mut fx = Effects::default();
-                        let mut ioapic = lock(ioapic);
-                        ioapic.set_line(pin, true, &mut fx);
-                        ioapic.set_line(pin, false, &mut fx);
-                        self.apply(&ioapic, fx);
-                    }
-                    (Some(_), _) => {
-                        return Err(Error::Unsupported("drive a PIC on a split irqchip"))
-                    }
-                    // One KVM_IRQ_LINE pulse drives every irqchip route of the GSI.
-                    (None, _) if !line_pulsed => {
-                        self.backend().set_line(gsi, true)?;
-                        self.backend().set_line(gsi, false)?;
-                        line_pulsed = true;
-                    }
-                    (None, _) => {}
-                },
-                Route::XenEvtchn { .. } => {
-                    return Err(Error::Unsupported("deliver Xen event channel routes"))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Carries out what the userspace IOAPIC asked for, with its lock held so effects apply
-    /// in the order the IOAPIC produced them.
-    fn apply(&self, ioapic: &Ioapic, fx: Effects) {
-        for pin in fx.routes_changed {
-            if let Err(e) = self.router.set_pin_msi(pin, ioapic.pin_msi(pin)) {
-                self.stats
-                    .user_inject_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("IOAPIC pin {pin}: kernel route update failed: {e}");
-            }
-        }
-        for (pin, msg) in fx.deliver {
-            if let Err(e) = self.backend().signal_msi(msg, None) {
-                self.stats
-                    .user_inject_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("IOAPIC pin {pin}: delivery failed: {e}");
-            }
-        }
-        for pin in fx.deferred {
-            // Linux ioapic.c: after IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT re-deliveries, wait ~10 ms.
-            self.stats.storm_deferrals.fetch_add(1, Ordering::Relaxed);
-            let me = self.me.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(10));
-                if let Some(d) = me.upgrade() {
-                    d.redeliver_deferred(pin);
-                }
-            });
-        }
-        // fx.resample: level resamplers arrive with the level-interrupt work.
-    }
-
-    fn redeliver_deferred(&self, pin: u32) {
-        if let Some(ioapic) = &self.ioapic {
-            let mut fx = Effects::default();
-            let mut ioapic = lock(ioapic);
-            ioapic.redeliver_deferred(pin, &mut fx);
-            self.apply(&ioapic, fx);
-        }
-    }
-}
-
-impl EoiSink for Delivery {
-    fn eoi(&self, vector: u8) {
-        if let Some(ioapic) = &self.ioapic {
-            let mut fx = Effects::default();
-            let mut ioapic = lock(ioapic);
-            ioapic.eoi(vector, &mut fx);
-            self.apply(&ioapic, fx);
-        }
-    }
-}
-
-impl Inject for Delivery {
-    fn inject_from_irqfd(&self, gsi: Gsi) {
-        match self.inject_edge(gsi) {
-            Ok(()) => self.stats.user_injections.fetch_add(1, Ordering::Relaxed),
-            Err(e) => {
-                tracing::warn!("irqfd on {gsi}: injection failed: {e}");
-                self.stats
-                    .user_inject_errors
-                    .fetch_add(1, Ordering::Relaxed)
-            }
-        };
-    }
-}
-
 /// An assigned edge irqfd. Dropping it deassigns.
 pub struct Irqfd {
     owner: Arc<Interrupts>,
@@ -373,6 +357,9 @@ pub struct Irqfd {
     gsi: Gsi,
     path: IrqfdPath,
     token: Option<u64>,
+    /// A userspace level irqfd's resampler and its membership id there.
+    resampler: Option<(Arc<Resampler<EventFd>>, u64)>,
+    level: bool,
     assigned: bool,
 }
 
@@ -402,12 +389,31 @@ impl Irqfd {
                 self.owner.backend().deassign_irqfd(&self.fd, self.gsi)?;
             }
             IrqfdPath::User => {
+                // Stop the trigger first, then leave the resampler: a deassigned irqfd neither
+                // asserts nor is notified afterwards (model-checked in resample.rs).
                 if let Some(token) = self.token {
                     self.owner.dispatcher.remove(token);
+                }
+                if let Some((r, id)) = self.resampler.take() {
+                    leave_resampler(&self.owner.delivery, &r, id);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Whether this irqfd carries a resamplefd (level).
+    pub fn is_level(&self) -> bool {
+        self.level
+    }
+}
+
+/// Leaves `r`; the last member retires the GSI's resampler (under the map lock, see
+/// [`Interrupts::assign_irqfd_with_resample`]).
+fn leave_resampler(delivery: &Delivery, r: &Arc<Resampler<EventFd>>, id: u64) {
+    let mut resamplers = lock(&delivery.resamplers);
+    if r.leave(id, delivery) {
+        resamplers.remove(&r.gsi());
     }
 }
 

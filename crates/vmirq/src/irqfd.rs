@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::resample::Resampler;
 use crate::route::Gsi;
 use crate::router::lock;
 
@@ -36,15 +37,25 @@ impl std::fmt::Display for IrqfdPath {
     }
 }
 
-/// Injects a GSI from the dispatcher thread. Implemented by the core's delivery state.
+/// What the dispatcher does when an irqfd's eventfd fires. Implemented by the core's
+/// delivery state.
 pub(crate) trait Inject: Send + Sync {
+    /// An edge irqfd fired: deliver one interrupt on `gsi`.
     fn inject_from_irqfd(&self, gsi: Gsi);
+    /// A level irqfd fired: assert its GSI's resampled input until the guest's EOI.
+    fn assert_resampled(&self, resampler: &Resampler<EventFd>);
+}
+
+/// What a userspace irqfd does when it fires.
+pub(crate) enum Action {
+    Edge(Gsi),
+    Level(Arc<Resampler<EventFd>>),
 }
 
 /// One userspace irqfd as the dispatcher sees it.
 pub(crate) struct UserIrqfd {
     fd: EventFd,
-    gsi: Gsi,
+    action: Action,
     /// Held while an event is read and injected; `false` once deassigned. Deassign takes it,
     /// so when deassign returns no injection is in flight and none will start.
     live: Mutex<bool>,
@@ -84,7 +95,7 @@ impl Dispatcher {
     pub(crate) fn add(
         self: &Arc<Self>,
         fd: EventFd,
-        gsi: Gsi,
+        action: Action,
         inject: &Arc<dyn Inject>,
     ) -> std::io::Result<u64> {
         set_nonblocking(fd.as_raw_fd())?;
@@ -92,7 +103,7 @@ impl Dispatcher {
         let raw = fd.as_raw_fd();
         let entry = Arc::new(UserIrqfd {
             fd,
-            gsi,
+            action,
             live: Mutex::new(true),
         });
         lock(&self.entries).insert(token, entry);
@@ -163,7 +174,10 @@ impl Dispatcher {
                     let live = lock(&entry.live);
                     // A read that finds the counter empty (EAGAIN) was a stale readiness.
                     if *live && entry.fd.read().is_ok() {
-                        inject.inject_from_irqfd(entry.gsi);
+                        match &entry.action {
+                            Action::Edge(gsi) => inject.inject_from_irqfd(*gsi),
+                            Action::Level(resampler) => inject.assert_resampled(resampler),
+                        }
                     }
                 }
             }

@@ -5,16 +5,20 @@
 //! See ARCHITECTURE.md at the repository root for the path of an interrupt through the crates.
 
 pub mod backend;
+mod delivery;
 pub mod interrupts;
 pub mod ioapic;
 pub mod irqfd;
+pub mod line;
 pub mod msi;
+pub mod resample;
 pub mod route;
 pub mod router;
 pub mod sim;
 
 pub use backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
 pub use interrupts::{Config, Error, Interrupts, Irqfd, Stats};
+pub use line::{IrqSource, Line};
 pub use irqfd::IrqfdPath;
 pub use msi::{DeliveryMode, MsiError, MsiMessage, X86Msi};
 pub use route::{Gsi, IrqChip, Route, RouteError, RoutingTable};
