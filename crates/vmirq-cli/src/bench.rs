@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vmirq::{IrqfdPath, Route, X86Msi};
-use vmirq_guest::machine::{boot, BackendKind, Machine};
+use vmirq_guest::machine::{boot, BackendKind, Machine, Mode};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::demo::DemoError;
@@ -39,7 +39,6 @@ fn result(name: &str, value: f64, unit: &'static str, baseline: Option<(&str, f6
     }
 }
 
-const LATENCY_PATHS: [&str; 3] = ["msi-irqfd-kernel", "msi-signal", "msi-irqfd-user"];
 const IRQFDS_FOR_MEMORY: usize = 1000;
 
 /// Heap bytes the core spends per userspace irqfd (dispatcher entry, registry, handle).
@@ -103,34 +102,71 @@ fn process_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// ns per assert/de-assert pair of one source among 10,000 on a line that another source holds
+/// high: the O(1) path (two atomic RMWs, no lock, no irqchip call).
+fn line_assert_deassert_ns(m: &dyn Machine) -> f64 {
+    const SOURCES: usize = 10_000;
+    const ROUNDS: usize = 100;
+    // Pin 20: not programmed by the guest (masked), so nothing is delivered.
+    let line = m.interrupts().line(vmirq::Gsi(20));
+    let holder = line.source();
+    holder.assert();
+    let sources: Vec<_> = (0..SOURCES - 1).map(|_| line.source()).collect();
+    let t0 = Instant::now();
+    for _ in 0..ROUNDS {
+        for s in &sources {
+            s.assert();
+            s.deassert();
+        }
+    }
+    let ns = t0.elapsed().as_nanos() as f64 / (ROUNDS * sources.len()) as f64;
+    drop(holder);
+    ns
+}
+
+/// The latency paths: (name, machine, baseline), in the order their samples interleave.
+const LATENCY: [(&str, Mode, Option<&str>); 5] = [
+    ("msi-irqfd-kernel", Mode::Kernel, None),
+    ("msi-signal", Mode::Kernel, Some("msi-irqfd-kernel")),
+    ("msi-irqfd-user", Mode::Kernel, Some("msi-irqfd-kernel")),
+    ("level-resample-kernel", Mode::Kernel, None),
+    (
+        "level-ioapic-split",
+        Mode::Split,
+        Some("level-resample-kernel"),
+    ),
+];
+
 pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoError> {
-    let machine = boot(kind, &paths::machine_config(vmirq::IrqchipMode::Kernel))?;
-    let m: &dyn Machine = &*machine;
-    let rigs: Vec<_> = LATENCY_PATHS
-        .iter()
-        .map(|p| {
-            paths::rig(m, p).map_err(|source| DemoError::Path {
-                path: "bench",
-                source,
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
+    let split = boot(kind, &paths::machine_config(Mode::Split.irqchip()))?;
+    let machine = |mode: Mode| -> &dyn Machine {
+        match mode {
+            Mode::Kernel => &*kernel,
+            Mode::Split => &*split,
+        }
+    };
     let bench_err = |source| DemoError::Path {
         path: "bench",
         source,
     };
+    let rigs: Vec<_> = LATENCY
+        .iter()
+        .map(|(name, mode, _)| paths::rig(machine(*mode), name).map_err(bench_err))
+        .collect::<Result<_, _>>()?;
     let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
-    // Warm up every path, then interleave.
-    for _ in 0..50 {
-        for rig in &rigs {
-            paths::round_trip(m, rig, Duration::from_secs(2)).map_err(bench_err)?;
-        }
-    }
+    let mut to_isr: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
     let mut lost = 0u64;
-    for _ in 0..samples {
-        for (i, rig) in rigs.iter().enumerate() {
-            match paths::round_trip(m, rig, Duration::from_secs(2)).map_err(bench_err)? {
-                Some(d) => lat[i].push(d),
+    // Warm up every path, then interleave samples so drift hits every path alike. Level paths
+    // measure the device's round trip: trigger → ISR → EOI → resamplefd.
+    for round in 0..samples + 50 {
+        for (i, (rig, (_, mode, _))) in rigs.iter().zip(LATENCY).enumerate() {
+            match paths::round_trip(machine(mode), rig).map_err(bench_err)? {
+                Some(trip) if round >= 50 => {
+                    lat[i].push(trip.round_trip);
+                    to_isr[i].push(trip.isr);
+                }
+                Some(_) => {}
                 None => lost += 1,
             }
         }
@@ -142,13 +178,49 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         .iter_mut()
         .map(|l| quantile(l, 0.5).as_nanos() as f64)
         .collect();
-    let base = ("latency.msi-irqfd-kernel", p50[0]);
-    let mut results = vec![
-        result(base.0, p50[0], "ns", None),
-        result("latency.msi-signal", p50[1], "ns", Some(base)),
-        result("latency.msi-irqfd-user", p50[2], "ns", Some(base)),
-    ];
+    let value_of = |name: &str| {
+        LATENCY
+            .iter()
+            .position(|(n, _, _)| *n == name)
+            .map(|i| p50[i])
+    };
+    let mut results: Vec<Result_> = LATENCY
+        .iter()
+        .zip(&p50)
+        .map(|((name, _, base), v)| {
+            let base = base.map(|b| (b, value_of(b).unwrap_or(f64::NAN)));
+            let base_name = base.map(|(b, v)| (format!("latency.{b}"), v));
+            result(
+                &format!("latency.{name}"),
+                *v,
+                "ns",
+                base_name.as_ref().map(|(n, v)| (n.as_str(), *v)),
+            )
+        })
+        .collect();
+    // The level paths' first leg alone (trigger → ISR), to show where a round trip's time goes.
+    for (i, (name, _, base)) in LATENCY.iter().enumerate() {
+        if name.starts_with("level-") {
+            let v = quantile(&mut to_isr[i], 0.5).as_nanos() as f64;
+            let b = base.and_then(|b| LATENCY.iter().position(|(n, _, _)| *n == b));
+            let bv = b.map(|b| quantile(&mut to_isr[b], 0.5).as_nanos() as f64);
+            let bn = base.map(|b| format!("latency.{b}.to-isr"));
+            results.push(result(
+                &format!("latency.{name}.to-isr"),
+                v,
+                "ns",
+                bn.as_deref().zip(bv),
+            ));
+        }
+    }
     drop(rigs);
+    results.push(result(
+        "line.assert-deassert",
+        line_assert_deassert_ns(&*split),
+        "ns",
+        None,
+    ));
+    let m: &dyn Machine = &*kernel;
     let per_irqfd = bytes_per_user_irqfd(m).map_err(bench_err)?;
     results.push(result(
         "dispatcher.bytes-per-irqfd",
@@ -174,7 +246,7 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         );
     } else {
         println!(
-            "backend: {} ({samples} interleaved samples per latency path)",
+            "backend: {} ({samples} interleaved samples per latency path; level paths: trigger -> ISR -> EOI -> resamplefd)",
             m.kind()
         );
         for r in &results {

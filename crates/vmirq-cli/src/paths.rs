@@ -3,17 +3,25 @@
 use std::time::{Duration, Instant};
 
 use vmirq::{Gsi, GsiHandle, Irqfd, IrqfdPath, MsiMessage, Route, X86Msi};
-use vmirq_guest::machine::{Machine, MachineConfig};
+use vmirq_guest::machine::{wait_fd, Machine, MachineConfig};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Where every path sends its interrupts: vCPU 1, an AP, so vCPU 0's boot work is never in the way.
+/// Where every path sends its interrupts: vCPU 1, an AP, so vCPU 0's boot work is never in
+/// the way.
 pub const TARGET_VCPU: usize = 1;
 pub const PIN: u32 = 5;
 const PIN_VECTOR: u8 = 0x45;
+/// A PCI INTx-style level pin (GSIs 16-23 reach only the IOAPIC, never the 8259).
+pub const LEVEL_PIN: u32 = 18;
+const LEVEL_VECTOR: u8 = 0x5A;
+const WAIT: Duration = Duration::from_secs(2);
 
-/// The machine the paths need: 2 vCPUs, IOAPIC pin 5 programmed edge to vCPU 1.
+/// The machine the paths need: 2 vCPUs, IOAPIC pin 5 programmed edge and pin 18 level, both
+/// to vCPU 1.
 pub fn machine_config(irqchip: vmirq::IrqchipMode) -> MachineConfig {
-    MachineConfig::new(2, irqchip).ioapic_pin(PIN, PIN_VECTOR, TARGET_VCPU as u8, false)
+    MachineConfig::new(2, irqchip)
+        .ioapic_pin(PIN, PIN_VECTOR, TARGET_VCPU as u8, false)
+        .ioapic_pin(LEVEL_PIN, LEVEL_VECTOR, TARGET_VCPU as u8, true)
 }
 
 /// One path ready to fire.
@@ -21,6 +29,8 @@ pub struct Rig {
     pub name: &'static str,
     pub vector: u8,
     fire: Box<dyn Fn() -> Result<(), vmirq::Error> + Send + Sync>,
+    /// Level paths: the resamplefd the guest's EOI signals.
+    pub resample: Option<EventFd>,
     /// What must live as long as the path does (GSI, eventfd, irqfd).
     _keep: Option<(Option<GsiHandle>, EventFd, Irqfd)>,
 }
@@ -37,6 +47,19 @@ fn msi(vector: u8) -> MsiMessage {
         .expect("vCPU 1 fits an 8-bit destination")
 }
 
+fn eventfd() -> Result<EventFd, vmirq::Error> {
+    EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd)
+}
+
+fn trigger_of(
+    fd: &EventFd,
+) -> Result<Box<dyn Fn() -> Result<(), vmirq::Error> + Send + Sync>, vmirq::Error> {
+    let trigger = fd.try_clone().map_err(|_| vmirq::Error::BadEventFd)?;
+    Ok(Box::new(move || {
+        trigger.write(1).map_err(|_| vmirq::Error::BadEventFd)
+    }))
+}
+
 fn irqfd_rig(
     m: &dyn Machine,
     name: &'static str,
@@ -45,14 +68,13 @@ fn irqfd_rig(
     target: Gsi,
     path: Option<IrqfdPath>,
 ) -> Result<Rig, vmirq::Error> {
-    let irq = m.interrupts();
-    let fd = EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd)?;
-    let irqfd = irq.assign_irqfd_on(&fd, target, path)?;
-    let trigger = fd.try_clone().map_err(|_| vmirq::Error::BadEventFd)?;
+    let fd = eventfd()?;
+    let irqfd = m.interrupts().assign_irqfd_on(&fd, target, path)?;
     Ok(Rig {
         name,
         vector,
-        fire: Box::new(move || trigger.write(1).map_err(|_| vmirq::Error::BadEventFd)),
+        fire: trigger_of(&fd)?,
+        resample: None,
         _keep: Some((gsi, fd, irqfd)),
     })
 }
@@ -72,6 +94,22 @@ fn msi_irqfd_rig(
     irqfd_rig(m, name, vector, Some(gsi), target, Some(path))
 }
 
+/// A level device on the level pin: a trigger eventfd plus a resamplefd.
+fn level_rig(m: &dyn Machine, name: &'static str) -> Result<Rig, vmirq::Error> {
+    let fd = eventfd()?;
+    let resample = eventfd()?;
+    let irqfd = m
+        .interrupts()
+        .assign_irqfd_with_resample(&fd, &resample, Gsi(LEVEL_PIN))?;
+    Ok(Rig {
+        name,
+        vector: LEVEL_VECTOR,
+        fire: trigger_of(&fd)?,
+        resample: Some(resample),
+        _keep: Some((None, fd, irqfd)),
+    })
+}
+
 /// Rigs path `name` on `m`.
 pub fn rig(m: &dyn Machine, name: &str) -> Result<Rig, vmirq::Error> {
     match name {
@@ -82,24 +120,44 @@ pub fn rig(m: &dyn Machine, name: &str) -> Result<Rig, vmirq::Error> {
                 name: "msi-signal",
                 vector: 0x70,
                 fire: Box::new(move || irq.signal_msi(message)),
+                resample: None,
                 _keep: None,
             })
         }
         "msi-irqfd-kernel" => msi_irqfd_rig(m, "msi-irqfd-kernel", 0x71, IrqfdPath::Kernel),
         "msi-irqfd-user" => msi_irqfd_rig(m, "msi-irqfd-user", 0x72, IrqfdPath::User),
         "pin-edge" => irqfd_rig(m, "pin-edge", PIN_VECTOR, None, Gsi(PIN), None),
+        "level-resample-kernel" => level_rig(m, "level-resample-kernel"),
+        "level-ioapic-split" => level_rig(m, "level-ioapic-split"),
         _ => Err(vmirq::Error::Unsupported("rig an unknown path")),
     }
 }
 
-/// Fires once and waits for the interrupt; the latency from trigger to the guest's ISR report.
-pub fn round_trip(
-    m: &dyn Machine,
-    rig: &Rig,
-    timeout: Duration,
-) -> Result<Option<Duration>, vmirq::Error> {
+/// One trigger's timings.
+#[derive(Clone, Copy, Debug)]
+pub struct Trip {
+    /// Trigger → the guest ISR's report.
+    pub isr: Duration,
+    /// Level paths: trigger → the resamplefd signalled by the guest's EOI (the device's whole
+    /// round trip); edge paths: same as `isr`.
+    pub round_trip: Duration,
+}
+
+/// Fires once and waits for the interrupt (and, on level paths, the resample). None if either
+/// did not come in time.
+pub fn round_trip(m: &dyn Machine, rig: &Rig) -> Result<Option<Trip>, vmirq::Error> {
     let t0 = Instant::now();
     rig.fire()?;
-    Ok(m.wait_isr(Some(TARGET_VCPU), rig.vector, timeout)
-        .map(|ev| ev.at.saturating_duration_since(t0)))
+    let Some(ev) = m.wait_isr(Some(TARGET_VCPU), rig.vector, WAIT) else {
+        return Ok(None);
+    };
+    let isr = ev.at.saturating_duration_since(t0);
+    let round_trip = match &rig.resample {
+        None => isr,
+        Some(fd) => match wait_fd(m, fd, WAIT) {
+            Some(_) => t0.elapsed(),
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Trip { isr, round_trip }))
 }

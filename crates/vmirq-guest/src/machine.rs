@@ -155,7 +155,13 @@ impl MachineConfig {
 
 /// The guest MMIO writes that program IOAPIC pin `pin` through IOREGSEL/IOWIN: `vector` to
 /// APIC `dest` (physical, fixed), edge or level, masked or not.
-pub fn ioapic_pin_script(pin: u32, vector: u8, dest: u8, level: bool, masked: bool) -> [(u32, u32); 4] {
+pub fn ioapic_pin_script(
+    pin: u32,
+    vector: u8,
+    dest: u8,
+    level: bool,
+    masked: bool,
+) -> [(u32, u32); 4] {
     let lo = u32::from(vector) | u32::from(level) << 15 | u32::from(masked) << 16;
     let base = vmirq::ioapic::IOAPIC_BASE as u32;
     [
@@ -168,7 +174,11 @@ pub fn ioapic_pin_script(pin: u32, vector: u8, dest: u8, level: bool, masked: bo
 
 /// Waits up to `timeout` for `fd` (a resamplefd) to be signalled, letting the machine run;
 /// consumes and returns its count.
-pub fn wait_fd(m: &dyn Machine, fd: &vmm_sys_util::eventfd::EventFd, timeout: Duration) -> Option<u64> {
+pub fn wait_fd(
+    m: &dyn Machine,
+    fd: &vmm_sys_util::eventfd::EventFd,
+    timeout: Duration,
+) -> Option<u64> {
     use std::os::fd::AsRawFd;
     let deadline = Instant::now() + timeout;
     loop {

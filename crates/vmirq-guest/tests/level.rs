@@ -74,7 +74,9 @@ fn serve(m: &dyn Machine, dev: &Device, units: u64, already_asserted: bool) -> S
         assert!(taken <= served + 1, "{taken} interrupts for {served} units");
         if taken == served {
             spurious += 1;
-            if m.wait_count(0, VECTOR, base + served + 1, Duration::from_millis(200)) > base + served {
+            if m.wait_count(0, VECTOR, base + served + 1, Duration::from_millis(200))
+                > base + served
+            {
                 continue;
             }
         }
@@ -95,85 +97,129 @@ fn check_spurious(m: &dyn Machine, mode: Mode, served: &Served) {
     if m.kind() == "sim" || mode == Mode::Split {
         assert_eq!(served.spurious_resamples, 0, "{served:?}");
     } else if served.spurious_resamples > 0 {
-        eprintln!("note: KVM's in-kernel resampler sent {} spurious notifications", served.spurious_resamples);
+        eprintln!(
+            "note: KVM's in-kernel resampler sent {} spurious notifications",
+            served.spurious_resamples
+        );
     }
 }
 
-on_every_machine!(level_device_with_k_units_gets_exactly_k_interrupts, level_pin, |m: &dyn Machine, mode| {
-    let dev = device(m, mode);
-    let served = serve(m, &dev, 25, false);
-    assert_eq!(served.interrupts, 25, "{served:?}");
-    check_spurious(m, mode, &served);
-    // Deassigned: a trigger no longer reaches the guest, and the line was left low.
-    dev.irqfd.deassign().unwrap();
-    dev.trigger.write(1).unwrap();
-    m.settle(Duration::from_millis(50));
-    assert_eq!(m.count(0, VECTOR), 25);
-});
+on_every_machine!(
+    level_device_with_k_units_gets_exactly_k_interrupts,
+    level_pin,
+    |m: &dyn Machine, mode| {
+        let dev = device(m, mode);
+        let served = serve(m, &dev, 25, false);
+        assert_eq!(served.interrupts, 25, "{served:?}");
+        check_spurious(m, mode, &served);
+        // Deassigned: a trigger no longer reaches the guest, and the line was left low.
+        dev.irqfd.deassign().unwrap();
+        dev.trigger.write(1).unwrap();
+        m.settle(Duration::from_millis(50));
+        assert_eq!(m.count(0, VECTOR), 25);
+    }
+);
 
-on_every_machine!(two_devices_sharing_a_line_are_both_served, level_pin, |m: &dyn Machine, mode| {
-    let (a, b) = (device(m, mode), device(m, mode));
-    // Both assert: the line is their OR, one interrupt serves both, and its EOI tells both.
-    a.trigger.write(1).unwrap();
-    b.trigger.write(1).unwrap();
-    wait_fd(m, &a.resample, WAIT).expect("device A was not told of the EOI");
-    wait_fd(m, &b.resample, WAIT).expect("device B was not told of the EOI");
-    assert_eq!(m.wait_count(0, VECTOR, 1, WAIT), 1);
-    // A alone has more work: every resamplefd of the GSI still hears of the EOI.
-    for unit in 2..=4 {
+on_every_machine!(
+    two_devices_sharing_a_line_are_both_served,
+    level_pin,
+    |m: &dyn Machine, mode| {
+        let (a, b) = (device(m, mode), device(m, mode));
+        // Both assert: the line is their OR, one interrupt serves both, and its EOI tells both.
         a.trigger.write(1).unwrap();
-        assert_eq!(m.wait_count(0, VECTOR, unit, WAIT), unit, "device A's unit {unit} not served");
+        b.trigger.write(1).unwrap();
         wait_fd(m, &a.resample, WAIT).expect("device A was not told of the EOI");
         wait_fd(m, &b.resample, WAIT).expect("device B was not told of the EOI");
+        assert_eq!(m.wait_count(0, VECTOR, 1, WAIT), 1);
+        // A alone has more work: every resamplefd of the GSI still hears of the EOI.
+        for unit in 2..=4 {
+            a.trigger.write(1).unwrap();
+            assert_eq!(
+                m.wait_count(0, VECTOR, unit, WAIT),
+                unit,
+                "device A's unit {unit} not served"
+            );
+            wait_fd(m, &a.resample, WAIT).expect("device A was not told of the EOI");
+            wait_fd(m, &b.resample, WAIT).expect("device B was not told of the EOI");
+        }
+        m.settle(Duration::from_millis(30));
+        assert_eq!(m.count(0, VECTOR), 4);
     }
-    m.settle(Duration::from_millis(30));
-    assert_eq!(m.count(0, VECTOR), 4);
-});
+);
 
-on_every_machine!(a_masked_level_pin_delivers_nothing_until_unmasked, level_pin, |m: &dyn Machine, mode| {
-    let dev = device(m, mode);
-    m.guest_mmio(&ioapic_pin_script(PIN, VECTOR, 0, true, true)).unwrap();
-    dev.trigger.write(1).unwrap();
-    m.settle(Duration::from_millis(50));
-    assert_eq!(m.count(0, VECTOR), 0, "a masked pin delivered");
-    m.guest_mmio(&ioapic_pin_script(PIN, VECTOR, 0, true, false)).unwrap();
-    // At unmask the level is either injected, or (Linux ≥ 6.4 and vmirq) judged stale and
-    // handed to the resampler; either way one unit of work yields exactly one interrupt.
-    assert_eq!(serve(m, &dev, 1, true).interrupts, 1);
-});
-
-on_every_machine!(irq_sources_or_onto_the_line, level_pin, |m: &dyn Machine, _| {
-    let line = m.interrupts().line(Gsi(PIN));
-    let sources: Vec<_> = (0..10_000).map(|_| line.source()).collect();
-    for s in &sources {
-        s.assert();
+on_every_machine!(
+    a_masked_level_pin_delivers_nothing_until_unmasked,
+    level_pin,
+    |m: &dyn Machine, mode| {
+        let dev = device(m, mode);
+        m.guest_mmio(&ioapic_pin_script(PIN, VECTOR, 0, true, true))
+            .unwrap();
+        dev.trigger.write(1).unwrap();
+        m.settle(Duration::from_millis(50));
+        assert_eq!(m.count(0, VECTOR), 0, "a masked pin delivered");
+        m.guest_mmio(&ioapic_pin_script(PIN, VECTOR, 0, true, false))
+            .unwrap();
+        // At unmask the level is either injected, or (Linux ≥ 6.4 and vmirq) judged stale and
+        // handed to the resampler; either way one unit of work yields exactly one interrupt.
+        assert_eq!(serve(m, &dev, 1, true).interrupts, 1);
     }
-    assert_eq!(line.asserted_sources(), 10_000);
-    assert!(m.wait_count(0, VECTOR, 1, WAIT) >= 1, "an asserted line delivered nothing");
-    let (last, rest) = sources.split_last().unwrap();
-    for s in rest {
-        s.deassert();
-    }
-    // One source still holds the line: the guest keeps being interrupted (EOI re-delivers).
-    let c = m.count(0, VECTOR);
-    assert!(m.wait_count(0, VECTOR, c + 2, WAIT) >= c + 2, "the line fell with a source asserted");
-    last.deassert();
-    m.settle(Duration::from_millis(50));
-    let settled = m.count(0, VECTOR);
-    m.settle(Duration::from_millis(100));
-    assert_eq!(m.count(0, VECTOR), settled, "interrupts after every source de-asserted");
-    drop(sources);
-});
+);
 
-on_every_machine!(resample_irqfds_refuse_non_pin_routes, level_pin, |m: &dyn Machine, _| {
-    let irq = m.interrupts();
-    let gsi = irq.allocate_gsi().unwrap();
-    let mut batch = irq.routes();
-    batch
-        .set(gsi.gsi(), vmirq::Route::msi(vmirq::X86Msi::fixed(0, 0x70).encode().unwrap()))
-        .unwrap();
-    batch.commit().unwrap();
-    let (t, r) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-    let err = irq.assign_irqfd_with_resample(&t, &r, gsi.gsi()).unwrap_err();
-    assert!(matches!(err, vmirq::Error::Unsupported(_)), "{err}");
-});
+on_every_machine!(
+    irq_sources_or_onto_the_line,
+    level_pin,
+    |m: &dyn Machine, _| {
+        let line = m.interrupts().line(Gsi(PIN));
+        let sources: Vec<_> = (0..10_000).map(|_| line.source()).collect();
+        for s in &sources {
+            s.assert();
+        }
+        assert_eq!(line.asserted_sources(), 10_000);
+        assert!(
+            m.wait_count(0, VECTOR, 1, WAIT) >= 1,
+            "an asserted line delivered nothing"
+        );
+        let (last, rest) = sources.split_last().unwrap();
+        for s in rest {
+            s.deassert();
+        }
+        // One source still holds the line: the guest keeps being interrupted (EOI re-delivers).
+        let c = m.count(0, VECTOR);
+        assert!(
+            m.wait_count(0, VECTOR, c + 2, WAIT) >= c + 2,
+            "the line fell with a source asserted"
+        );
+        last.deassert();
+        m.settle(Duration::from_millis(50));
+        let settled = m.count(0, VECTOR);
+        m.settle(Duration::from_millis(100));
+        assert_eq!(
+            m.count(0, VECTOR),
+            settled,
+            "interrupts after every source de-asserted"
+        );
+        drop(sources);
+    }
+);
+
+on_every_machine!(
+    resample_irqfds_refuse_non_pin_routes,
+    level_pin,
+    |m: &dyn Machine, _| {
+        let irq = m.interrupts();
+        let gsi = irq.allocate_gsi().unwrap();
+        let mut batch = irq.routes();
+        batch
+            .set(
+                gsi.gsi(),
+                vmirq::Route::msi(vmirq::X86Msi::fixed(0, 0x70).encode().unwrap()),
+            )
+            .unwrap();
+        batch.commit().unwrap();
+        let (t, r) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        let err = irq
+            .assign_irqfd_with_resample(&t, &r, gsi.gsi())
+            .unwrap_err();
+        assert!(matches!(err, vmirq::Error::Unsupported(_)), "{err}");
+    }
+);

@@ -142,13 +142,17 @@ impl Delivery {
     fn apply(&self, ioapic: &Ioapic, fx: &mut Effects) {
         for pin in fx.routes_changed.drain(..) {
             if let Err(e) = self.router.set_pin_msi(pin, ioapic.pin_msi(pin)) {
-                self.stats.user_inject_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .user_inject_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("IOAPIC pin {pin}: kernel route update failed: {e}");
             }
         }
         for (pin, msg) in fx.deliver.drain(..) {
             if let Err(e) = self.backend().signal_msi(msg, None) {
-                self.stats.user_inject_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .user_inject_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("IOAPIC pin {pin}: delivery failed: {e}");
             }
         }
@@ -196,7 +200,9 @@ impl LevelSink for Delivery {
             self.backend().set_line(gsi, level)
         };
         if let Err(e) = result {
-            self.stats.user_inject_errors.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .user_inject_errors
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!("{gsi}: setting the line to {level} failed: {e}");
         }
     }
@@ -225,7 +231,9 @@ impl Inject for Delivery {
             Ok(()) => self.stats.user_injections.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
                 tracing::warn!("irqfd on {gsi}: injection failed: {e}");
-                self.stats.user_inject_errors.fetch_add(1, Ordering::Relaxed)
+                self.stats
+                    .user_inject_errors
+                    .fetch_add(1, Ordering::Relaxed)
             }
         };
     }

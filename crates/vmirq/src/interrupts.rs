@@ -223,7 +223,13 @@ impl Interrupts {
                 return Err(Error::NoRoute(gsi));
             }
             let on_ioapic = routes.iter().any(|r| {
-                matches!(r, Route::Irqchip { chip: IrqChip::Ioapic, .. })
+                matches!(
+                    r,
+                    Route::Irqchip {
+                        chip: IrqChip::Ioapic,
+                        ..
+                    }
+                )
             });
             if !on_ioapic {
                 return Err(Error::Unsupported(

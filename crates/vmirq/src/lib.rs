@@ -18,8 +18,8 @@ pub mod sim;
 
 pub use backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
 pub use interrupts::{Config, Error, Interrupts, Irqfd, Stats};
-pub use line::{IrqSource, Line};
 pub use irqfd::IrqfdPath;
+pub use line::{IrqSource, Line};
 pub use msi::{DeliveryMode, MsiError, MsiMessage, X86Msi};
 pub use route::{Gsi, IrqChip, Route, RouteError, RoutingTable};
 pub use router::{GsiHandle, RouteBatch, Router, RouterError};

@@ -158,7 +158,11 @@ mod tests {
         assert!(line.is_asserted());
         drop(sources);
         assert!(!line.is_asserted());
-        assert_eq!(*lock(&rec.0), [true, false], "only zero crossings reach the irqchip");
+        assert_eq!(
+            *lock(&rec.0),
+            [true, false],
+            "only zero crossings reach the irqchip"
+        );
     }
 
     #[test]

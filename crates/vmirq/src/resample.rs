@@ -205,7 +205,10 @@ mod loom_tests {
             fd.deassign(x, &r, &line);
             t1.join().unwrap();
             t2.join().unwrap();
-            assert!(!line.asserted(), "a deassigned irqfd left the line asserted");
+            assert!(
+                !line.asserted(),
+                "a deassigned irqfd left the line asserted"
+            );
             assert!(notified.load(Ordering::SeqCst) <= 1);
         });
     }
@@ -263,7 +266,10 @@ mod loom_tests {
             let _y = r.join(ny);
             Irqfd::new().trigger(&r, &line);
             t1.join().unwrap();
-            assert!(line.asserted(), "a leaving irqfd cleared a joining one's assertion");
+            assert!(
+                line.asserted(),
+                "a leaving irqfd cleared a joining one's assertion"
+            );
         });
     }
 }
