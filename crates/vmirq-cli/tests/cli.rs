@@ -27,7 +27,9 @@ fn check_demo(report: &Value, backend: &str, paced: u64) {
             "msi-signal",
             "msi-irqfd-kernel",
             "msi-irqfd-user",
-            "pin-edge"
+            "pin-edge",
+            "level-resample-kernel",
+            "level-ioapic-split",
         ]
     );
     for p in paths {
@@ -78,14 +80,23 @@ fn bench_reports_each_figure_against_its_baseline() {
             .find(|r| r["name"] == name)
             .unwrap_or_else(|| panic!("{name} missing"))
     };
-    for name in ["latency.msi-signal", "latency.msi-irqfd-user"] {
+    let pairs = [
+        ("latency.msi-signal", "latency.msi-irqfd-kernel"),
+        ("latency.msi-irqfd-user", "latency.msi-irqfd-kernel"),
+        (
+            "latency.level-ioapic-split",
+            "latency.level-resample-kernel",
+        ),
+    ];
+    for (name, baseline) in pairs {
         let r = get(name);
-        assert_eq!(r["baseline"], "latency.msi-irqfd-kernel");
+        assert_eq!(r["baseline"], baseline);
         let ratio = r["ratio"].as_f64().unwrap();
         let expect = r["value"].as_f64().unwrap() / r["baseline_value"].as_f64().unwrap();
         assert!((ratio - expect).abs() < 1e-9);
     }
     assert!(get("dispatcher.bytes-per-irqfd")["value"].as_f64().unwrap() > 0.0);
+    assert!(get("line.assert-deassert")["value"].as_f64().unwrap() > 0.0);
 }
 
 fn vmirq_kvm_gate(name: &str) -> bool {

@@ -123,10 +123,12 @@ on_every_machine!(
 fn burst(m: &dyn Machine, path: IrqfdPath, vector: u8) {
     let (_gsi, fd, _irqfd) = msi_irqfd(m, msi(0, vector), Some(path));
     m.log().clear();
+    // An interrupt taken after the last trigger was issued proves it was not lost.
+    let mut last_trigger = std::time::Instant::now();
     for _ in 0..200 {
+        last_trigger = std::time::Instant::now();
         fd.write(1).unwrap();
     }
-    let last_trigger = std::time::Instant::now();
     // At least one delivery after the last trigger: nothing is lost, only coalesced.
     let mut last_isr = None;
     while let Some(ev) = m.wait_isr(Some(0), vector, Duration::from_millis(300)) {

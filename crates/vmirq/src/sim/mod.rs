@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,6 +34,9 @@ pub type IsrObserver = Box<dyn Fn(usize, u8) + Send + Sync>;
 /// Most rounds [`SimBackend::run_until_idle`] runs before returning (a guest interrupt storm
 /// must not hang the test driving it).
 pub const MAX_ROUNDS: usize = 100_000;
+
+/// How long the in-"kernel" IOAPIC's storm guard holds a re-delivery back.
+const STORM_DELAY: Duration = Duration::from_millis(10);
 
 /// Line source bits of one GSI, as KVM's irq source IDs. The resampler's source is the
 /// IOAPIC model's resampled input, which the model itself drops on EOI.
@@ -60,6 +64,8 @@ struct SimState {
     /// Kernel irqchip mode: the in-kernel IOAPIC and each GSI's line sources.
     ioapic: Option<Ioapic>,
     sources: HashMap<Gsi, u8>,
+    /// Kernel irqchip: storm-guard re-deliveries and when they are due (KVM: HZ / 100).
+    deferred: Vec<(u32, Instant)>,
     dropped_msis: u64,
 }
 
@@ -91,6 +97,7 @@ impl SimBackend {
                 irqfds: Vec::new(),
                 ioapic: (mode == IrqchipMode::Kernel).then(|| Ioapic::new(mode.ioapic_pins())),
                 sources: HashMap::new(),
+                deferred: Vec::new(),
                 dropped_msis: 0,
             }),
             eoi_sink: Mutex::new(None),
@@ -196,6 +203,7 @@ impl SimBackend {
     /// the level EOIs the core must see.
     fn round(&self) -> (u64, Vec<u8>) {
         let mut st = lock(&self.state);
+        st.run_due_deferrals();
         st.poll_irqfds();
         let observer = lock(&self.observer);
         let mut taken = 0;
@@ -368,18 +376,26 @@ impl SimState {
         for (_, msg) in std::mem::take(&mut fx.deliver) {
             self.deliver_msi(msg);
         }
-        // Storm guard deferrals: the simulated "kernel" re-evaluates right away; the bound on
-        // rounds in run_until_idle keeps a storm from hanging the caller.
-        for pin in std::mem::take(&mut fx.deferred) {
-            let mut again = Effects::default();
-            if let Some(ioapic) = &mut self.ioapic {
-                ioapic.redeliver_deferred(pin, &mut again);
-            }
-            for (_, msg) in again.deliver {
-                self.deliver_msi(msg);
-            }
-        }
+        // Storm guard: re-evaluate after ~10 ms, as KVM's delayed eoi_inject work does.
+        let due = Instant::now() + STORM_DELAY;
+        self.deferred
+            .extend(fx.deferred.drain(..).map(|pin| (pin, due)));
         fx.routes_changed.clear();
+    }
+
+    /// Re-delivers storm-guard deferrals whose delay has passed.
+    fn run_due_deferrals(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.deferred.drain(..).partition(|(_, at)| *at <= now);
+        self.deferred = later;
+        for (pin, _) in due {
+            let mut fx = Effects::default();
+            if let Some(ioapic) = &mut self.ioapic {
+                ioapic.redeliver_deferred(pin, &mut fx);
+            }
+            self.apply_ioapic_effects(&mut fx);
+        }
     }
 }
 
