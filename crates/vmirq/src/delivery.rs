@@ -106,13 +106,7 @@ impl Delivery {
             .load()
             .get(gsi)
             .iter()
-            .filter_map(|r| match r {
-                Route::Irqchip {
-                    chip: IrqChip::Ioapic,
-                    pin,
-                } => Some(*pin),
-                _ => None,
-            })
+            .filter_map(Route::ioapic_pin)
             .collect()
     }
 
@@ -175,9 +169,11 @@ impl Delivery {
         let resamplers = lock(&self.resamplers);
         let table = self.router.load();
         for (gsi, r) in resamplers.iter() {
-            let on_pin = table.get(*gsi).iter().any(|route| {
-                matches!(route, Route::Irqchip { chip: IrqChip::Ioapic, pin } if pins.contains(pin))
-            });
+            let on_pin = table
+                .get(*gsi)
+                .iter()
+                .filter_map(Route::ioapic_pin)
+                .any(|pin| pins.contains(&pin));
             if on_pin {
                 self.stats.resamples.fetch_add(1, Ordering::Relaxed);
                 r.acked();

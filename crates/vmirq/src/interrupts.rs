@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -145,15 +145,7 @@ impl Interrupts {
         gsi: Gsi,
         path: Option<IrqfdPath>,
     ) -> Result<Irqfd, Error> {
-        let key = fd.as_raw_fd();
-        if !crate::sim::is_open(key) {
-            return Err(Error::BadEventFd);
-        }
-        let mut registry = lock(&self.irqfds);
-        if registry.contains_key(&key) {
-            return Err(Error::IrqfdBusy(key));
-        }
-        let own = fd.try_clone().map_err(|_| Error::BadEventFd)?;
+        let (mut registry, key, own) = self.claim(fd)?;
         let backend = Arc::clone(self.backend());
         let inject: Arc<dyn Inject> = Arc::clone(&self.delivery) as Arc<dyn Inject>;
         let (path, token) = self.delivery.router.with_routes(gsi, |routes| {
@@ -206,16 +198,8 @@ impl Interrupts {
         resample: &EventFd,
         gsi: Gsi,
     ) -> Result<Irqfd, Error> {
-        let key = trigger.as_raw_fd();
-        if !crate::sim::is_open(key) || !crate::sim::is_open(resample.as_raw_fd()) {
-            return Err(Error::BadEventFd);
-        }
-        let mut registry = lock(&self.irqfds);
-        if registry.contains_key(&key) {
-            return Err(Error::IrqfdBusy(key));
-        }
-        let own = trigger.try_clone().map_err(|_| Error::BadEventFd)?;
         let resample = resample.try_clone().map_err(|_| Error::BadEventFd)?;
+        let (mut registry, key, own) = self.claim(trigger)?;
         let backend = Arc::clone(self.backend());
         let inject: Arc<dyn Inject> = Arc::clone(&self.delivery) as Arc<dyn Inject>;
         let (path, ()) = self.delivery.router.with_routes(gsi, |routes| {
@@ -266,6 +250,25 @@ impl Interrupts {
             level: true,
             assigned: true,
         })
+    }
+
+    /// Checks that `fd` is open and backs no irqfd yet; returns the registry (locked, for the
+    /// caller to record the new irqfd in), the caller's descriptor as key, and vmirq's own
+    /// duplicate of the eventfd.
+    fn claim(
+        &self,
+        fd: &EventFd,
+    ) -> Result<(MutexGuard<'_, HashMap<RawFd, Gsi>>, RawFd, EventFd), Error> {
+        let key = fd.as_raw_fd();
+        if !crate::sim::is_open(key) {
+            return Err(Error::BadEventFd);
+        }
+        let registry = lock(&self.irqfds);
+        if registry.contains_key(&key) {
+            return Err(Error::IrqfdBusy(key));
+        }
+        let own = fd.try_clone().map_err(|_| Error::BadEventFd)?;
+        Ok((registry, key, own))
     }
 
     /// Joins `gsi`'s one resampler (under the map lock, so a leaving last member cannot

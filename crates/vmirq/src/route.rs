@@ -59,6 +59,17 @@ impl Route {
     pub const fn msi(msg: MsiMessage) -> Self {
         Route::Msi { msg, devid: None }
     }
+
+    /// The IOAPIC pin this route drives, if it is an IOAPIC route.
+    pub const fn ioapic_pin(&self) -> Option<u32> {
+        match *self {
+            Route::Irqchip {
+                chip: IrqChip::Ioapic,
+                pin,
+            } => Some(pin),
+            _ => None,
+        }
+    }
 }
 
 /// Errors from building or validating a routing table.

@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
 use crate::ioapic::{Effects, Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
 use crate::msi::{DeliveryMode, MsiMessage, X86Msi};
-use crate::route::{Gsi, IrqChip, Route};
+use crate::route::{Gsi, Route};
 use crate::router::lock;
 
 /// Called for every interrupt a simulated vCPU takes: (vCPU, vector).
@@ -340,13 +340,7 @@ impl SimState {
             .get(&gsi)
             .into_iter()
             .flatten()
-            .filter_map(|r| match r {
-                Route::Irqchip {
-                    chip: IrqChip::Ioapic,
-                    pin,
-                } => Some(*pin),
-                _ => None,
-            })
+            .filter_map(Route::ioapic_pin)
             .collect()
     }
 
