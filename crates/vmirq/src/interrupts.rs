@@ -57,12 +57,15 @@ impl Default for Config {
     }
 }
 
+/// Caller descriptors that back an irqfd, with their GSI.
+type Registry = HashMap<RawFd, Gsi>;
+
 /// The interrupt path of one VM. Create with [`Interrupts::new`]; share as `Arc`.
 pub struct Interrupts {
     delivery: Arc<Delivery>,
     dispatcher: Arc<Dispatcher>,
     /// Caller descriptors that back an irqfd (one irqfd per eventfd), with their GSI.
-    irqfds: Mutex<HashMap<RawFd, Gsi>>,
+    irqfds: Mutex<Registry>,
 }
 
 impl Interrupts {
@@ -255,10 +258,7 @@ impl Interrupts {
     /// Checks that `fd` is open and backs no irqfd yet; returns the registry (locked, for the
     /// caller to record the new irqfd in), the caller's descriptor as key, and vmirq's own
     /// duplicate of the eventfd.
-    fn claim(
-        &self,
-        fd: &EventFd,
-    ) -> Result<(MutexGuard<'_, HashMap<RawFd, Gsi>>, RawFd, EventFd), Error> {
+    fn claim(&self, fd: &EventFd) -> Result<(MutexGuard<'_, Registry>, RawFd, EventFd), Error> {
         let key = fd.as_raw_fd();
         if !crate::sim::is_open(key) {
             return Err(Error::BadEventFd);
