@@ -123,6 +123,51 @@ impl IsrLog {
     }
 }
 
+/// A device model behind guest MMIO (an emulated BAR). Offsets are relative to its base.
+pub trait MmioDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+/// The MMIO regions a test machine's devices occupy.
+#[derive(Default)]
+pub struct MmioBus {
+    regions: std::sync::RwLock<Vec<(u64, u64, Arc<dyn MmioDevice>)>>,
+}
+
+impl MmioBus {
+    /// Maps `device` at guest physical `base..base + len`.
+    pub fn add(&self, base: u64, len: u64, device: Arc<dyn MmioDevice>) {
+        self.regions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((base, len, device));
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, Arc<dyn MmioDevice>)> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        regions
+            .iter()
+            .find(|(base, len, _)| addr >= *base && addr - base < *len)
+            .map(|(base, _, d)| (addr - base, Arc::clone(d)))
+    }
+
+    /// Returns false if no device claims `addr`.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.find(addr).map(|(off, d)| d.read(off, data)).is_some()
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        self.find(addr).map(|(off, d)| d.write(off, data)).is_some()
+    }
+}
+
+/// A script entry that makes vCPU 0 read the dword at `addr`; its result comes back from
+/// [`Machine::guest_mmio`] at the entry's index.
+pub const fn mmio_read_op(addr: u32) -> (u32, u32) {
+    (addr | 1, 0)
+}
+
 /// How to boot a test machine.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
@@ -213,9 +258,13 @@ pub trait Machine: Send + Sync {
     fn pump(&self);
     fn log(&self) -> &IsrLog;
 
-    /// Has vCPU 0 perform these 32-bit MMIO writes now, in order, and waits until it has (the
-    /// guest's runtime command mailbox; at most [`layout::MMIO_SCRIPT_MAX`] writes).
-    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<(), MachineError>;
+    /// Has vCPU 0 perform these 32-bit MMIO accesses now, in order, and waits until it has
+    /// (the guest's runtime command mailbox; at most [`layout::MMIO_SCRIPT_MAX`] entries).
+    /// Entries made with [`mmio_read_op`] are reads; returns every entry's value afterwards.
+    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<Vec<u32>, MachineError>;
+
+    /// Where test devices map their MMIO regions.
+    fn mmio_bus(&self) -> &MmioBus;
 
     /// Waits up to `timeout` for the guest to take `vector` (on `vcpu`, if given) and returns
     /// that report, removing it from the log.
@@ -279,6 +328,7 @@ pub struct SimMachine {
     sim: Arc<SimBackend>,
     interrupts: Arc<Interrupts>,
     log: Arc<IsrLog>,
+    bus: MmioBus,
 }
 
 impl SimMachine {
@@ -292,6 +342,7 @@ impl SimMachine {
             sim,
             interrupts,
             log,
+            bus: MmioBus::default(),
         };
         machine.run_script(&config.mmio_script)?;
         for vcpu in 0..config.vcpus {
@@ -302,17 +353,28 @@ impl SimMachine {
 
     /// What the guest's vCPU 0 does with an MMIO script: the in-kernel IOAPIC (kernel
     /// irqchip) or vmirq's (split) decodes each write.
-    fn run_script(&self, script: &[(u32, u32)]) -> Result<(), MachineError> {
+    fn run_script(&self, script: &[(u32, u32)]) -> Result<Vec<u32>, MachineError> {
         if script.len() > layout::MMIO_SCRIPT_MAX {
             return Err(program::GuestError::ScriptTooLong(script.len()).into());
         }
+        let mut results = Vec::with_capacity(script.len());
         for &(addr, value) in script {
-            let data = value.to_le_bytes();
-            if !self.sim.mmio_write(u64::from(addr), &data) {
-                self.interrupts.mmio_write(u64::from(addr), &data);
+            if addr & 1 != 0 {
+                let addr = u64::from(addr & !1);
+                let mut data = [0xff; 4];
+                let _ = self.bus.read(addr, &mut data)
+                    || self.sim.mmio_read(addr, &mut data)
+                    || self.interrupts.mmio_read(addr, &mut data);
+                results.push(u32::from_le_bytes(data));
+            } else {
+                let (addr, data) = (u64::from(addr), value.to_le_bytes());
+                let _ = self.bus.write(addr, &data)
+                    || self.sim.mmio_write(addr, &data)
+                    || self.interrupts.mmio_write(addr, &data);
+                results.push(value);
             }
         }
-        Ok(())
+        Ok(results)
     }
 
     pub fn sim(&self) -> &Arc<SimBackend> {
@@ -341,10 +403,14 @@ impl Machine for SimMachine {
         self.sim.run_until_idle();
     }
 
-    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<(), MachineError> {
-        self.run_script(script)?;
+    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<Vec<u32>, MachineError> {
+        let results = self.run_script(script)?;
         self.pump();
-        Ok(())
+        Ok(results)
+    }
+
+    fn mmio_bus(&self) -> &MmioBus {
+        &self.bus
     }
 
     fn log(&self) -> &IsrLog {
@@ -356,6 +422,7 @@ impl Machine for SimMachine {
 struct GuestExits {
     interrupts: Arc<Interrupts>,
     log: Arc<IsrLog>,
+    bus: Arc<MmioBus>,
 }
 
 impl VcpuExitHandler for GuestExits {
@@ -368,13 +435,13 @@ impl VcpuExitHandler for GuestExits {
     }
 
     fn mmio_read(&self, _vcpu: usize, addr: u64, data: &mut [u8]) {
-        if !self.interrupts.mmio_read(addr, data) {
+        if !self.bus.read(addr, data) && !self.interrupts.mmio_read(addr, data) {
             data.fill(0xff);
         }
     }
 
     fn mmio_write(&self, _vcpu: usize, addr: u64, data: &[u8]) {
-        self.interrupts.mmio_write(addr, data);
+        let _ = self.bus.write(addr, data) || self.interrupts.mmio_write(addr, data);
     }
 
     fn vcpu_failed(&self, vcpu: usize, reason: String) {
@@ -387,6 +454,7 @@ pub struct KvmMachine {
     vm: Mutex<KvmVm>,
     interrupts: Arc<Interrupts>,
     log: Arc<IsrLog>,
+    bus: Arc<MmioBus>,
     vcpus: usize,
 }
 
@@ -411,9 +479,11 @@ impl KvmMachine {
         let image = program::build();
         program::load(vm.memory(), &image, &config.mmio_script)?;
         let log = Arc::new(IsrLog::default());
+        let bus = Arc::new(MmioBus::default());
         let exits = Arc::new(GuestExits {
             interrupts: Arc::clone(&interrupts),
             log: Arc::clone(&log),
+            bus: Arc::clone(&bus),
         });
         vm.start(
             &RealModeBoot {
@@ -441,6 +511,7 @@ impl KvmMachine {
             vm: Mutex::new(vm),
             interrupts,
             log,
+            bus,
         })
     }
 }
@@ -465,7 +536,11 @@ impl Machine for KvmMachine {
 
     fn pump(&self) {}
 
-    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<(), MachineError> {
+    fn mmio_bus(&self) -> &MmioBus {
+        &self.bus
+    }
+
+    fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<Vec<u32>, MachineError> {
         let seq = {
             let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
             program::post_command(vm.memory(), script)?
@@ -481,7 +556,8 @@ impl Machine for KvmMachine {
                 program::command_done(vm.memory(), seq)
             };
             if done {
-                return Ok(());
+                let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+                return Ok(program::script_results(vm.memory(), script.len())?);
             }
             if Instant::now() > deadline || self.log.failure().is_some() {
                 return Err(MachineError::CommandTimeout {

@@ -105,6 +105,8 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     let mut isr_out = a.create_label();
     let mut iret = a.create_label();
     let mut run_script = a.create_label();
+    let mut script_read = a.create_label();
+    let mut script_next = a.create_label();
     let mut script_done = a.create_label();
     let mut idle = a.create_label();
 
@@ -158,9 +160,10 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.hlt()?;
     a.jmp(halt_loop)?;
 
-    // --- The MMIO script: 32-bit writes of (address, value) pairs. The count is guest memory
-    // the host wrote, but clamp it anyway so a corrupt count cannot run off the script area.
-    // Uses EAX, EBX, ECX, ESI (the ISR preserves what it touches).
+    // --- The MMIO script: 32-bit accesses of (address, value) pairs; an address with bit 0
+    // set is a read of (address & !1), whose result replaces the entry's value. The count is
+    // guest memory the host wrote, but clamp it anyway so a corrupt count cannot run off the
+    // script area. Uses EAX, EBX, ECX, ESI (the ISR preserves what it touches).
     a.set_label(&mut run_script)?;
     a.mov(ebx, MMIO_SCRIPT_COUNT_ADDR as u32)?;
     a.mov(ecx, dword_ptr(ebx))?;
@@ -174,8 +177,16 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.jz(script_done)?;
     a.mov(ebx, dword_ptr(esi))?;
     a.mov(eax, dword_ptr(esi + 4))?;
+    a.test(bl, 1u32)?;
+    a.jnz(script_read)?;
     a.set_label(&mut script_write)?;
     a.mov(dword_ptr(ebx), eax)?;
+    a.jmp(script_next)?;
+    a.set_label(&mut script_read)?;
+    a.and(ebx, !1u32)?;
+    a.mov(eax, dword_ptr(ebx))?;
+    a.mov(dword_ptr(esi + 4), eax)?;
+    a.set_label(&mut script_next)?;
     a.add(esi, MMIO_SCRIPT_ENTRY_SIZE as u32)?;
     a.dec(ecx)?;
     a.jmp(script_loop)?;
@@ -299,6 +310,16 @@ pub fn post_command(mem: &GuestMemoryMmap, mmio_script: &[(u32, u32)]) -> Result
     let seq = seq.wrapping_add(1);
     mem.write_obj(seq, GuestAddress(CMD_SEQ_ADDR))?;
     Ok(seq)
+}
+
+/// The script's values after vCPU 0 ran it: reads (address bit 0 set) hold what they read.
+pub fn script_results(mem: &GuestMemoryMmap, len: usize) -> Result<Vec<u32>, GuestError> {
+    (0..len.min(MMIO_SCRIPT_MAX))
+        .map(|i| {
+            let entry = MMIO_SCRIPT_ENTRIES_ADDR + i as u64 * MMIO_SCRIPT_ENTRY_SIZE;
+            Ok(mem.read_obj(GuestAddress(entry + 4))?)
+        })
+        .collect()
 }
 
 /// Whether vCPU 0 has finished command `seq`.
