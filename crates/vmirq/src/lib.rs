@@ -11,6 +11,7 @@ pub mod ioapic;
 pub mod irqfd;
 pub mod line;
 pub mod msi;
+pub mod msix;
 pub mod resample;
 pub mod route;
 pub mod router;
