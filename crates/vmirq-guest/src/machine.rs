@@ -129,10 +129,13 @@ pub trait MmioDevice: Send + Sync {
     fn write(&self, offset: u64, data: &[u8]);
 }
 
+/// One device's MMIO region: base, length, device.
+type Region = (u64, u64, Arc<dyn MmioDevice>);
+
 /// The MMIO regions a test machine's devices occupy.
 #[derive(Default)]
 pub struct MmioBus {
-    regions: std::sync::RwLock<Vec<(u64, u64, Arc<dyn MmioDevice>)>>,
+    regions: std::sync::RwLock<Vec<Region>>,
 }
 
 impl MmioBus {
