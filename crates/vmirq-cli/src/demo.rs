@@ -24,8 +24,10 @@ const WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot boot the test guest: {0}")]
-    Boot(#[from] MachineError),
+    #[error("test guest: {0}")]
+    Machine(#[from] MachineError),
+    #[error("msix: the host could not serve vector {0}")]
+    MsixHost(u16),
     #[error("{path}: {source}")]
     Path {
         path: &'static str,
@@ -109,7 +111,7 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
     let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
     let split = boot(kind, &paths::machine_config(Mode::Split.irqchip()))?;
     let paced = count as u64;
-    let bar = ProgressBar::new(PATHS.len() as u64 * (paced + BURST));
+    let bar = ProgressBar::new(PATHS.len() as u64 * (paced + BURST) + MSIX_FIRES);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>16} [{bar:40}] {pos}/{len} interrupts")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -126,6 +128,8 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
         let rig = paths::rig(m, path).map_err(err)?;
         rows.push(drive(m, &rig, paced, &bar).map_err(err)?);
     }
+    bar.set_prefix("msix");
+    rows.push(drive_msix(&*kernel, paced, &bar)?);
     bar.finish_and_clear();
     let lost: u64 = rows.iter().map(|r| r.lost).sum();
     if json {
@@ -165,4 +169,109 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
         return Err(DemoError::Lost(lost));
     }
     Ok(())
+}
+
+/// Vectors of the demo's MSI-X device, and how many times it fires them.
+const MSIX_VECTORS: u16 = 64;
+const MSIX_FIRES: u64 = 1_000;
+
+/// A small deterministic PRNG (xorshift64), for reproducible masking decisions.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The `msix` row: a 64-vector device the guest programs through its BAR, fired round-robin
+/// while the guest masks and unmasks random vectors. A fire on an unmasked vector waits for
+/// its interrupt (latency); a fire on a masked one must come out when it is unmasked. Lost =
+/// unmasked fires never taken, plus vectors still owed an interrupt after the final unmask.
+fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, DemoError> {
+    let err = |source| DemoError::Path {
+        path: "msix",
+        source,
+    };
+    let device = paths::msix_bar(m, MSIX_VECTORS).map_err(err)?;
+    let vector_of = |v: u16| 0x80 + v as u8;
+    device.vectors.write_message_control(1 << 15);
+    let script: Vec<(u32, u32)> = (0..MSIX_VECTORS)
+        .flat_map(|v| paths::msix_entry(v, vector_of(v), false))
+        .collect();
+    for chunk in script.chunks(64) {
+        m.guest_mmio(chunk)?;
+    }
+    let count = |v: u16| m.count(TARGET_VCPU, vector_of(v));
+    let before: Vec<u64> = (0..MSIX_VECTORS).map(count).collect();
+    let mut masked = vec![false; usize::from(MSIX_VECTORS)];
+    let mut owed = vec![false; usize::from(MSIX_VECTORS)];
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let (mut latencies, mut lost) = (Vec::new(), 0u64);
+    m.log().clear();
+    for i in 0..MSIX_FIRES {
+        if rng.next() % 8 == 0 {
+            let v = (rng.next() % u64::from(MSIX_VECTORS)) as u16;
+            masked[usize::from(v)] ^= true;
+            let ctrl = paths::MSIX_BAR + u32::from(v) * 16 + 12;
+            m.guest_mmio(&[(ctrl, u32::from(masked[usize::from(v)]))])?;
+            if !masked[usize::from(v)] && owed[usize::from(v)] {
+                // Unmasked with a pending bit: delivered once, now.
+                if m.wait_isr(Some(TARGET_VCPU), vector_of(v), WAIT).is_none() {
+                    lost += 1;
+                }
+                owed[usize::from(v)] = false;
+            }
+        }
+        let v = (i % u64::from(MSIX_VECTORS)) as u16;
+        let t0 = Instant::now();
+        device.vectors.fire(v).map_err(|_| DemoError::MsixHost(v))?;
+        if masked[usize::from(v)] {
+            owed[usize::from(v)] = true;
+        } else {
+            match m.wait_isr(Some(TARGET_VCPU), vector_of(v), WAIT) {
+                Some(ev) => latencies.push(ev.at.saturating_duration_since(t0)),
+                None => lost += 1,
+            }
+        }
+        bar.inc(1);
+    }
+    // Unmask everything: every vector still owed an interrupt gets exactly one.
+    let unmask: Vec<(u32, u32)> = (0..MSIX_VECTORS)
+        .map(|v| (paths::MSIX_BAR + u32::from(v) * 16 + 12, 0))
+        .collect();
+    m.guest_mmio(&unmask)?;
+    m.settle(Duration::from_millis(50));
+    for v in 0..MSIX_VECTORS {
+        if owed[usize::from(v)] && count(v) == before[usize::from(v)] {
+            lost += 1;
+        }
+    }
+    if let Some(e) = device
+        .events
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .first()
+    {
+        let vector = match e {
+            vmirq::msix::MsixEvent::AllocationFailed { vector, .. }
+            | vmirq::msix::MsixEvent::InvalidMessage { vector, .. } => *vector,
+        };
+        return Err(DemoError::MsixHost(vector));
+    }
+    let delivered: u64 = (0..MSIX_VECTORS)
+        .map(|v| count(v) - before[usize::from(v)])
+        .sum();
+    Ok(Row {
+        path: "msix",
+        sent: MSIX_FIRES,
+        delivered,
+        coalesced: MSIX_FIRES.saturating_sub(delivered + lost),
+        lost,
+        p50_ns: quantile(&mut latencies, 0.50).as_nanos() as u64,
+        p99_ns: quantile(&mut latencies, 0.99).as_nanos() as u64,
+    })
 }

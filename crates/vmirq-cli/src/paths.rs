@@ -161,3 +161,54 @@ pub fn round_trip(m: &dyn Machine, rig: &Rig) -> Result<Option<Trip>, vmirq::Err
     };
     Ok(Some(Trip { isr, round_trip }))
 }
+
+/// Where the demo's MSI-X device BAR sits in guest physical memory.
+pub const MSIX_BAR: u32 = 0xD000_0000;
+
+/// An MSI-X device on a machine's MMIO bus: the guest reaches its table and PBA by MMIO.
+pub struct MsixBar {
+    pub vectors: vmirq::msix::MsixVectors,
+    pub events: std::sync::Mutex<Vec<vmirq::msix::MsixEvent>>,
+}
+
+impl vmirq_guest::machine::MmioDevice for MsixBar {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.vectors.bar_read(offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let events = self.vectors.bar_write(offset, data);
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(events);
+    }
+}
+
+/// Maps an MSI-X device with `n` vectors at [`MSIX_BAR`].
+pub fn msix_bar(m: &dyn Machine, n: u16) -> Result<std::sync::Arc<MsixBar>, vmirq::Error> {
+    let vectors = vmirq::msix::MsixVectors::new(
+        std::sync::Arc::clone(m.interrupts()),
+        vmirq::msix::MsixTable::new(n),
+    )
+    .map_err(|_| vmirq::Error::BadEventFd)?;
+    let bar = std::sync::Arc::new(MsixBar {
+        vectors,
+        events: std::sync::Mutex::new(Vec::new()),
+    });
+    m.mmio_bus()
+        .add(u64::from(MSIX_BAR), bar.vectors.bar_size(), bar.clone());
+    Ok(bar)
+}
+
+/// The guest writes that program table entry `v` to send `vector` to the target vCPU.
+pub fn msix_entry(v: u16, vector: u8, masked: bool) -> [(u32, u32); 4] {
+    let msg = msi(vector);
+    let base = MSIX_BAR + u32::from(v) * 16;
+    [
+        (base, msg.address_lo()),
+        (base + 4, msg.address_hi()),
+        (base + 8, msg.data),
+        (base + 12, u32::from(masked)),
+    ]
+}
