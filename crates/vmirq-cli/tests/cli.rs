@@ -30,6 +30,7 @@ fn check_demo(report: &Value, backend: &str, paced: u64) {
             "pin-edge",
             "level-resample-kernel",
             "level-ioapic-split",
+            "msix",
         ]
     );
     for p in paths {
@@ -97,6 +98,7 @@ fn bench_reports_each_figure_against_its_baseline() {
     }
     assert!(get("dispatcher.bytes-per-irqfd")["value"].as_f64().unwrap() > 0.0);
     assert!(get("line.assert-deassert")["value"].as_f64().unwrap() > 0.0);
+    assert!(get("msix.bytes-per-vector")["value"].as_f64().unwrap() > 0.0);
 }
 
 fn vmirq_kvm_gate(name: &str) -> bool {
