@@ -39,11 +39,17 @@ fn check_demo(report: &Value, backend: &str, paced: u64) {
                 .unwrap_or_else(|| panic!("{k} missing in {p}"))
         };
         assert_eq!(n("lost"), 0, "{p}");
-        assert_eq!(n("sent"), paced + 100, "{p}");
-        assert!(
-            n("delivered") > paced,
-            "paced triggers each deliver, and the burst too: {p}"
-        );
+        if p["path"] == "msix" {
+            // 1,000 fires over 64 vectors; fires on masked vectors coalesce into one.
+            assert_eq!(n("sent"), 1000, "{p}");
+            assert!(n("delivered") >= 64, "{p}");
+        } else {
+            assert_eq!(n("sent"), paced + 100, "{p}");
+            assert!(
+                n("delivered") > paced,
+                "paced triggers each deliver, and the burst too: {p}"
+            );
+        }
         assert_eq!(
             n("delivered") + n("coalesced") + n("lost"),
             n("sent"),
