@@ -35,8 +35,17 @@ pub struct Stats {
     pub resamples: AtomicU64,
 }
 
+/// Where routes of kind [`Route::XenEvtchn`] deliver: the emulated event channels
+/// (`crate::xen::EventChannels`). Must be lock-free: it runs on the irqfd fast path.
+pub trait EventChannelSink: Send + Sync {
+    /// Marks `port` pending for `vcpu`; an error says why nothing was marked.
+    fn set_pending(&self, port: u32, vcpu: u32) -> Result<(), String>;
+}
+
 pub(crate) struct Delivery {
     pub(crate) router: Router,
+    /// The emulated Xen event channels, once attached.
+    pub(crate) xen: arc_swap::ArcSwapOption<Box<dyn EventChannelSink>>,
     /// Split irqchip only: the userspace IOAPIC.
     pub(crate) ioapic: Option<Mutex<Ioapic>>,
     pub(crate) stats: Stats,
@@ -52,6 +61,7 @@ impl Delivery {
             router,
             ioapic: ioapic.map(Mutex::new),
             stats: Stats::default(),
+            xen: arc_swap::ArcSwapOption::empty(),
             lines: Mutex::new(HashMap::new()),
             resamplers: Mutex::new(HashMap::new()),
             me: me.clone(),
@@ -92,8 +102,14 @@ impl Delivery {
                         pulsed = true;
                     }
                 }
-                Route::XenEvtchn { .. } => {
-                    return Err(Error::Unsupported("deliver Xen event channel routes"))
+                Route::XenEvtchn { port, vcpu, .. } => {
+                    let xen = self.xen.load();
+                    let Some(xen) = xen.as_ref() else {
+                        return Err(Error::Unsupported(
+                            "deliver Xen event channel routes without event channels attached",
+                        ));
+                    };
+                    xen.set_pending(port, vcpu).map_err(Error::Xen)?;
                 }
             }
         }

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use crate::delivery::Stats;
 
 use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, EventChannelSink};
 use crate::ioapic::{Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
 use crate::irqfd::{Action, Dispatcher, Inject, IrqfdPath};
 use crate::line::{IrqSource, Line};
@@ -35,8 +35,10 @@ pub enum Error {
     NoRoute(Gsi),
     #[error(transparent)]
     Router(#[from] RouterError),
-    #[error("vmirq cannot yet {0}")]
+    #[error("vmirq cannot {0}")]
     Unsupported(&'static str),
+    #[error("Xen event channel: {0}")]
+    Xen(String),
 }
 
 /// How an [`Interrupts`] is set up.
@@ -306,6 +308,32 @@ impl Interrupts {
                 Err(e)
             }
         }
+    }
+
+    /// Attaches the emulated Xen event channels: routes of kind [`Route::XenEvtchn`] deliver
+    /// through `sink` from now on (userspace irqfd path, lock-free marking).
+    pub fn attach_event_channels(&self, sink: Box<dyn EventChannelSink>) {
+        self.delivery.xen.store(Some(Arc::new(sink)));
+    }
+
+    /// Runs `f` on the dispatcher thread each time `fd` is signalled (its count consumed),
+    /// until the returned token is passed to [`Interrupts::unwatch`]. For internal consumers
+    /// such as a Xen callback GSI's resamplefd.
+    pub fn watch(
+        self: &Arc<Self>,
+        fd: &EventFd,
+        f: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<u64, Error> {
+        let dup = fd.try_clone().map_err(|_| Error::BadEventFd)?;
+        let inject: Arc<dyn Inject> = Arc::clone(&self.delivery) as Arc<dyn Inject>;
+        self.dispatcher
+            .add(dup, Action::Callback(f), &inject)
+            .map_err(Error::Dispatcher)
+    }
+
+    /// Stops a [`Interrupts::watch`]; when this returns its callback will not run again.
+    pub fn unwatch(&self, token: u64) {
+        self.dispatcher.remove(token);
     }
 
     /// The level line of `gsi`: the OR of any number of [`IrqSource`]s.

@@ -50,6 +50,8 @@ pub(crate) trait Inject: Send + Sync {
 pub(crate) enum Action {
     Edge(Gsi),
     Level(Arc<Resampler<EventFd>>),
+    /// An internal consumer of an eventfd (e.g. a Xen callback GSI's resamplefd).
+    Callback(Arc<dyn Fn() + Send + Sync>),
 }
 
 /// One userspace irqfd as the dispatcher sees it.
@@ -177,6 +179,7 @@ impl Dispatcher {
                         match &entry.action {
                             Action::Edge(gsi) => inject.inject_from_irqfd(*gsi),
                             Action::Level(resampler) => inject.assert_resampled(resampler),
+                            Action::Callback(f) => f(),
                         }
                     }
                 }
