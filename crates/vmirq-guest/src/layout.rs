@@ -7,10 +7,20 @@
 //! ```text
 //! 0x0000 ..0x0400  IVT: 256 × (offset, segment), written by the host loader
 //! 0x0500 ..0x0704  boot MMIO script: u32 count, then 64 × {u32 addr, u32 value}
+//! 0x0800 ..0x0808  runtime command sequence / done numbers
+//! 0x0C00 ..0x0C80  hypercall mailboxes: 8 vCPUs × {u32 cmd, u32 args_gpa, i32 result, pad}
 //! 0x1000 ..0x4000  code
 //! 0x4000 ..0x6000  interrupt counters: u32 [8 vCPUs][256 vectors]
 //! 0xB000 ..0xF000  stacks, 0x800 bytes per vCPU, vCPU 0 on top
+//! 0x20000..0x21000 Xen shared_info page (32-bit compat layout)
+//! 0x30000..0x31000 Xen event channel port counters: u32 [1024 ports]
 //! ```
+//!
+//! The guest acts as a 32-bit Xen HVM guest: the stub of [`XEN_UPCALL_VECTOR`] runs the Linux
+//! 2-level event channel consumer on the `shared_info` page at [`XEN_SHARED_INFO`] (counting
+//! every port it acks at [`XEN_PORT_COUNTERS`]) before the common counting path, and runtime
+//! MMIO scripts may issue hypercalls through the mailbox at [`HYPERCALL_MAILBOX`] and the
+//! doorbell port [`XEN_DOORBELL_PORT`].
 
 /// Real-mode interrupt vector table: 256 entries of (u16 offset, u16 segment), read by the
 /// CPU through IDTR (base 0, limit 0x3FF). Every entry points at that vector's stub.
@@ -84,6 +94,51 @@ pub const CMD_DONE_ADDR: u64 = 0x0804;
 /// The vector that wakes vCPU 0 for a runtime command (lowest priority class in use).
 pub const DOORBELL_VECTOR: u8 = 0x2F;
 
+/// Hypercall mailboxes, one per APIC ID (clamped to `MAX_VCPUS - 1`) at
+/// `HYPERCALL_MAILBOX + apic_id * HYPERCALL_MAILBOX_SIZE`: u32 cmd @0, u32 args_gpa @4,
+/// i32 result @8. The guest fills cmd and args_gpa, presets result to `-ENOSYS`, writes its
+/// APIC ID to [`XEN_DOORBELL_PORT`] and reads result after the `out` completes: the host's exit
+/// handler runs the hypercall synchronously and writes result before the vCPU resumes.
+pub const HYPERCALL_MAILBOX: u64 = 0x0C00;
+/// Bytes of one hypercall mailbox.
+pub const HYPERCALL_MAILBOX_SIZE: u64 = 16;
+/// Offsets inside a mailbox.
+pub const HYPERCALL_CMD_OFFSET: u64 = 0;
+pub const HYPERCALL_ARGS_OFFSET: u64 = 4;
+pub const HYPERCALL_RESULT_OFFSET: u64 = 8;
+/// The hypercall doorbell: a one-byte `out` of the caller's APIC ID.
+pub const XEN_DOORBELL_PORT: u16 = 0x520;
+/// What a hypercall returns when no handler is installed (Linux/Xen `-ENOSYS`).
+pub const HYPERCALL_ENOSYS: i32 = -38;
+
+/// The Xen `shared_info` page (guest physical, page aligned, below 1 MiB), 32-bit compat
+/// layout (xen/include/public/xen.h): `vcpu_info[32]` of 64 bytes each, then
+/// `evtchn_pending[32]` u32 words at +0x800 and `evtchn_mask[32]` at +0x880.
+pub const XEN_SHARED_INFO: u64 = 0x20000;
+/// Bytes of the shared_info page.
+pub const XEN_SHARED_INFO_SIZE: u64 = 0x1000;
+/// Bytes of one compat `vcpu_info`.
+pub const XEN_VCPU_INFO_SIZE: u64 = 64;
+/// Offsets inside a compat `vcpu_info`: u8 upcall_pending, u8 upcall_mask, u32 pending_sel.
+pub const XEN_UPCALL_PENDING_OFFSET: u64 = 0;
+pub const XEN_UPCALL_MASK_OFFSET: u64 = 1;
+pub const XEN_PENDING_SEL_OFFSET: u64 = 4;
+/// Offsets of the compat 2-level bitmaps inside shared_info (32 words of 32 bits each).
+pub const XEN_EVTCHN_PENDING_OFFSET: u64 = 0x800;
+pub const XEN_EVTCHN_MASK_OFFSET: u64 = 0x880;
+/// Ports of the compat 2-level ABI (32 words × 32 bits).
+pub const XEN_2L_PORTS: usize = 1024;
+/// Most passes the guest's consumer makes before returning, however often the host sets
+/// upcall_pending again meanwhile (bounds an event storm).
+pub const XEN_CONSUMER_MAX_PASSES: u32 = 64;
+/// The per-vCPU event channel upcall vector the guest serves.
+pub const XEN_UPCALL_VECTOR: u8 = 0xF3;
+/// Per-port counters of the guest's consumer: u32 at `XEN_PORT_COUNTERS + port * 4`,
+/// `lock inc`ed once per pending bit the guest cleared (acked) for that port.
+pub const XEN_PORT_COUNTERS: u64 = 0x30000;
+/// Bytes of the port counter block.
+pub const XEN_PORT_COUNTERS_SIZE: u64 = XEN_2L_PORTS as u64 * 4;
+
 /// Initial SP of `vcpu`. The layout has stacks for [`MAX_VCPUS`]; later vCPUs would share
 /// the last one, which is why [`crate::program::GuestImage::boot`] refuses them.
 pub const fn stack_top(vcpu: usize) -> u16 {
@@ -99,6 +154,36 @@ pub const fn stack_top(vcpu: usize) -> u16 {
 pub const fn counter_addr(vcpu: usize, vector: u8) -> Option<u64> {
     if vcpu < MAX_VCPUS {
         Some(COUNTERS_ADDR + vcpu as u64 * COUNTERS_PER_VCPU + vector as u64 * 4)
+    } else {
+        None
+    }
+}
+
+/// Guest address of the hypercall mailbox of APIC ID `apic_id` (clamped, like the guest does).
+pub const fn hypercall_mailbox(apic_id: usize) -> u64 {
+    let slot = if apic_id < MAX_VCPUS {
+        apic_id
+    } else {
+        MAX_VCPUS - 1
+    };
+    HYPERCALL_MAILBOX + slot as u64 * HYPERCALL_MAILBOX_SIZE
+}
+
+/// Guest address of the compat `vcpu_info` of APIC ID `apic_id` (clamped, like the guest).
+pub const fn xen_vcpu_info(apic_id: usize) -> u64 {
+    let slot = if apic_id < MAX_VCPUS {
+        apic_id
+    } else {
+        MAX_VCPUS - 1
+    };
+    XEN_SHARED_INFO + slot as u64 * XEN_VCPU_INFO_SIZE
+}
+
+/// Guest address of the consumer's counter of event channel `port`, or `None` beyond the
+/// 2-level ports.
+pub const fn port_counter_addr(port: u32) -> Option<u64> {
+    if (port as usize) < XEN_2L_PORTS {
+        Some(XEN_PORT_COUNTERS + port as u64 * 4)
     } else {
         None
     }
@@ -120,6 +205,26 @@ mod tests {
         assert!(script_end <= CODE_ADDR);
         let lowest_stack = u64::from(stack_top(MAX_VCPUS - 1) - STACK_SIZE);
         assert!(COUNTERS_ADDR + COUNTERS_SIZE <= lowest_stack);
+        const { assert!(CMD_DONE_ADDR + 4 <= HYPERCALL_MAILBOX) };
+        assert!(hypercall_mailbox(MAX_VCPUS - 1) + HYPERCALL_MAILBOX_SIZE <= CODE_ADDR);
+        assert!(u64::from(STACK_TOP) <= XEN_SHARED_INFO);
+        assert_eq!(XEN_SHARED_INFO % 0x1000, 0);
+        const { assert!(XEN_SHARED_INFO + XEN_SHARED_INFO_SIZE <= XEN_PORT_COUNTERS) };
+        const { assert!(XEN_PORT_COUNTERS + XEN_PORT_COUNTERS_SIZE <= 1 << 20) };
+        // The compat bitmaps: 32 words each, mask right after pending, both inside the page.
+        assert_eq!(XEN_EVTCHN_MASK_OFFSET, XEN_EVTCHN_PENDING_OFFSET + 32 * 4);
+        const { assert!(XEN_EVTCHN_MASK_OFFSET + 32 * 4 <= XEN_SHARED_INFO_SIZE) };
+        assert!(xen_vcpu_info(MAX_VCPUS) + XEN_VCPU_INFO_SIZE <= XEN_SHARED_INFO + 0x800);
+    }
+
+    #[test]
+    fn xen_addresses_follow_the_documented_formulas() {
+        assert_eq!(hypercall_mailbox(0), 0x0C00);
+        assert_eq!(hypercall_mailbox(3), 0x0C30);
+        assert_eq!(hypercall_mailbox(99), hypercall_mailbox(MAX_VCPUS - 1));
+        assert_eq!(xen_vcpu_info(1), 0x20040);
+        assert_eq!(port_counter_addr(37), Some(0x30000 + 37 * 4));
+        assert_eq!(port_counter_addr(1024), None);
     }
 
     #[test]

@@ -4,12 +4,17 @@
 //! script (which programs the IOAPIC), and every interrupt taken is counted per (vCPU, vector)
 //! and reported to the host ([`IsrEvent`]) before the guest EOIs it. Tests and the CLI drive
 //! them through [`Machine`] only.
+//!
+//! The guest also plays a 32-bit Xen HVM guest: the upcall vector runs the 2-level event
+//! channel consumer on the `shared_info` page in guest RAM, and runtime scripts can issue
+//! hypercalls ([`hypercall_op`]) that reach the [`HypercallHandler`] the test installs.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 use vmirq::{Interrupts, IrqchipMode, SimBackend};
 use vmirq_kvm::{KvmVm, KvmVmConfig, RealModeBoot, VcpuExitHandler};
 
@@ -29,6 +34,14 @@ pub enum MachineError {
     CommandTimeout { seq: u32, secs: u64 },
     #[error("vCPU {vcpu} did not finish booting the test guest within {secs} s")]
     NotReady { vcpu: usize, secs: u64 },
+    #[error("this machine gives no access to guest memory")]
+    NoGuestMemory,
+}
+
+impl From<GuestMemoryError> for MachineError {
+    fn from(e: GuestMemoryError) -> Self {
+        MachineError::Guest(program::GuestError::Memory(e))
+    }
 }
 
 /// The guest took `vector` on `vcpu`; `at` is when the host saw it.
@@ -171,6 +184,57 @@ pub const fn mmio_read_op(addr: u32) -> (u32, u32) {
     (addr | 1, 0)
 }
 
+/// A script entry that makes vCPU 0 issue hypercall `cmd` with its arguments at guest physical
+/// `args_gpa` (4-byte aligned; the low two bits are dropped) through the doorbell; the
+/// handler's result (as the guest's i32) comes back from [`Machine::guest_mmio`] at the
+/// entry's index.
+pub const fn hypercall_op(cmd: u32, args_gpa: u32) -> (u32, u32) {
+    ((args_gpa & !3) | 0b10, cmd)
+}
+
+/// Runs the guest's hypercalls: called synchronously while the calling vCPU waits on its
+/// doorbell `out` (KVM: in that vCPU's exit handler; sim: in [`Machine::guest_mmio`]).
+/// `vcpu` is the calling vCPU's index; the return value is what the guest reads back,
+/// truncated to its 32-bit `long`.
+pub trait HypercallHandler: Send + Sync {
+    fn hypercall(&self, vcpu: usize, cmd: u32, args_gpa: u64) -> i64;
+}
+
+impl<F: Fn(usize, u32, u64) -> i64 + Send + Sync> HypercallHandler for F {
+    fn hypercall(&self, vcpu: usize, cmd: u32, args_gpa: u64) -> i64 {
+        self(vcpu, cmd, args_gpa)
+    }
+}
+
+/// The installed hypercall handler, shared by a machine and its exit handler.
+type HandlerSlot = Arc<RwLock<Option<Arc<dyn HypercallHandler>>>>;
+
+/// Serves a doorbell from the vCPU with index `vcpu` and APIC ID `apic_id`: reads its mailbox,
+/// calls the handler (none: `-ENOSYS`) without holding the slot's lock, and writes the result
+/// back to the mailbox. Returns the result the guest will read.
+fn serve_doorbell(
+    mem: &GuestMemoryMmap,
+    handlers: &HandlerSlot,
+    vcpu: usize,
+    apic_id: usize,
+) -> Result<i32, GuestMemoryError> {
+    let mailbox = layout::hypercall_mailbox(apic_id);
+    let cmd: u32 = mem.read_obj(GuestAddress(mailbox + layout::HYPERCALL_CMD_OFFSET))?;
+    let args: u32 = mem.read_obj(GuestAddress(mailbox + layout::HYPERCALL_ARGS_OFFSET))?;
+    let handler = handlers.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let result = match handler {
+        Some(h) => h.hypercall(vcpu, cmd, u64::from(args)),
+        None => i64::from(layout::HYPERCALL_ENOSYS),
+    };
+    // A 32-bit guest's hypercall returns a 32-bit long: keep the low half, as EAX would.
+    let result = result as i32;
+    mem.write_obj(
+        result,
+        GuestAddress(mailbox + layout::HYPERCALL_RESULT_OFFSET),
+    )?;
+    Ok(result)
+}
+
 /// How to boot a test machine.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
@@ -269,6 +333,33 @@ pub trait Machine: Send + Sync {
     /// Where test devices map their MMIO regions.
     fn mmio_bus(&self) -> &MmioBus;
 
+    /// Installs the handler of the guest's hypercalls (replacing any previous one). Without
+    /// one, hypercalls return `-ENOSYS`.
+    fn set_hypercall_handler(&self, handler: Arc<dyn HypercallHandler>);
+
+    /// Guest RAM ([`GUEST_RAM`] bytes at GPA 0), shared with the running guest: the Xen
+    /// `shared_info` page at [`layout::XEN_SHARED_INFO`] lives here.
+    fn guest_memory(&self) -> Option<&GuestMemoryMmap>;
+
+    /// Reads guest RAM at `gpa` into `buf`.
+    fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        let mem = self.guest_memory().ok_or(MachineError::NoGuestMemory)?;
+        Ok(mem.read_slice(buf, GuestAddress(gpa))?)
+    }
+
+    /// Writes `data` into guest RAM at `gpa`.
+    fn write_guest(&self, gpa: u64, data: &[u8]) -> Result<(), MachineError> {
+        let mem = self.guest_memory().ok_or(MachineError::NoGuestMemory)?;
+        Ok(mem.write_slice(data, GuestAddress(gpa))?)
+    }
+
+    /// How many times the guest's event channel consumer acked `port` (0 beyond the
+    /// 2-level ports).
+    fn port_counter(&self, port: u32) -> u32 {
+        self.guest_memory()
+            .map_or(0, |mem| program::read_port_counter(mem, port))
+    }
+
     /// Waits up to `timeout` for the guest to take `vector` (on `vcpu`, if given) and returns
     /// that report, removing it from the log.
     fn wait_isr(&self, vcpu: Option<usize>, vector: u8, timeout: Duration) -> Option<IsrEvent> {
@@ -326,26 +417,45 @@ pub trait Machine: Send + Sync {
 }
 
 /// The simulated machine: [`SimBackend`] plus the core, with the guest's behaviour played by
-/// the simulated vCPUs.
+/// the simulated vCPUs. It has guest RAM like the KVM machine (for Xen's `shared_info`); the
+/// simulated vCPUs run the guest's Xen consumer in Rust ([`program::xen_2l_consume`]) when they
+/// take [`layout::XEN_UPCALL_VECTOR`].
 pub struct SimMachine {
     sim: Arc<SimBackend>,
     interrupts: Arc<Interrupts>,
     log: Arc<IsrLog>,
     bus: MmioBus,
+    mem: GuestMemoryMmap,
+    hypercalls: HandlerSlot,
 }
 
 impl SimMachine {
     pub fn boot(config: &MachineConfig) -> Result<Self, MachineError> {
         let sim = SimBackend::new(config.vcpus, config.irqchip);
         let interrupts = Interrupts::new(sim.clone(), config.interrupts)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_RAM)])
+            .map_err(|e| MachineError::Guest(program::GuestError::Ram(e.to_string())))?;
         let log = Arc::new(IsrLog::default());
         let l = Arc::clone(&log);
-        sim.set_isr_observer(Box::new(move |vcpu, vector| l.record(vcpu, vector)));
+        let consumer_mem = mem.clone();
+        // Runs under the simulator's state lock: it touches guest memory and the log only,
+        // never the backend.
+        sim.set_isr_observer(Box::new(move |vcpu, vector| {
+            if vector == layout::XEN_UPCALL_VECTOR {
+                // The simulated vCPU's APIC ID is its index, as on the KVM machine.
+                if let Err(e) = program::xen_2l_consume(&consumer_mem, vcpu) {
+                    tracing::warn!(vcpu, "simulated Xen consumer failed: {e}");
+                }
+            }
+            l.record(vcpu, vector)
+        }));
         let machine = Self {
             sim,
             interrupts,
             log,
             bus: MmioBus::default(),
+            mem,
+            hypercalls: HandlerSlot::default(),
         };
         machine.run_script(&config.mmio_script)?;
         for vcpu in 0..config.vcpus {
@@ -354,8 +464,9 @@ impl SimMachine {
         Ok(machine)
     }
 
-    /// What the guest's vCPU 0 does with an MMIO script: the in-kernel IOAPIC (kernel
-    /// irqchip) or vmirq's (split) decodes each write.
+    /// What the guest's vCPU 0 does with an MMIO script: accesses inside guest RAM go to RAM
+    /// (as on KVM); otherwise a test device, the in-kernel IOAPIC (kernel irqchip) or vmirq's
+    /// (split) decodes each access. Hypercall entries ([`hypercall_op`]) go to the handler.
     fn run_script(&self, script: &[(u32, u32)]) -> Result<Vec<u32>, MachineError> {
         if script.len() > layout::MMIO_SCRIPT_MAX {
             return Err(program::GuestError::ScriptTooLong(script.len()).into());
@@ -365,13 +476,27 @@ impl SimMachine {
             if addr & 1 != 0 {
                 let addr = u64::from(addr & !1);
                 let mut data = [0xff; 4];
-                let _ = self.bus.read(addr, &mut data)
+                let _ = self.mem.read_slice(&mut data, GuestAddress(addr)).is_ok()
+                    || self.bus.read(addr, &mut data)
                     || self.sim.mmio_read(addr, &mut data)
                     || self.interrupts.mmio_read(addr, &mut data);
                 results.push(u32::from_le_bytes(data));
+            } else if addr & 0b11 == 0b10 {
+                // A hypercall from vCPU 0 (APIC ID 0): the guest's mailbox steps, then the
+                // doorbell served as KVM's exit handler serves it.
+                let mailbox = layout::hypercall_mailbox(0);
+                self.mem
+                    .write_obj(value, GuestAddress(mailbox + layout::HYPERCALL_CMD_OFFSET))?;
+                self.mem.write_obj(
+                    addr & !0b11,
+                    GuestAddress(mailbox + layout::HYPERCALL_ARGS_OFFSET),
+                )?;
+                let result = serve_doorbell(&self.mem, &self.hypercalls, 0, 0)?;
+                results.push(result as u32);
             } else {
                 let (addr, data) = (u64::from(addr), value.to_le_bytes());
-                let _ = self.bus.write(addr, &data)
+                let _ = self.mem.write_slice(&data, GuestAddress(addr)).is_ok()
+                    || self.bus.write(addr, &data)
                     || self.sim.mmio_write(addr, &data)
                     || self.interrupts.mmio_write(addr, &data);
                 results.push(value);
@@ -416,16 +541,27 @@ impl Machine for SimMachine {
         &self.bus
     }
 
+    fn set_hypercall_handler(&self, handler: Arc<dyn HypercallHandler>) {
+        *self.hypercalls.write().unwrap_or_else(|e| e.into_inner()) = Some(handler);
+    }
+
+    fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
+        Some(&self.mem)
+    }
+
     fn log(&self) -> &IsrLog {
         &self.log
     }
 }
 
-/// Routes the test guest's exits: ISR and READY ports to the log, IOAPIC MMIO to the core.
+/// Routes the test guest's exits: ISR and READY ports to the log, IOAPIC MMIO to the core,
+/// the hypercall doorbell to the installed [`HypercallHandler`].
 struct GuestExits {
     interrupts: Arc<Interrupts>,
     log: Arc<IsrLog>,
     bus: Arc<MmioBus>,
+    mem: GuestMemoryMmap,
+    hypercalls: HandlerSlot,
 }
 
 impl VcpuExitHandler for GuestExits {
@@ -433,6 +569,15 @@ impl VcpuExitHandler for GuestExits {
         match (port, data.first()) {
             (layout::ISR_PORT, Some(v)) => self.log.record(vcpu, *v),
             (layout::READY_PORT, _) => self.log.mark_ready(vcpu),
+            // The guest waits in this `out`: the result is in its mailbox when it resumes.
+            // AL is its APIC ID, which picked the mailbox.
+            (layout::XEN_DOORBELL_PORT, Some(&apic_id)) => {
+                if let Err(e) =
+                    serve_doorbell(&self.mem, &self.hypercalls, vcpu, usize::from(apic_id))
+                {
+                    tracing::warn!(vcpu, "hypercall doorbell: bad mailbox: {e}");
+                }
+            }
             _ => {}
         }
     }
@@ -458,6 +603,9 @@ pub struct KvmMachine {
     interrupts: Arc<Interrupts>,
     log: Arc<IsrLog>,
     bus: Arc<MmioBus>,
+    /// The VM's guest RAM (the regions are shared, not copied).
+    mem: GuestMemoryMmap,
+    hypercalls: HandlerSlot,
     vcpus: usize,
 }
 
@@ -483,10 +631,14 @@ impl KvmMachine {
         program::load(vm.memory(), &image, &config.mmio_script)?;
         let log = Arc::new(IsrLog::default());
         let bus = Arc::new(MmioBus::default());
+        let mem = vm.memory().clone();
+        let hypercalls = HandlerSlot::default();
         let exits = Arc::new(GuestExits {
             interrupts: Arc::clone(&interrupts),
             log: Arc::clone(&log),
             bus: Arc::clone(&bus),
+            mem: mem.clone(),
+            hypercalls: Arc::clone(&hypercalls),
         });
         vm.start(
             &RealModeBoot {
@@ -515,6 +667,8 @@ impl KvmMachine {
             interrupts,
             log,
             bus,
+            mem,
+            hypercalls,
         })
     }
 }
@@ -541,6 +695,14 @@ impl Machine for KvmMachine {
 
     fn mmio_bus(&self) -> &MmioBus {
         &self.bus
+    }
+
+    fn set_hypercall_handler(&self, handler: Arc<dyn HypercallHandler>) {
+        *self.hypercalls.write().unwrap_or_else(|e| e.into_inner()) = Some(handler);
+    }
+
+    fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
+        Some(&self.mem)
     }
 
     fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<Vec<u32>, MachineError> {

@@ -5,15 +5,21 @@
 //! MMIO script (APIC ID 0 only), report ready on [`READY_PORT`], then `sti; hlt` forever.
 //! Each vector has a stub that saves EAX, loads the vector and jumps to one common handler,
 //! which counts the interrupt in the [`COUNTERS_ADDR`] block, reports it on [`ISR_PORT`] and
-//! EOIs the LAPIC. 32-bit operands and addresses make iced emit the 0x66/0x67 prefixes; the
+//! EOIs the LAPIC. The stub of [`XEN_UPCALL_VECTOR`] first runs the Linux-like Xen 2-level
+//! event channel consumer on the compat `shared_info` page ([`XEN_SHARED_INFO`]), counting each
+//! port it acks at [`XEN_PORT_COUNTERS`], then joins the common handler. Runtime MMIO scripts
+//! can issue hypercalls: the guest fills its mailbox ([`HYPERCALL_MAILBOX`]) and rings
+//! [`XEN_DOORBELL_PORT`]; the host answers before the `out` completes. 32-bit operands and addresses make iced emit the 0x66/0x67 prefixes; the
 //! 4 GiB data segment limits the host sets make the 32-bit addresses legal in real mode.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, VolatileMemory,
+};
 use vmirq_kvm::RealModeBoot;
 
 use crate::layout::*;
@@ -23,6 +29,8 @@ use crate::layout::*;
 pub enum GuestError {
     #[error("guest memory access failed: {0}")]
     Memory(#[from] GuestMemoryError),
+    #[error("cannot allocate guest RAM: {0}")]
+    Ram(String),
     #[error("the boot MMIO script has {0} entries; at most {MMIO_SCRIPT_MAX} fit")]
     ScriptTooLong(usize),
     #[error("vCPU {vcpu} is beyond the guest layout's {MAX_VCPUS} vCPUs")]
@@ -64,6 +72,13 @@ struct Marks {
     counter_inc: u16,
     isr_out: u16,
     iret: u16,
+    hcall_out: u16,
+    upcall_clear: u16,
+    sel_xchg: u16,
+    pending_btr: u16,
+    port_inc: u16,
+    common: u16,
+    xen_upcall: u16,
 }
 
 /// Assembles the guest.
@@ -109,6 +124,19 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     let mut script_next = a.create_label();
     let mut script_done = a.create_label();
     let mut idle = a.create_label();
+    let mut script_hcall = a.create_label();
+    let mut hcall_id_ok = a.create_label();
+    let mut hcall_out = a.create_label();
+    let mut xen_upcall = a.create_label();
+    let mut xen_id_ok = a.create_label();
+    let mut xen_pass = a.create_label();
+    let mut xen_sel_loop = a.create_label();
+    let mut xen_bit_loop = a.create_label();
+    let mut xen_sel_done = a.create_label();
+    let mut xen_done = a.create_label();
+    let mut sel_xchg = a.create_label();
+    let mut pending_btr = a.create_label();
+    let mut port_inc = a.create_label();
 
     // --- Boot, identical on every vCPU.
     a.set_label(&mut entry)?;
@@ -161,9 +189,11 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.jmp(halt_loop)?;
 
     // --- The MMIO script: 32-bit accesses of (address, value) pairs; an address with bit 0
-    // set is a read of (address & !1), whose result replaces the entry's value. The count is
-    // guest memory the host wrote, but clamp it anyway so a corrupt count cannot run off the
-    // script area. Uses EAX, EBX, ECX, ESI (the ISR preserves what it touches).
+    // set is a read of (address & !1), whose result replaces the entry's value; an address
+    // whose low two bits are 0b10 is a hypercall (cmd = value, args_gpa = address & !3) whose
+    // result replaces the entry's value. The count is guest memory the host wrote, but clamp
+    // it anyway so a corrupt count cannot run off the script area. On entry EBP = APIC ID.
+    // Uses EAX, EBX, ECX, EDX, ESI, EDI (the ISR preserves what it touches).
     a.set_label(&mut run_script)?;
     a.mov(ebx, MMIO_SCRIPT_COUNT_ADDR as u32)?;
     a.mov(ecx, dword_ptr(ebx))?;
@@ -179,12 +209,39 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.mov(eax, dword_ptr(esi + 4))?;
     a.test(bl, 1u32)?;
     a.jnz(script_read)?;
+    a.test(bl, 2u32)?;
+    a.jnz(script_hcall)?;
     a.set_label(&mut script_write)?;
     a.mov(dword_ptr(ebx), eax)?;
     a.jmp(script_next)?;
     a.set_label(&mut script_read)?;
     a.and(ebx, !1u32)?;
     a.mov(eax, dword_ptr(ebx))?;
+    a.mov(dword_ptr(esi + 4), eax)?;
+    a.jmp(script_next)?;
+    // A hypercall: fill this vCPU's mailbox (result preset to -ENOSYS), ring the doorbell with
+    // AL = APIC ID; the host ran the hypercall and wrote the result when the `out` returns.
+    a.set_label(&mut script_hcall)?;
+    a.and(ebx, !3u32)?;
+    a.mov(edi, ebp)?;
+    a.cmp(edi, (MAX_VCPUS - 1) as u32)?;
+    a.jbe(hcall_id_ok)?;
+    a.mov(edi, (MAX_VCPUS - 1) as u32)?;
+    a.set_label(&mut hcall_id_ok)?;
+    a.mov(edx, edi)?;
+    a.shl(edi, HYPERCALL_MAILBOX_SIZE.trailing_zeros())?;
+    a.add(edi, HYPERCALL_MAILBOX as u32)?;
+    a.mov(dword_ptr(edi + HYPERCALL_CMD_OFFSET as i32), eax)?;
+    a.mov(dword_ptr(edi + HYPERCALL_ARGS_OFFSET as i32), ebx)?;
+    a.mov(
+        dword_ptr(edi + HYPERCALL_RESULT_OFFSET as i32),
+        HYPERCALL_ENOSYS as u32,
+    )?;
+    a.mov(eax, edx)?;
+    a.mov(dx, u32::from(XEN_DOORBELL_PORT))?;
+    a.set_label(&mut hcall_out)?;
+    a.out(dx, al)?;
+    a.mov(eax, dword_ptr(edi + HYPERCALL_RESULT_OFFSET as i32))?;
     a.mov(dword_ptr(esi + 4), eax)?;
     a.set_label(&mut script_next)?;
     a.add(esi, MMIO_SCRIPT_ENTRY_SIZE as u32)?;
@@ -222,13 +279,90 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.set_label(&mut iret)?;
     a.iret()?;
 
-    // --- One stub per vector.
+    // --- The Xen 2-level event channel consumer, as Linux's __xen_evtchn_do_upcall and
+    // evtchn_2l_handle_events run it (drivers/xen/events/events_{base,2l}.c), in the compat
+    // layout (xen/include/public/xen.h): clear upcall_pending, take the selector with xchg,
+    // and for each selected word ack (lock btr) every pending unmasked port and count it;
+    // repeat while the host set upcall_pending again, at most XEN_CONSUMER_MAX_PASSES times.
+    // Masked ports keep their pending bit (the host re-raises on unmask). Entered from the
+    // upcall vector's stub with AL = vector and EAX saved; preserves every register and
+    // joins the common handler, which counts the vector, reports it, EOIs and returns.
+    // Registers: EBX = vcpu_info, EBP = passes left, ESI = selector, ECX = word index,
+    // EDI = word's deliverable bits, EDX = bit index, EAX = port.
+    a.set_label(&mut xen_upcall)?;
+    a.push(eax)?;
+    a.push(ebx)?;
+    a.push(ecx)?;
+    a.push(edx)?;
+    a.push(esi)?;
+    a.push(edi)?;
+    a.push(ebp)?;
+    a.mov(ebx, LAPIC_ID)?;
+    a.mov(ebx, dword_ptr(ebx))?;
+    a.shr(ebx, 24u32)?;
+    a.cmp(ebx, (MAX_VCPUS - 1) as u32)?;
+    a.jbe(xen_id_ok)?;
+    a.mov(ebx, (MAX_VCPUS - 1) as u32)?;
+    a.set_label(&mut xen_id_ok)?;
+    a.shl(ebx, XEN_VCPU_INFO_SIZE.trailing_zeros())?;
+    a.add(ebx, XEN_SHARED_INFO as u32)?;
+    a.mov(ebp, XEN_CONSUMER_MAX_PASSES)?;
+    let pending = (XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET) as i32;
+    let mask = (XEN_SHARED_INFO + XEN_EVTCHN_MASK_OFFSET) as i32;
+    // Each pass starts with the upcall_pending store (marked as upcall_clear for the tests).
+    a.set_label(&mut xen_pass)?;
+    a.mov(byte_ptr(ebx + XEN_UPCALL_PENDING_OFFSET as i32), 0u32)?;
+    a.xor(esi, esi)?;
+    // xchg with memory is atomic (implicitly locked).
+    a.set_label(&mut sel_xchg)?;
+    a.xchg(dword_ptr(ebx + XEN_PENDING_SEL_OFFSET as i32), esi)?;
+    a.set_label(&mut xen_sel_loop)?;
+    a.bsf(ecx, esi)?;
+    a.jz(xen_sel_done)?;
+    a.btr(esi, ecx)?;
+    a.mov(edi, dword_ptr(ecx * 4 + mask))?;
+    a.not(edi)?;
+    a.and(edi, dword_ptr(ecx * 4 + pending))?;
+    a.set_label(&mut xen_bit_loop)?;
+    a.bsf(edx, edi)?;
+    a.jz(xen_sel_loop)?;
+    a.btr(edi, edx)?;
+    // Ack: clear the pending bit before handling, as Linux does.
+    a.set_label(&mut pending_btr)?;
+    a.lock().btr(dword_ptr(ecx * 4 + pending), edx)?;
+    a.mov(eax, ecx)?;
+    a.shl(eax, 5u32)?;
+    a.add(eax, edx)?;
+    a.set_label(&mut port_inc)?;
+    a.lock()
+        .inc(dword_ptr(eax * 4 + XEN_PORT_COUNTERS as i32))?;
+    a.jmp(xen_bit_loop)?;
+    a.set_label(&mut xen_sel_done)?;
+    a.cmp(byte_ptr(ebx + XEN_UPCALL_PENDING_OFFSET as i32), 0u32)?;
+    a.je(xen_done)?;
+    a.dec(ebp)?;
+    a.jnz(xen_pass)?;
+    a.set_label(&mut xen_done)?;
+    a.pop(ebp)?;
+    a.pop(edi)?;
+    a.pop(esi)?;
+    a.pop(edx)?;
+    a.pop(ecx)?;
+    a.pop(ebx)?;
+    a.pop(eax)?;
+    a.jmp(common)?;
+
+    // --- One stub per vector; the upcall vector's runs the consumer first.
     let mut stubs: Vec<CodeLabel> = (0..VECTORS).map(|_| a.create_label()).collect();
     for (vector, stub) in stubs.iter_mut().enumerate() {
         a.set_label(stub)?;
         a.push(eax)?;
         a.mov(al, vector as u32)?;
-        a.jmp(common)?;
+        if vector == usize::from(XEN_UPCALL_VECTOR) {
+            a.jmp(xen_upcall)?;
+        } else {
+            a.jmp(common)?;
+        }
     }
 
     let result = a.assemble_options(
@@ -252,6 +386,13 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
         counter_inc: ip_of(&result, &counter_inc)?,
         isr_out: ip_of(&result, &isr_out)?,
         iret: ip_of(&result, &iret)?,
+        hcall_out: ip_of(&result, &hcall_out)?,
+        upcall_clear: ip_of(&result, &xen_pass)?,
+        sel_xchg: ip_of(&result, &sel_xchg)?,
+        pending_btr: ip_of(&result, &pending_btr)?,
+        port_inc: ip_of(&result, &port_inc)?,
+        common: ip_of(&result, &common)?,
+        xen_upcall: ip_of(&result, &xen_upcall)?,
     };
     let image = GuestImage {
         code,
@@ -282,6 +423,17 @@ pub fn load(
     mem.write_obj(0u32, GuestAddress(CMD_SEQ_ADDR))?;
     mem.write_obj(0u32, GuestAddress(CMD_DONE_ADDR))?;
     mem.write_slice(&[0u8; COUNTERS_SIZE as usize], GuestAddress(COUNTERS_ADDR))?;
+    let mailboxes = HYPERCALL_MAILBOX_SIZE as usize * MAX_VCPUS;
+    mem.write_slice(&vec![0u8; mailboxes], GuestAddress(HYPERCALL_MAILBOX))?;
+    // The Xen areas lie above 64 KiB; a smaller RAM (unit tests) simply has no Xen guest.
+    for (addr, len) in [
+        (XEN_SHARED_INFO, XEN_SHARED_INFO_SIZE),
+        (XEN_PORT_COUNTERS, XEN_PORT_COUNTERS_SIZE),
+    ] {
+        if mem.check_range(GuestAddress(addr), len as usize) {
+            mem.write_slice(&vec![0u8; len as usize], GuestAddress(addr))?;
+        }
+    }
     Ok(())
 }
 
@@ -320,6 +472,68 @@ pub fn script_results(mem: &GuestMemoryMmap, len: usize) -> Result<Vec<u32>, Gue
             Ok(mem.read_obj(GuestAddress(entry + 4))?)
         })
         .collect()
+}
+
+/// How many times the guest's event channel consumer acked `port`; 0 beyond the 2-level
+/// ports or when RAM does not hold the counters.
+pub fn read_port_counter(mem: &GuestMemoryMmap, port: u32) -> u32 {
+    port_counter_addr(port)
+        .and_then(|addr| mem.load(GuestAddress(addr), Ordering::Acquire).ok())
+        .unwrap_or(0)
+}
+
+/// An aligned u32 of guest memory as an atomic, for the read-modify-write steps the guest
+/// performs with locked instructions.
+fn guest_atomic_u32(mem: &GuestMemoryMmap, addr: u64) -> Result<&AtomicU32, GuestError> {
+    let slice = mem.get_slice(GuestAddress(addr), 4)?;
+    let atomic: *const AtomicU32 = slice
+        .get_atomic_ref::<AtomicU32>(0)
+        .map_err(GuestMemoryError::from)?;
+    // SAFETY: the VolatileSlice borrows `mem`, whose regions stay mapped at least as long as
+    // `mem` lives; get_atomic_ref checked bounds and alignment. The reference is tied to the
+    // lifetime of `mem`, not of the temporary slice value.
+    Ok(unsafe { &*atomic })
+}
+
+/// The guest's Xen 2-level consumer, step for step, for a vCPU the host simulates
+/// ([`crate::machine::SimMachine`], which cannot run the assembled one): on the compat
+/// `shared_info` at [`XEN_SHARED_INFO`], for the vCPU with APIC ID `apic_id` (clamped like
+/// the guest does). Clears upcall_pending, takes the selector with an atomic exchange, acks
+/// (atomically clears) every pending unmasked port of each selected word and bumps its
+/// counter at [`XEN_PORT_COUNTERS`]; repeats while upcall_pending was set again, at most
+/// [`XEN_CONSUMER_MAX_PASSES`] times. Returns how many ports it acked.
+pub fn xen_2l_consume(mem: &GuestMemoryMmap, apic_id: usize) -> Result<u32, GuestError> {
+    let vcpu_info = xen_vcpu_info(apic_id);
+    let upcall_pending = GuestAddress(vcpu_info + XEN_UPCALL_PENDING_OFFSET);
+    let sel_word = guest_atomic_u32(mem, vcpu_info + XEN_PENDING_SEL_OFFSET)?;
+    let pending_base = XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET;
+    let mask_base = XEN_SHARED_INFO + XEN_EVTCHN_MASK_OFFSET;
+    let mut acked = 0;
+    for _ in 0..XEN_CONSUMER_MAX_PASSES {
+        mem.store(0u8, upcall_pending, Ordering::SeqCst)?;
+        let mut sel = sel_word.swap(0, Ordering::SeqCst);
+        while sel != 0 {
+            let word = sel.trailing_zeros();
+            sel &= !(1 << word);
+            let pending = guest_atomic_u32(mem, pending_base + u64::from(word) * 4)?;
+            let mask = guest_atomic_u32(mem, mask_base + u64::from(word) * 4)?;
+            let mut bits = pending.load(Ordering::SeqCst) & !mask.load(Ordering::SeqCst);
+            while bits != 0 {
+                let bit = bits.trailing_zeros();
+                bits &= !(1 << bit);
+                pending.fetch_and(!(1 << bit), Ordering::SeqCst);
+                let port = word * 32 + bit;
+                if let Some(addr) = port_counter_addr(port) {
+                    guest_atomic_u32(mem, addr)?.fetch_add(1, Ordering::SeqCst);
+                }
+                acked += 1;
+            }
+        }
+        if mem.load::<u8>(upcall_pending, Ordering::SeqCst)? == 0 {
+            break;
+        }
+    }
+    Ok(acked)
 }
 
 /// Whether vCPU 0 has finished command `seq`.
@@ -402,6 +616,110 @@ mod tests {
         }
         assert_eq!(image.entry_ip as u64, CODE_ADDR);
         assert!(CODE_ADDR + image.code.len() as u64 <= CODE_END);
+    }
+
+    /// Where the jmp at `ip` (EB rel8 or E9 rel16) goes.
+    fn jmp_target(image: &GuestImage, ip: u16) -> u16 {
+        match at(image, ip, 1)[0] {
+            0xEB => {
+                let rel = at(image, ip + 1, 1)[0] as i8;
+                (ip + 2).wrapping_add(rel as i16 as u16)
+            }
+            0xE9 => {
+                let b = at(image, ip + 1, 2);
+                (ip + 3).wrapping_add(u16::from_le_bytes([b[0], b[1]]))
+            }
+            other => panic!("no jmp at {ip:#x}: {other:#04x}"),
+        }
+    }
+
+    #[test]
+    fn only_the_upcall_stub_runs_the_xen_consumer() {
+        let (image, marks) = assemble().unwrap();
+        for (vector, &ip) in image.stub_offsets.iter().enumerate() {
+            let want = if vector == usize::from(XEN_UPCALL_VECTOR) {
+                marks.xen_upcall
+            } else {
+                marks.common
+            };
+            assert_eq!(jmp_target(&image, ip + 4), want, "vector {vector:#x}");
+        }
+    }
+
+    #[test]
+    fn consumer_clears_upcall_pending_with_a_byte_store_and_takes_sel_with_xchg() {
+        let (image, marks) = assemble().unwrap();
+        // mov byte [ebx], 0: 67 C6 ModRM 03 imm8 (no operand-size prefix: a byte store)
+        assert_eq!(at(&image, marks.upcall_clear, 4), &[0x67, 0xC6, 0x03, 0x00]);
+        // xchg dword [ebx+4], esi: 66 67 87 ModRM 73 disp8 04 (implicitly locked)
+        let bytes = at(&image, marks.sel_xchg, 5);
+        assert!(has_both_size_prefixes(bytes), "{bytes:02x?}");
+        assert_eq!(&bytes[2..], &[0x87, 0x73, 0x04]);
+    }
+
+    #[test]
+    fn consumer_acks_with_locked_btr_and_counts_with_locked_inc() {
+        let (image, marks) = assemble().unwrap();
+        // lock btr dword [ecx*4+0x20800], edx: F0 66 67 0F B3 ModRM 14 SIB 8D disp32
+        let bytes = at(&image, marks.pending_btr, 11);
+        assert_eq!(bytes[0], 0xF0, "{bytes:02x?}");
+        assert!(has_both_size_prefixes(&bytes[1..]), "{bytes:02x?}");
+        let pending = (XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET) as u32;
+        let mut want = vec![0x0F, 0xB3, 0x14, 0x8D];
+        want.extend_from_slice(&pending.to_le_bytes());
+        assert_eq!(&bytes[3..], &want[..]);
+        // lock inc dword [eax*4+0x30000]: F0 66 67 FF ModRM 04 SIB 85 disp32
+        let bytes = at(&image, marks.port_inc, 10);
+        assert_eq!(bytes[0], 0xF0, "{bytes:02x?}");
+        assert!(has_both_size_prefixes(&bytes[1..]), "{bytes:02x?}");
+        let mut want = vec![0xFF, 0x04, 0x85];
+        want.extend_from_slice(&(XEN_PORT_COUNTERS as u32).to_le_bytes());
+        assert_eq!(&bytes[3..], &want[..]);
+    }
+
+    #[test]
+    fn hypercall_rings_the_doorbell_with_out_dx_al() {
+        let (image, marks) = assemble().unwrap();
+        assert_eq!(at(&image, marks.hcall_out, 1), &[0xEE]);
+    }
+
+    /// Compat shared_info with ports 5 and 37 pending, port 6 pending but masked, selector
+    /// bits 0 and 1 and upcall_pending set for APIC ID `apic`.
+    fn pending_5_37_masked_6(mem: &GuestMemoryMmap, apic: usize) {
+        let pending = XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET;
+        let mask = XEN_SHARED_INFO + XEN_EVTCHN_MASK_OFFSET;
+        mem.write_obj(1u32 << 5 | 1 << 6, GuestAddress(pending))
+            .unwrap();
+        mem.write_obj(1u32 << 5, GuestAddress(pending + 4)).unwrap();
+        mem.write_obj(1u32 << 6, GuestAddress(mask)).unwrap();
+        let info = xen_vcpu_info(apic);
+        mem.write_obj(0b11u32, GuestAddress(info + XEN_PENDING_SEL_OFFSET))
+            .unwrap();
+        mem.write_obj(1u8, GuestAddress(info + XEN_UPCALL_PENDING_OFFSET))
+            .unwrap();
+    }
+
+    #[test]
+    fn rust_consumer_acks_unmasked_ports_and_leaves_masked_ones_pending() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        load(&mem, &build(), &[]).unwrap();
+        pending_5_37_masked_6(&mem, 1);
+        assert_eq!(xen_2l_consume(&mem, 1).unwrap(), 2);
+        assert_eq!(read_port_counter(&mem, 5), 1);
+        assert_eq!(read_port_counter(&mem, 37), 1);
+        assert_eq!(read_port_counter(&mem, 6), 0);
+        let pending = XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET;
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(pending)).unwrap(), 1 << 6);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(pending + 4)).unwrap(), 0);
+        let info = xen_vcpu_info(1);
+        let sel: u32 = mem
+            .read_obj(GuestAddress(info + XEN_PENDING_SEL_OFFSET))
+            .unwrap();
+        let upcall: u8 = mem.read_obj(GuestAddress(info)).unwrap();
+        assert_eq!((sel, upcall), (0, 0));
+        // vCPU 0's vcpu_info was not touched; a second run finds nothing.
+        assert_eq!(xen_2l_consume(&mem, 0).unwrap(), 0);
+        assert_eq!(read_port_counter(&mem, XEN_2L_PORTS as u32), 0);
     }
 
     #[test]
