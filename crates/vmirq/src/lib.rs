@@ -16,8 +16,10 @@ pub mod resample;
 pub mod route;
 pub mod router;
 pub mod sim;
+pub mod xen;
 
 pub use backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
+pub use delivery::EventChannelSink;
 pub use interrupts::{Config, Error, Interrupts, Irqfd, Stats};
 pub use irqfd::IrqfdPath;
 pub use line::{IrqSource, Line};

@@ -1,0 +1,197 @@
+//! Where the 2-level event-channel bits live in `shared_info` / `vcpu_info` (xen.h; QEMU
+//! xen_evtchn.c `compat_shared_info` for 32-bit guests), and checked atomic read-modify-writes
+//! on them in guest memory.
+//!
+//! ```text
+//!                         64-bit guest         32-bit compat guest
+//! vcpu_info[32]           0x000, 64 B each     0x000, 64 B each
+//!   evtchn_upcall_pending +0 (u8)              +0 (u8)
+//!   evtchn_upcall_mask    +1 (u8)              +1 (u8)
+//!   evtchn_pending_sel    +8 (u64)             +4 (u32)
+//! evtchn_pending[]        0x800, 64 x u64      0x800, 32 x u32
+//! evtchn_mask[]           0xA00, 64 x u64      0x880, 32 x u32
+//! wc_version              0xC00                0x900
+//! ports                   4096                 1024
+//! ```
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
+
+use super::abi::XenError;
+
+/// `XEN_LEGACY_MAX_VCPUS`: vCPUs whose `vcpu_info` sits in `shared_info`.
+pub const LEGACY_MAX_VCPUS: u32 = 32;
+pub const VCPU_INFO_SIZE: u64 = 64;
+pub const UPCALL_PENDING: u64 = 0;
+pub const UPCALL_MASK: u64 = 1;
+
+/// The 2-level layout of one guest word size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Bytes of one `xen_ulong_t` word: 8, or 4 for compat guests.
+    pub word_bytes: u64,
+    /// Ports the 2-level ABI addresses: word bits squared.
+    pub ports: u32,
+    /// Offset of `evtchn_pending[]` in `shared_info`.
+    pub pending: u64,
+    /// Offset of `evtchn_mask[]` in `shared_info`.
+    pub mask: u64,
+    /// Offset of `evtchn_pending_sel` in `vcpu_info`.
+    pub pending_sel: u64,
+    /// Offset of `wc_version` in `shared_info` (first field after the mask words).
+    pub wallclock: u64,
+}
+
+impl Layout {
+    pub const LONG_MODE: Layout = Layout {
+        word_bytes: 8,
+        ports: 4096,
+        pending: 0x800,
+        mask: 0xA00,
+        pending_sel: 8,
+        wallclock: 0xC00,
+    };
+    pub const COMPAT: Layout = Layout {
+        word_bytes: 4,
+        ports: 1024,
+        pending: 0x800,
+        mask: 0x880,
+        pending_sel: 4,
+        wallclock: 0x900,
+    };
+
+    pub fn new(long_mode: bool) -> Self {
+        if long_mode {
+            Self::LONG_MODE
+        } else {
+            Self::COMPAT
+        }
+    }
+
+    pub fn word_bits(&self) -> u32 {
+        (self.word_bytes * 8) as u32
+    }
+
+    /// The index of `port`'s word in `evtchn_pending[]` / `evtchn_mask[]` (and so its bit in
+    /// `evtchn_pending_sel`), and the port's bit in that word.
+    pub fn word_and_bit(&self, port: u32) -> (u32, u32) {
+        (port / self.word_bits(), port % self.word_bits())
+    }
+
+    pub fn vcpu_info(&self, vcpu: u32) -> u64 {
+        u64::from(vcpu) * VCPU_INFO_SIZE
+    }
+}
+
+/// The 2-level bits of one guest, reached through checked guest-memory accessors. Every access
+/// is an atomic RMW on the guest's page (the guest changes these bits concurrently); an
+/// address outside guest RAM or misaligned is `XenError::Fault`, never a panic.
+pub struct SharedInfo<'a> {
+    pub memory: &'a GuestMemoryMmap,
+    pub base: u64,
+    pub layout: Layout,
+}
+
+impl SharedInfo<'_> {
+    /// Atomically `word = op(word)` on the guest word at `offset`; returns the old word.
+    fn rmw(&self, offset: u64, op: Rmw, bits: u64) -> Result<u64, XenError> {
+        let gpa = self.base.checked_add(offset).ok_or(XenError::Fault)?;
+        let size = self.layout.word_bytes as usize;
+        let slice = self
+            .memory
+            .get_slice(GuestAddress(gpa), size)
+            .map_err(|_| XenError::Fault)?;
+        let order = Ordering::SeqCst;
+        if size == 8 {
+            let w = slice
+                .get_atomic_ref::<AtomicU64>(0)
+                .map_err(|_| XenError::Fault)?;
+            Ok(match op {
+                Rmw::Or => w.fetch_or(bits, order),
+                Rmw::AndNot => w.fetch_and(!bits, order),
+                Rmw::Load => w.load(order),
+            })
+        } else {
+            let w = slice
+                .get_atomic_ref::<AtomicU32>(0)
+                .map_err(|_| XenError::Fault)?;
+            let bits = bits as u32;
+            Ok(u64::from(match op {
+                Rmw::Or => w.fetch_or(bits, order),
+                Rmw::AndNot => w.fetch_and(!bits, order),
+                Rmw::Load => w.load(order),
+            }))
+        }
+    }
+
+    fn port_op(&self, array: u64, port: u32, op: Rmw) -> Result<bool, XenError> {
+        let (word, bit) = self.layout.word_and_bit(port);
+        let offset = array + u64::from(word) * self.layout.word_bytes;
+        Ok(self.rmw(offset, op, 1 << bit)? & (1 << bit) != 0)
+    }
+
+    /// Sets the port's pending bit; returns whether it was already set.
+    pub fn test_and_set_pending(&self, port: u32) -> Result<bool, XenError> {
+        self.port_op(self.layout.pending, port, Rmw::Or)
+    }
+
+    pub fn test_pending(&self, port: u32) -> Result<bool, XenError> {
+        self.port_op(self.layout.pending, port, Rmw::Load)
+    }
+
+    pub fn clear_pending(&self, port: u32) -> Result<(), XenError> {
+        self.port_op(self.layout.pending, port, Rmw::AndNot)
+            .map(drop)
+    }
+
+    pub fn test_mask(&self, port: u32) -> Result<bool, XenError> {
+        self.port_op(self.layout.mask, port, Rmw::Load)
+    }
+
+    /// Clears the port's mask bit; returns whether it was set.
+    pub fn test_and_clear_mask(&self, port: u32) -> Result<bool, XenError> {
+        self.port_op(self.layout.mask, port, Rmw::AndNot)
+    }
+
+    /// Sets bit `word` of the vCPU's `evtchn_pending_sel`; returns whether it was already set.
+    pub fn test_and_set_selector(&self, vcpu: u32, word: u32) -> Result<bool, XenError> {
+        let offset = self.layout.vcpu_info(vcpu) + self.layout.pending_sel;
+        Ok(self.rmw(offset, Rmw::Or, 1 << word)? & (1 << word) != 0)
+    }
+
+    fn upcall_byte(&self, vcpu: u32) -> Result<vm_memory::VolatileSlice<'_, ()>, XenError> {
+        let gpa = self
+            .base
+            .checked_add(self.layout.vcpu_info(vcpu) + UPCALL_PENDING)
+            .ok_or(XenError::Fault)?;
+        self.memory
+            .get_slice(GuestAddress(gpa), 1)
+            .map_err(|_| XenError::Fault)
+    }
+
+    /// Sets bit 0 of the vCPU's `evtchn_upcall_pending`; returns whether it was already set
+    /// (Xen `vcpu_mark_events_pending`: `test_and_set_bit(0, ...)`).
+    pub fn test_and_set_upcall_pending(&self, vcpu: u32) -> Result<bool, XenError> {
+        let slice = self.upcall_byte(vcpu)?;
+        let b = slice
+            .get_atomic_ref::<AtomicU8>(0)
+            .map_err(|_| XenError::Fault)?;
+        Ok(b.fetch_or(1, Ordering::SeqCst) & 1 != 0)
+    }
+
+    pub fn upcall_pending(&self, vcpu: u32) -> Result<bool, XenError> {
+        let slice = self.upcall_byte(vcpu)?;
+        let b = slice
+            .get_atomic_ref::<AtomicU8>(0)
+            .map_err(|_| XenError::Fault)?;
+        Ok(b.load(Ordering::SeqCst) & 1 != 0)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rmw {
+    Or,
+    AndNot,
+    Load,
+}

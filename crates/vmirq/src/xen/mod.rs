@@ -1,0 +1,491 @@
+//! Xen event channels for KVM guests, 2-level ABI, emulated entirely in userspace (this host's
+//! KVM lacks `KVM_CAP_XEN_HVM`).
+//!
+//! The module owns the guest's port table, the VIRQ-to-port map and the VMM backend endpoints,
+//! implements the `EVTCHNOP_*` hypercalls (Xen xen/common/event_channel.c, with QEMU
+//! hw/i386/kvm/xen_evtchn.c's choices where Xen-on-KVM differs), and sets the 2-level bits in
+//! the guest's `shared_info` page (Xen event_2l.c). Raising the upcall itself (vector, callback
+//! GSI) belongs to the caller's [`UpcallSink`].
+//!
+//! # Concurrency
+//!
+//! - **Lock-free**: [`EventChannels::set_pending`] (eventfd routes), [`EventChannels::notify_port`]
+//!   and [`EventChannels::raise_virq`]. Each takes a per-port read hold with one `fetch_add` on
+//!   the port's binding word, does the 2-level bit operations as atomic RMWs on guest memory,
+//!   drops the hold, then raises the upcall. Nothing in them waits or retries.
+//! - **One mutex** protects the slow-path [`ports::Table`] (full bindings, loopback peers,
+//!   backend endpoints) and serializes every writer of the binding words and the VIRQ map:
+//!   every hypercall, `bind_backend`, `unbind_backend`, `reset`. The mutex is never taken by
+//!   the lock-free paths, so a hypercall can never wait on delivery.
+//!
+//! ## Close versus a concurrent send
+//!
+//! A delivery must never mark a closed port pending (a stale event would hit whatever the port
+//! is reused for). The binding word carries a reader count and a `CLOSING` bit:
+//!
+//! 1. delivery: `old = fetch_add(READER)`; if `old` says closed or `CLOSING`, `fetch_sub` and
+//!    drop the event (the send is ordered after the close, which Xen also allows);
+//! 2. close (mutex held): `fetch_or(CLOSING)`, then wait until the reader count is 0. Any
+//!    delivery that got in has finished its bit operations (its `fetch_sub` is a Release the
+//!    closer's Acquire load synchronizes with); any later one backs off in step 1;
+//! 3. close clears the port's pending bit (Xen `free_evtchn`: "avoid unexpected behavior on
+//!    re-bind") — every bit set through this module before that point came from a delivery
+//!    that finished, and none can come after;
+//! 4. close clears the binding bits (closed, vCPU 0, not `CLOSING`), keeping the counts of
+//!    readers that arrived meanwhile, who back off because the port now reads closed.
+//!
+//! All four steps act on one word with RMWs, so their total modification order decides every
+//! race. A selector bit or `upcall_pending` left set by a finished delivery is harmless: the
+//! guest scans `pending & !mask` and finds nothing, as on Xen.
+//!
+//! # Upcalls
+//!
+//! The sink is called when a vCPU's `evtchn_upcall_pending` goes 0→1, whatever
+//! `evtchn_upcall_mask` says: Xen's `vcpu_mark_events_pending` asserts the HVM event-check
+//! interrupt unconditionally; the mask byte only gates delivery for PV guests, and an HVM guest
+//! masks with its interrupt flag. The sink may be called with the table mutex held (unmask,
+//! bind_vcpu) and must not call back into [`EventChannels`].
+
+pub mod abi;
+pub mod layout;
+mod ops;
+pub mod ports;
+mod upcall;
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use abi::{errno, op, virq_is_global, NR_VIRQS};
+pub use abi::{XenError, DOMID_BACKEND, DOMID_SELF};
+pub use layout::Layout;
+use layout::{SharedInfo, LEGACY_MAX_VCPUS};
+use ports::{BackendSlot, Binding, PortSlot, Table};
+pub use ports::{PortState, PortStatus, Remote};
+pub use upcall::{attach, Callback, UpcallError, Upcalls};
+
+/// The guest's Xen setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XenConfig {
+    /// vCPUs, clamped to 1..=32: only the legacy `vcpu_info` array in `shared_info` is
+    /// supported (VCPUOP_register_vcpu_info is not).
+    pub vcpus: u32,
+    /// 64-bit layout; else 32-bit compat (1024 ports, u32 words).
+    pub long_mode: bool,
+    /// Guest physical address of `shared_info` (page-aligned).
+    pub shared_info_gpa: u64,
+    /// The guest's own domain id; `DOMID_SELF` in arguments means this. Should not be 0,
+    /// which [`DOMID_BACKEND`] claims first.
+    pub domid: u16,
+}
+
+/// Raises upcalls; implemented by the core (per-vCPU vector or callback GSI). Called when a
+/// vCPU's `evtchn_upcall_pending` goes 0→1 (see the module doc).
+pub trait UpcallSink: Send + Sync {
+    fn upcall(&self, vcpu: u32);
+}
+
+/// How a 2-level set-pending ended (Xen event_2l.c `evtchn_2l_set_pending`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetPending {
+    /// The pending bit was already set: coalesced with an earlier event.
+    Coalesced,
+    /// Pending now, but the port is masked: no selector bit, no upcall until unmask.
+    Masked,
+    /// Pending; the vCPU's selector bit for the word was already set, so the guest will find
+    /// it on its current scan.
+    SelectorAlreadySet,
+    /// Pending and the selector bit set, but `upcall_pending` was already set.
+    UpcallAlreadyPending,
+    /// `upcall_pending` went 0→1 and the upcall was raised.
+    Raised,
+}
+
+/// The VMM side of an interdomain channel with the guest (a backend in "domain 0").
+#[derive(Debug)]
+pub struct BackendPort {
+    /// The backend's port number (its `remote_port` in the guest's `EVTCHNOP_status`).
+    pub port: u32,
+    /// Written (eventfd counter +1) whenever the guest sends on its end.
+    pub notify: EventFd,
+}
+
+/// The event channels of one guest. See the module doc for what runs lock-free.
+pub struct EventChannels {
+    memory: GuestMemoryMmap,
+    config: XenConfig,
+    layout: Layout,
+    upcall: Arc<dyn UpcallSink>,
+    /// Binding words, indexed by port.
+    slots: Box<[PortSlot]>,
+    /// Port bound to (vCPU, VIRQ), at `vcpu * NR_VIRQS + virq`; 0 when none. Global VIRQs
+    /// live under vCPU 0 (Xen `virq_to_evtchn`). Written under the mutex.
+    virqs: Box<[AtomicU32]>,
+    table: Mutex<Table>,
+}
+
+impl EventChannels {
+    pub fn new(memory: GuestMemoryMmap, config: XenConfig, upcall: Arc<dyn UpcallSink>) -> Self {
+        let config = XenConfig {
+            vcpus: config.vcpus.clamp(1, LEGACY_MAX_VCPUS),
+            ..config
+        };
+        let layout = Layout::new(config.long_mode);
+        Self {
+            memory,
+            layout,
+            upcall,
+            slots: (0..layout.ports).map(|_| PortSlot::default()).collect(),
+            virqs: (0..config.vcpus * NR_VIRQS)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            table: Mutex::new(Table::new(layout.ports)),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> XenConfig {
+        self.config
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// `EVTCHNOP` hypercall from `vcpu`: `cmd` and the guest physical address of its argument
+    /// struct. Returns 0 or a negative Xen errno; out-fields are written back. All ops act on
+    /// the domain, so `vcpu` only labels the trace.
+    pub fn hypercall(&self, vcpu: u32, cmd: u32, args_gpa: u64) -> i64 {
+        tracing::trace!(vcpu, cmd, args_gpa, "EVTCHNOP");
+        if abi::arg_size(cmd).is_none() {
+            // FIFO ops (init_control, expand_array, set_priority) are answered as QEMU does:
+            // Linux then stays on 2-level.
+            return -errno::ENOSYS;
+        }
+        let mut t = self.lock();
+        let a = GuestAddress(args_gpa);
+        let r = match cmd {
+            op::ALLOC_UNBOUND => self.with_arg(a, true, |x| self.alloc_unbound(&mut t, x)),
+            op::BIND_INTERDOMAIN => self.with_arg(a, true, |x| self.bind_interdomain(&mut t, x)),
+            op::BIND_VIRQ => self.with_arg(a, true, |x| self.bind_virq(&mut t, x)),
+            // No PIRQ is ever mapped (PHYSDEVOP_map_pirq is not emulated), so every PIRQ is
+            // out of range: Xen's answer for `pirq >= d->nr_pirqs` is -EINVAL.
+            op::BIND_PIRQ => {
+                self.with_arg(a, false, |_: &mut abi::BindPirq| Err(XenError::Invalid))
+            }
+            op::BIND_IPI => self.with_arg(a, true, |x| self.bind_ipi(&mut t, x)),
+            op::CLOSE => self.with_arg(a, false, |x: &mut abi::PortArg| {
+                self.check_port(x.port)?;
+                self.close_port(&mut t, x.port)
+            }),
+            op::SEND => self.with_arg(a, false, |x| self.send(&t, x)),
+            op::STATUS => self.with_arg(a, true, |x| self.status(&t, x)),
+            op::BIND_VCPU => self.with_arg(a, false, |x| self.bind_vcpu(&mut t, x)),
+            op::UNMASK => self.with_arg(a, false, |x: &mut abi::PortArg| {
+                self.check_port(x.port)?;
+                // Xen `evtchn_unmask`: any valid port, free ones included (their vCPU is 0).
+                self.unmask_bits(x.port, t.vcpu(x.port), true);
+                Ok(())
+            }),
+            op::RESET => self.with_arg(a, false, |x: &mut abi::Reset| {
+                self.check_dom(x.dom)?;
+                self.close_all(&mut t);
+                Ok(())
+            }),
+            _ => Err(XenError::NoSys),
+        };
+        match r {
+            Ok(()) => 0,
+            Err(e) => -e.errno(),
+        }
+    }
+
+    /// Marks `port` pending for `vcpu` (the eventfd route fast path, like KVM's
+    /// `KVM_IRQ_ROUTING_XEN_EVTCHN {port, vcpu}`: the route names the vCPU). Lock-free. Errors:
+    /// `Invalid` for a port outside 1..ports, `NoEntry` for a bad vCPU, `Closed` for a closed or
+    /// closing port (the event is dropped), `Fault` when shared_info is outside guest RAM.
+    pub fn set_pending(&self, port: u32, vcpu: u32) -> Result<SetPending, XenError> {
+        self.check_port(port)?;
+        if vcpu >= self.config.vcpus {
+            return Err(XenError::NoEntry);
+        }
+        let guard = self.slot(port)?.try_read().ok_or(XenError::Closed)?;
+        let r = self.mark_pending(port, vcpu);
+        drop(guard);
+        self.raise_if(r, vcpu)
+    }
+
+    /// Delivers to `port` on the vCPU it is bound to. Lock-free. Errors as `set_pending`.
+    pub fn notify_port(&self, port: u32) -> Result<(), XenError> {
+        self.check_port(port)?;
+        self.deliver(port).map(drop)
+    }
+
+    /// Raises `virq`: a per-vCPU VIRQ on `vcpu`, a global one on the vCPU its port is bound to
+    /// (`vcpu` ignored). A VIRQ nobody bound is dropped silently, as Xen does. Lock-free.
+    pub fn raise_virq(&self, virq: u32, vcpu: u32) -> Result<(), XenError> {
+        if virq >= NR_VIRQS {
+            return Err(XenError::Invalid);
+        }
+        let owner = if virq_is_global(virq) { 0 } else { vcpu };
+        if owner >= self.config.vcpus {
+            return Err(XenError::NoEntry);
+        }
+        let index = (owner * NR_VIRQS + virq) as usize;
+        let port = self
+            .virqs
+            .get(index)
+            .map_or(0, |p| p.load(Ordering::Acquire));
+        if port == 0 {
+            return Ok(());
+        }
+        let Some(guard) = self.slot(port)?.try_read() else {
+            return Ok(()); // Closed under us: dropped, as after the close.
+        };
+        // The map may be stale by one close and rebind; deliver only to a port still bound
+        // to this VIRQ.
+        let b = guard.binding;
+        if b.stat != abi::stat::VIRQ || u32::from(b.virq) != virq {
+            return Ok(());
+        }
+        let vcpu = u32::from(b.vcpu);
+        let r = self.mark_pending(port, vcpu);
+        drop(guard);
+        self.raise_if(r, vcpu).map(drop)
+    }
+
+    /// Connects a VMM backend to the guest's unbound port `guest_port`, which the guest
+    /// allocated with `remote_dom` [`DOMID_BACKEND`] (QEMU `xen_be_evtchn_bind_interdomain`).
+    /// The guest's sends then write `notify`; the backend signals the guest with
+    /// [`EventChannels::notify_port`]`(guest_port)`.
+    pub fn bind_backend(&self, guest_port: u32) -> Result<BackendPort, XenError> {
+        self.check_port(guest_port)?;
+        let mut t = self.lock();
+        if t.state(guest_port)
+            != (PortState::Unbound {
+                remote: Remote::Backend,
+            })
+        {
+            return Err(XenError::Invalid);
+        }
+        let (be, notify) = self.new_backend(&mut t, guest_port)?;
+        self.set_state(
+            &mut t,
+            guest_port,
+            PortState::Interdomain {
+                remote: Remote::Backend,
+                remote_port: be,
+            },
+        );
+        Ok(BackendPort { port: be, notify })
+    }
+
+    /// Opens an unconnected backend port for the guest to bind with
+    /// `bind_interdomain(remote_dom = 0, remote_port = port)`.
+    pub fn alloc_backend_unbound(&self) -> Result<BackendPort, XenError> {
+        let mut t = self.lock();
+        let (port, notify) = self.new_backend(&mut t, 0)?;
+        Ok(BackendPort { port, notify })
+    }
+
+    /// Closes a backend port; a guest port connected to it goes back to unbound for domain 0
+    /// (QEMU `xen_be_evtchn_unbind`).
+    pub fn unbind_backend(&self, backend_port: u32) -> Result<(), XenError> {
+        let mut t = self.lock();
+        let slot = t
+            .backends
+            .get_mut(backend_port as usize)
+            .and_then(Option::take)
+            .ok_or(XenError::NoEntry)?;
+        let connected = PortState::Interdomain {
+            remote: Remote::Backend,
+            remote_port: backend_port,
+        };
+        if slot.guest_port != 0 && t.state(slot.guest_port) == connected {
+            let unbound = PortState::Unbound {
+                remote: Remote::Backend,
+            };
+            self.set_state(&mut t, slot.guest_port, unbound);
+        }
+        Ok(())
+    }
+
+    /// Bit 0 of the vCPU's `evtchn_upcall_pending` (false for a bad vCPU or an unreachable
+    /// shared_info).
+    pub fn upcall_pending(&self, vcpu: u32) -> bool {
+        vcpu < self.config.vcpus && self.shared().upcall_pending(vcpu).unwrap_or(false)
+    }
+
+    pub fn port_status(&self, port: u32) -> PortStatus {
+        let t = self.lock();
+        let valid = self.check_port(port).is_ok();
+        let sh = self.shared();
+        PortStatus {
+            state: t.state(port),
+            vcpu: t.vcpu(port),
+            pending: valid && sh.test_pending(port).unwrap_or(false),
+            masked: valid && sh.test_mask(port).unwrap_or(false),
+        }
+    }
+
+    /// Closes every port (`EVTCHNOP_reset` on the guest's behalf, e.g. at guest reboot).
+    /// Backend endpoints stay open, unconnected.
+    pub fn reset(&self) {
+        let mut t = self.lock();
+        self.close_all(&mut t);
+    }
+
+    // ---- helpers ----
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shared(&self) -> SharedInfo<'_> {
+        SharedInfo {
+            memory: &self.memory,
+            base: self.config.shared_info_gpa,
+            layout: self.layout,
+        }
+    }
+
+    fn slot(&self, port: u32) -> Result<&PortSlot, XenError> {
+        self.slots.get(port as usize).ok_or(XenError::Invalid)
+    }
+
+    /// Port 0 is never valid (QEMU `valid_port`; Xen keeps it reserved).
+    fn check_port(&self, port: u32) -> Result<(), XenError> {
+        if port == 0 || port >= self.layout.ports {
+            return Err(XenError::Invalid);
+        }
+        Ok(())
+    }
+
+    fn is_self(&self, dom: u16) -> bool {
+        dom == DOMID_SELF || dom == self.config.domid
+    }
+
+    /// Ops naming a domain accept only this one; others do not exist here (-ESRCH).
+    fn check_dom(&self, dom: u16) -> Result<(), XenError> {
+        if self.is_self(dom) {
+            Ok(())
+        } else {
+            Err(XenError::NoSuchDomain)
+        }
+    }
+
+    /// Reads the argument struct (-EFAULT outside guest RAM), runs `f`, and on success writes
+    /// the struct back if it has OUT fields.
+    fn with_arg<T: ByteValued>(
+        &self,
+        gpa: GuestAddress,
+        write_back: bool,
+        f: impl FnOnce(&mut T) -> Result<(), XenError>,
+    ) -> Result<(), XenError> {
+        let mut arg: T = self.memory.read_obj(gpa).map_err(|_| XenError::Fault)?;
+        f(&mut arg)?;
+        if write_back {
+            // Xen: a failed copy-back after success is -EFAULT, and nothing is undone.
+            self.memory
+                .write_obj(arg, gpa)
+                .map_err(|_| XenError::Fault)?;
+        }
+        Ok(())
+    }
+
+    fn alloc(&self, t: &mut Table, state: PortState, vcpu: u32) -> Result<u32, XenError> {
+        let port = t.free_port().ok_or(XenError::NoSpace)?;
+        t.ports[port as usize] = (state, vcpu);
+        self.slots[port as usize].publish(Binding::new(state, vcpu));
+        Ok(port)
+    }
+
+    /// Changes an open port's state, keeping its vCPU.
+    fn set_state(&self, t: &mut Table, port: u32, state: PortState) {
+        let vcpu = t.vcpu(port);
+        if let (Some(entry), Some(slot)) = (
+            t.ports.get_mut(port as usize),
+            self.slots.get(port as usize),
+        ) {
+            *entry = (state, vcpu);
+            slot.publish(Binding::new(state, vcpu));
+        }
+    }
+
+    fn new_backend(&self, t: &mut Table, guest_port: u32) -> Result<(u32, EventFd), XenError> {
+        let be = t.free_backend().ok_or(XenError::NoSpace)?;
+        let io = |e: std::io::Error| XenError::Io(e.raw_os_error().unwrap_or(0));
+        let notify = EventFd::new(EFD_NONBLOCK).map_err(io)?;
+        let ours = notify.try_clone().map_err(io)?;
+        t.backends[be as usize] = Some(BackendSlot {
+            guest_port,
+            notify: ours,
+        });
+        Ok((be, notify))
+    }
+
+    /// Delivers to an open port on its bound vCPU, lock-free.
+    fn deliver(&self, port: u32) -> Result<SetPending, XenError> {
+        let guard = self.slot(port)?.try_read().ok_or(XenError::Closed)?;
+        let vcpu = u32::from(guard.binding.vcpu);
+        let r = self.mark_pending(port, vcpu);
+        drop(guard);
+        self.raise_if(r, vcpu)
+    }
+
+    /// Xen event_2l.c `evtchn_2l_set_pending`, in its strict order. The caller holds the port.
+    fn mark_pending(&self, port: u32, vcpu: u32) -> Result<SetPending, XenError> {
+        let sh = self.shared();
+        if sh.test_and_set_pending(port)? {
+            return Ok(SetPending::Coalesced);
+        }
+        if sh.test_mask(port)? {
+            return Ok(SetPending::Masked);
+        }
+        self.mark_vcpu(&sh, port, vcpu)
+    }
+
+    /// Sets the selector bit of the port's word, then `upcall_pending`.
+    fn mark_vcpu(&self, sh: &SharedInfo<'_>, port: u32, vcpu: u32) -> Result<SetPending, XenError> {
+        let (word, _) = self.layout.word_and_bit(port);
+        if sh.test_and_set_selector(vcpu, word)? {
+            return Ok(SetPending::SelectorAlreadySet);
+        }
+        if sh.test_and_set_upcall_pending(vcpu)? {
+            return Ok(SetPending::UpcallAlreadyPending);
+        }
+        Ok(SetPending::Raised)
+    }
+
+    fn raise_if(&self, r: Result<SetPending, XenError>, vcpu: u32) -> Result<SetPending, XenError> {
+        if r == Ok(SetPending::Raised) {
+            self.upcall.upcall(vcpu);
+        }
+        r
+    }
+
+    /// Xen event_2l.c `evtchn_2l_unmask`: clear the mask bit; if it was set and the port is
+    /// pending, set the selector bit and upcall_pending as in set-pending. With `clear_mask`
+    /// false this is QEMU's pseudo-unmask after a vCPU move: nothing if masked. Failures to
+    /// reach shared_info are ignored (the guest has nothing there to signal).
+    fn unmask_bits(&self, port: u32, vcpu: u32, clear_mask: bool) {
+        let sh = self.shared();
+        let proceed = if clear_mask {
+            sh.test_and_clear_mask(port)
+        } else {
+            sh.test_mask(port).map(|m| !m)
+        };
+        if proceed != Ok(true) || sh.test_pending(port) != Ok(true) {
+            return;
+        }
+        let r = self.mark_vcpu(&sh, port, vcpu);
+        let _ = self.raise_if(r, vcpu);
+    }
+}

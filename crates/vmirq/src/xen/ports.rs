@@ -1,0 +1,236 @@
+//! The port table.
+//!
+//! Each port has two halves:
+//! - a [`PortSlot`]: one atomic word holding what delivery needs (state, vCPU, VIRQ number,
+//!   priority) plus a reader count. Delivery reads it without a lock; only the holder of the
+//!   [`Table`] mutex changes the binding bits.
+//! - a [`PortState`] in the [`Table`], under the mutex: the whole binding, including peers and
+//!   remote domains, which only the hypercall path needs.
+//!
+//! The reader count is a per-port read-trylock in the spirit of Xen's `evtchn_read_trylock`
+//! (Xen ≥ 4.15 event_channel.c): delivery takes it with one `fetch_add` and backs off if the port
+//! is closed or being closed; close sets `CLOSING`, waits for the readers in flight to leave,
+//! clears the pending bit, and only then marks the slot closed. See the module doc of `xen`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::abi::stat;
+
+/// Default FIFO priority (event_channel.h `EVTCHN_FIFO_PRIORITY_DEFAULT`); 2-level ignores it.
+pub const DEFAULT_PRIORITY: u8 = 7;
+
+/// Where the other end of an unbound or interdomain port lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remote {
+    /// The guest itself: a loopback pair.
+    Guest,
+    /// A VMM backend (domain 0); the port number is the backend's.
+    Backend,
+}
+
+/// A port's binding, as `EVTCHNOP_status` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortState {
+    Closed,
+    Unbound { remote: Remote },
+    Interdomain { remote: Remote, remote_port: u32 },
+    Pirq(u32),
+    Virq(u32),
+    Ipi,
+}
+
+impl PortState {
+    pub fn stat(self) -> u32 {
+        match self {
+            PortState::Closed => stat::CLOSED,
+            PortState::Unbound { .. } => stat::UNBOUND,
+            PortState::Interdomain { .. } => stat::INTERDOMAIN,
+            PortState::Pirq(_) => stat::PIRQ,
+            PortState::Virq(_) => stat::VIRQ,
+            PortState::Ipi => stat::IPI,
+        }
+    }
+}
+
+/// What [`crate::xen::EventChannels::port_status`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortStatus {
+    pub state: PortState,
+    pub vcpu: u32,
+    /// The port's bits in `shared_info` (false when shared_info is outside guest RAM).
+    pub pending: bool,
+    pub masked: bool,
+}
+
+// Binding word: bits 2:0 state (EVTCHNSTAT_*), bit 3 CLOSING, bits 7:4 priority, bits 15:8
+// VIRQ number, bits 31:16 vCPU, bits 63:32 readers in flight.
+const STATE_MASK: u64 = 0x7;
+const CLOSING: u64 = 1 << 3;
+const PRIORITY_SHIFT: u32 = 4;
+const VIRQ_SHIFT: u32 = 8;
+const VCPU_SHIFT: u32 = 16;
+const BINDING_BITS: u64 = 0xffff_ffff;
+const READER: u64 = 1 << 32;
+
+/// The delivery half of a binding, as packed into a [`PortSlot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub stat: u32,
+    pub priority: u8,
+    pub virq: u8,
+    pub vcpu: u16,
+}
+
+impl Binding {
+    pub fn new(state: PortState, vcpu: u32) -> Self {
+        let virq = match state {
+            PortState::Virq(v) => v as u8,
+            _ => 0,
+        };
+        Self {
+            stat: state.stat(),
+            priority: DEFAULT_PRIORITY,
+            virq,
+            vcpu: vcpu as u16,
+        }
+    }
+
+    fn encode(self) -> u64 {
+        u64::from(self.stat) & STATE_MASK
+            | u64::from(self.priority & 0xf) << PRIORITY_SHIFT
+            | u64::from(self.virq) << VIRQ_SHIFT
+            | u64::from(self.vcpu) << VCPU_SHIFT
+    }
+
+    fn decode(word: u64) -> Self {
+        Self {
+            stat: (word & STATE_MASK) as u32,
+            priority: ((word >> PRIORITY_SHIFT) & 0xf) as u8,
+            virq: (word >> VIRQ_SHIFT) as u8,
+            vcpu: (word >> VCPU_SHIFT) as u16,
+        }
+    }
+}
+
+/// One port's atomic binding word.
+#[derive(Debug, Default)]
+pub struct PortSlot {
+    word: AtomicU64,
+}
+
+/// A read hold on an open port: while it lives, the port cannot finish closing.
+pub struct ReadGuard<'a> {
+    slot: &'a PortSlot,
+    pub binding: Binding,
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        // Release: the guest-memory bit operations done under the guard happen before the
+        // closer's Acquire load that sees the count drop.
+        self.slot.word.fetch_sub(READER, Ordering::Release);
+    }
+}
+
+impl PortSlot {
+    /// Takes a read hold if the port is open and not closing. Wait-free: one `fetch_add`, and
+    /// one `fetch_sub` when backing off.
+    pub fn try_read(&self) -> Option<ReadGuard<'_>> {
+        let old = self.word.fetch_add(READER, Ordering::AcqRel);
+        if old & STATE_MASK == u64::from(stat::CLOSED) || old & CLOSING != 0 {
+            self.word.fetch_sub(READER, Ordering::Release);
+            return None;
+        }
+        Some(ReadGuard {
+            slot: self,
+            binding: Binding::decode(old),
+        })
+    }
+
+    pub fn binding(&self) -> Binding {
+        Binding::decode(self.word.load(Ordering::Acquire))
+    }
+
+    /// Replaces the binding bits, keeping the reader count. Only the [`Table`] mutex holder
+    /// calls this, so the binding bits cannot change between the load and the xor.
+    pub fn publish(&self, binding: Binding) {
+        let old = self.word.load(Ordering::Acquire) & BINDING_BITS;
+        self.word
+            .fetch_xor(old ^ binding.encode(), Ordering::AcqRel);
+    }
+
+    /// First half of a close (mutex held): stops new readers and waits for those in flight.
+    /// Each reader holds the port for a handful of atomic operations on guest memory and never
+    /// blocks, so the wait is short; it yields after a few spins rather than burn a core.
+    pub fn begin_close(&self) {
+        self.word.fetch_or(CLOSING, Ordering::AcqRel);
+        let mut spins = 0u32;
+        while self.word.load(Ordering::Acquire) >= READER {
+            if spins < 64 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Second half of a close: the slot reads closed, vCPU 0, and accepts readers again (who
+    /// back off because it is closed). Readers that arrived meanwhile keep their count.
+    pub fn finish_close(&self) {
+        self.word.fetch_and(!BINDING_BITS, Ordering::AcqRel);
+    }
+}
+
+/// A VMM backend endpoint, under the [`Table`] mutex.
+#[derive(Debug)]
+pub struct BackendSlot {
+    /// The guest port it is connected to, 0 while unconnected.
+    pub guest_port: u32,
+    /// Signalled when the guest sends on the connected port.
+    pub notify: EventFd,
+}
+
+/// The slow-path state, protected by the `EventChannels` mutex.
+#[derive(Debug)]
+pub struct Table {
+    /// Indexed by port; entry 0 is never used.
+    pub ports: Vec<(PortState, u32)>,
+    /// Indexed by backend port; entry 0 is never used.
+    pub backends: Vec<Option<BackendSlot>>,
+}
+
+impl Table {
+    pub fn new(ports: u32) -> Self {
+        Self {
+            ports: vec![(PortState::Closed, 0); ports as usize],
+            backends: (0..ports).map(|_| None).collect(),
+        }
+    }
+
+    /// The lowest free port (Xen `get_free_port`); port 0 is reserved.
+    pub fn free_port(&self) -> Option<u32> {
+        (1..self.ports.len())
+            .find(|&p| self.ports[p].0 == PortState::Closed)
+            .map(|p| p as u32)
+    }
+
+    /// The lowest free backend port.
+    pub fn free_backend(&self) -> Option<u32> {
+        (1..self.backends.len())
+            .find(|&p| self.backends[p].is_none())
+            .map(|p| p as u32)
+    }
+
+    pub fn state(&self, port: u32) -> PortState {
+        self.ports
+            .get(port as usize)
+            .map_or(PortState::Closed, |p| p.0)
+    }
+
+    pub fn vcpu(&self, port: u32) -> u32 {
+        self.ports.get(port as usize).map_or(0, |p| p.1)
+    }
+}

@@ -1,0 +1,238 @@
+//! How a Xen guest's upcalls reach it, and the glue between [`EventChannels`] and the core.
+//!
+//! A vCPU's upcall goes to its per-vCPU vector (HVMOP_set_evtchn_upcall_vector) if it has one,
+//! else to the domain's callback (HVM_PARAM_CALLBACK_IRQ): a global vector delivered to that
+//! vCPU, or a callback GSI. The GSI is level and belongs to vCPU 0 (Xen: only vCPU 0's
+//! upcall_pending drives it): it is a level irqfd with a resamplefd, asserted when vCPU 0's
+//! upcall_pending goes up; at each EOI the line drops, and vmirq asserts it again if
+//! upcall_pending is still set — so it stays asserted exactly while the guest has not cleared
+//! it (QEMU xen_evtchn.c does the same check at EOI). Works on both irqchip modes.
+//!
+//! The configuration is read lock-free (`arc-swap`) on every upcall; changing it is rare.
+
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use arc_swap::ArcSwap;
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{EventChannels, UpcallSink};
+use crate::interrupts::{Error, Interrupts, Irqfd};
+use crate::msi::X86Msi;
+use crate::route::Gsi;
+use crate::router::lock;
+
+/// Where upcalls go when a vCPU has no per-vCPU vector (HVM_PARAM_CALLBACK_IRQ).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Callback {
+    /// Nothing is injected; the guest polls upcall_pending.
+    #[default]
+    None,
+    /// A vector injected into the vCPU whose upcall_pending went up.
+    Vector(u8),
+    /// A level GSI asserted while vCPU 0's upcall_pending is set.
+    Gsi(Gsi),
+}
+
+/// Errors configuring upcalls.
+#[derive(Debug, Error)]
+pub enum UpcallError {
+    #[error("vCPU {0} does not exist")]
+    NoSuchVcpu(u32),
+    #[error("upcall vector {0:#x} is below 0x10 (Xen refuses it with EINVAL)")]
+    BadVector(u8),
+    #[error("cannot wire the callback GSI: {0}")]
+    Gsi(#[from] Error),
+    #[error("cannot create the callback GSI's eventfds: {0}")]
+    Eventfd(#[source] std::io::Error),
+}
+
+#[derive(Clone, Default)]
+struct Config {
+    per_vcpu: Vec<Option<u8>>,
+    callback: Callback,
+}
+
+/// The callback GSI's level irqfd: its trigger, and the watch on its resamplefd.
+struct CallbackGsi {
+    trigger: Arc<EventFd>,
+    _resample: EventFd,
+    _irqfd: Irqfd,
+    watch: u64,
+}
+
+/// Delivers upcalls for [`EventChannels`]. See the module docs.
+pub struct Upcalls {
+    interrupts: Arc<Interrupts>,
+    config: ArcSwap<Config>,
+    gsi: Mutex<Option<CallbackGsi>>,
+    /// The callback GSI's trigger, for the lock-free upcall path.
+    gsi_trigger: ArcSwap<Option<Arc<EventFd>>>,
+    channels: OnceLock<Weak<EventChannels>>,
+}
+
+impl Upcalls {
+    pub fn new(interrupts: Arc<Interrupts>, vcpus: u32) -> Arc<Self> {
+        Arc::new(Self {
+            interrupts,
+            config: ArcSwap::from_pointee(Config {
+                per_vcpu: vec![None; vcpus as usize],
+                callback: Callback::None,
+            }),
+            gsi: Mutex::new(None),
+            gsi_trigger: ArcSwap::from_pointee(None),
+            channels: OnceLock::new(),
+        })
+    }
+
+    /// HVMOP_set_evtchn_upcall_vector: `vcpu`'s upcalls go to `vector` (None: back to the
+    /// callback).
+    pub fn set_upcall_vector(&self, vcpu: u32, vector: Option<u8>) -> Result<(), UpcallError> {
+        if let Some(v) = vector.filter(|v| *v < 0x10) {
+            return Err(UpcallError::BadVector(v));
+        }
+        let mut config = Config::clone(&self.config.load());
+        let slot = config
+            .per_vcpu
+            .get_mut(vcpu as usize)
+            .ok_or(UpcallError::NoSuchVcpu(vcpu))?;
+        *slot = vector;
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// HVM_PARAM_CALLBACK_IRQ: the domain's callback.
+    pub fn set_callback(self: &Arc<Self>, callback: Callback) -> Result<(), UpcallError> {
+        if let Callback::Vector(v) = callback {
+            if v < 0x10 {
+                return Err(UpcallError::BadVector(v));
+            }
+        }
+        let mut gsi = lock(&self.gsi);
+        if let Some(old) = gsi.take() {
+            self.gsi_trigger.store(Arc::new(None));
+            self.interrupts.unwatch(old.watch);
+        }
+        if let Callback::Gsi(g) = callback {
+            let wired = self.wire_gsi(g)?;
+            self.gsi_trigger
+                .store(Arc::new(Some(Arc::clone(&wired.trigger))));
+            *gsi = Some(wired);
+        }
+        let mut config = Config::clone(&self.config.load());
+        config.callback = callback;
+        self.config.store(Arc::new(config));
+        // An upcall already pending on vCPU 0 asserts the new GSI at once.
+        if let (Callback::Gsi(_), Some(ch)) = (callback, self.channels()) {
+            if ch.upcall_pending(0) {
+                self.upcall(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn wire_gsi(self: &Arc<Self>, gsi: Gsi) -> Result<CallbackGsi, UpcallError> {
+        let trigger = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(UpcallError::Eventfd)?);
+        let resample = EventFd::new(EFD_NONBLOCK).map_err(UpcallError::Eventfd)?;
+        let irqfd = self
+            .interrupts
+            .assign_irqfd_with_resample(&trigger, &resample, gsi)?;
+        let me = Arc::downgrade(self);
+        let again = Arc::clone(&trigger);
+        // At each EOI the line dropped: assert it again while vCPU 0 still has an upcall.
+        let watch = self.interrupts.watch(
+            &resample,
+            Arc::new(move || {
+                let still = me
+                    .upgrade()
+                    .and_then(|u| u.channels())
+                    .is_some_and(|ch| ch.upcall_pending(0));
+                if still {
+                    let _ = again.write(1);
+                }
+            }),
+        )?;
+        Ok(CallbackGsi {
+            trigger,
+            _resample: resample,
+            _irqfd: irqfd,
+            watch,
+        })
+    }
+
+    fn channels(&self) -> Option<Arc<EventChannels>> {
+        self.channels.get().and_then(Weak::upgrade)
+    }
+
+    /// Ties these upcalls to the event channels they serve (once).
+    pub(crate) fn bind(&self, channels: &Arc<EventChannels>) {
+        let _ = self.channels.set(Arc::downgrade(channels));
+    }
+}
+
+impl UpcallSink for Upcalls {
+    fn upcall(&self, vcpu: u32) {
+        let config = self.config.load();
+        let vector = match (
+            config.per_vcpu.get(vcpu as usize).copied().flatten(),
+            config.callback,
+        ) {
+            (Some(v), _) | (None, Callback::Vector(v)) => Some(v),
+            (None, Callback::Gsi(_)) => {
+                if vcpu == 0 {
+                    if let Some(t) = self.gsi_trigger.load().as_ref() {
+                        let _ = t.write(1);
+                    }
+                }
+                None
+            }
+            (None, Callback::None) => None,
+        };
+        if let Some(vector) = vector {
+            let msg = X86Msi::fixed(vcpu, vector).encode();
+            if let Err(e) = msg
+                .map_err(|e| e.to_string())
+                .and_then(|m| self.interrupts.signal_msi(m).map_err(|e| e.to_string()))
+            {
+                tracing::warn!("Xen upcall to vCPU {vcpu}: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Upcalls {
+    fn drop(&mut self) {
+        if let Some(old) = lock(&self.gsi).take() {
+            self.interrupts.unwatch(old.watch);
+        }
+    }
+}
+
+/// Routes of kind [`crate::Route::XenEvtchn`] deliver here: the lock-free 2-level marking.
+struct RouteSink(Weak<EventChannels>);
+
+impl crate::EventChannelSink for RouteSink {
+    fn set_pending(&self, port: u32, vcpu: u32) -> Result<(), String> {
+        let channels = self.0.upgrade().ok_or("the event channels are gone")?;
+        channels
+            .set_pending(port, vcpu)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Emulated event channels for a guest, wired to `interrupts`: upcalls go through the returned
+/// [`Upcalls`] (configure its vectors / callback), and routes of kind
+/// [`crate::Route::XenEvtchn`] mark their ports pending.
+pub fn attach(
+    interrupts: &Arc<Interrupts>,
+    memory: vm_memory::GuestMemoryMmap,
+    config: super::XenConfig,
+) -> (Arc<EventChannels>, Arc<Upcalls>) {
+    let upcalls = Upcalls::new(Arc::clone(interrupts), config.vcpus);
+    let sink: Arc<dyn UpcallSink> = upcalls.clone();
+    let channels = Arc::new(EventChannels::new(memory, config, sink));
+    upcalls.bind(&channels);
+    interrupts.attach_event_channels(Box::new(RouteSink(Arc::downgrade(&channels))));
+    (channels, upcalls)
+}
