@@ -171,11 +171,85 @@ fn msix_unmask_2048(m: &dyn Machine) -> Result<(f64, f64, f64), vmirq::Error> {
     Ok((batched, one_by_one, per_vector_bytes))
 }
 
+/// ns per fast-path event (`EventChannels::set_pending` on a bound, unmasked port whose
+/// pending bit is clear, while the guest has not yet consumed: selector and upcall_pending
+/// already set), and the floor it is compared with: three atomic RMWs on the same memory.
+/// Both on one private guest-memory page, same run.
+fn xen_set_pending() -> Result<(f64, f64), vmirq::Error> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmirq::xen::{EventChannels, UpcallSink, XenConfig};
+    struct NoUpcall;
+    impl UpcallSink for NoUpcall {
+        fn upcall(&self, _vcpu: u32) {}
+    }
+    const PORTS: u32 = 1000;
+    const ROUNDS: u32 = 200;
+    fn fail<E>(_: E) -> vmirq::Error {
+        vmirq::Error::Unsupported("set up the Xen bench memory")
+    }
+    let memory =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).map_err(fail)?;
+    let shared_info = 0x2_0000u64;
+    let config = XenConfig {
+        vcpus: 1,
+        long_mode: true,
+        shared_info_gpa: shared_info,
+        domid: 1,
+    };
+    let ch = EventChannels::new(memory.clone(), config, Arc::new(NoUpcall));
+    // Bind PORTS IPI ports on vCPU 0 (EVTCHNOP_bind_ipi = 7: {u32 vcpu, u32 port out}).
+    let args = GuestAddress(0x1000);
+    let mut ports = Vec::new();
+    for _ in 0..PORTS {
+        memory.write_obj(0u64, args).map_err(fail)?;
+        if ch.hypercall(0, 7, args.0) != 0 {
+            return Err(vmirq::Error::Xen("bind_ipi refused in the bench".into()));
+        }
+        ports.push(
+            memory
+                .read_obj::<u32>(GuestAddress(args.0 + 4))
+                .map_err(fail)?,
+        );
+    }
+    let pending = GuestAddress(shared_info + 0x800);
+    let clear = || {
+        for w in 0..16u64 {
+            let _ = memory.write_obj(0u64, GuestAddress(pending.0 + w * 8));
+        }
+    };
+    clear();
+    let mut total = Duration::ZERO;
+    for _ in 0..ROUNDS {
+        let t0 = Instant::now();
+        for &p in &ports {
+            let _ = ch.set_pending(p, 0);
+        }
+        total += t0.elapsed();
+        clear();
+    }
+    let per_event = total.as_nanos() as f64 / f64::from(PORTS * ROUNDS);
+    // The floor: three fetch_or on words of one cache line.
+    let words: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
+    let n = u64::from(PORTS * ROUNDS);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let bit = 1u64 << (i % 64);
+        words[0].fetch_or(bit, Ordering::SeqCst);
+        words[1].fetch_or(bit, Ordering::SeqCst);
+        words[2].fetch_or(bit, Ordering::SeqCst);
+    }
+    let floor = t0.elapsed().as_nanos() as f64 / n as f64;
+    std::hint::black_box(&words);
+    Ok((per_event, floor))
+}
+
 /// The latency paths: (name, machine, baseline), in the order their samples interleave.
-const LATENCY: [(&str, Mode, Option<&str>); 5] = [
+const LATENCY: [(&str, Mode, Option<&str>); 6] = [
     ("msi-irqfd-kernel", Mode::Kernel, None),
     ("msi-signal", Mode::Kernel, Some("msi-irqfd-kernel")),
     ("msi-irqfd-user", Mode::Kernel, Some("msi-irqfd-kernel")),
+    ("xen2l-upcall", Mode::Kernel, Some("msi-irqfd-kernel")),
     ("level-resample-kernel", Mode::Kernel, None),
     (
         "level-ioapic-split",
@@ -268,6 +342,14 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         None,
     ));
     let m: &dyn Machine = &*kernel;
+    let (set_pending, floor) = xen_set_pending().map_err(bench_err)?;
+    results.push(result("atomic.floor-3-rmw", floor, "ns", None));
+    results.push(result(
+        "xen2l.set-pending",
+        set_pending,
+        "ns",
+        Some(("atomic.floor-3-rmw", floor)),
+    ));
     let (batched, one_by_one, per_vector) = msix_unmask_2048(m).map_err(bench_err)?;
     results.push(result(
         "msix.unmask-2048.per-vector",

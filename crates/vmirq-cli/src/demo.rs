@@ -111,7 +111,7 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
     let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
     let split = boot(kind, &paths::machine_config(Mode::Split.irqchip()))?;
     let paced = count as u64;
-    let bar = ProgressBar::new(PATHS.len() as u64 * (paced + BURST) + MSIX_FIRES);
+    let bar = ProgressBar::new(PATHS.len() as u64 * (paced + BURST) + MSIX_FIRES + XEN_EVENTS);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>16} [{bar:40}] {pos}/{len} interrupts")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -130,6 +130,8 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
     }
     bar.set_prefix("msix");
     rows.push(drive_msix(&*kernel, paced, &bar)?);
+    bar.set_prefix("xen-2l");
+    rows.push(drive_xen(&*kernel, &bar)?);
     bar.finish_and_clear();
     let lost: u64 = rows.iter().map(|r| r.lost).sum();
     if json {
@@ -270,6 +272,106 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
         sent: MSIX_FIRES,
         delivered,
         coalesced: MSIX_FIRES.saturating_sub(delivered + lost),
+        lost,
+        p50_ns: quantile(&mut latencies, 0.50).as_nanos() as u64,
+        p99_ns: quantile(&mut latencies, 0.99).as_nanos() as u64,
+    })
+}
+
+/// Ports of the `xen-2l` row (half bound to each vCPU) and events sent over them.
+const XEN_PORTS: u32 = 32;
+const XEN_EVENTS: u64 = 1_000;
+
+/// The `xen-2l` row: the guest binds 32 IPI ports across both vCPUs; the host sends events
+/// through eventfd routes round-robin while the guest masks ports (a plain write of its mask
+/// bit) and unmasks them (EVTCHNOP_unmask) at random. An event on an unmasked port must be
+/// consumed by the guest's 2-level upcall handler; one on a masked port when it is unmasked.
+fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
+    let err = |source| DemoError::Path {
+        path: "xen-2l",
+        source,
+    };
+    let xen = paths::Xen::on(m).map_err(err)?;
+    let mut ports = Vec::new();
+    for i in 0..XEN_PORTS {
+        let vcpu = i % 2;
+        let port = xen.bind_ipi(m, vcpu).map_err(err)?;
+        let route = xen.route(m, port, vcpu).map_err(err)?;
+        ports.push((port, vcpu, route));
+    }
+    let before: Vec<u32> = ports.iter().map(|(p, _, _)| m.port_counter(*p)).collect();
+    let mut masked = vec![false; ports.len()];
+    let mut owed = vec![false; ports.len()];
+    let mut rng = XorShift(0xD1B5_4A32_D192_ED03);
+    let (mut latencies, mut lost) = (Vec::new(), 0u64);
+    let wait_port = |port: u32, n: u32| {
+        let deadline = Instant::now() + WAIT;
+        while m.port_counter(port) < n && Instant::now() < deadline {
+            m.pump();
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        m.port_counter(port) >= n
+    };
+    m.log().clear();
+    for i in 0..XEN_EVENTS {
+        if rng.next() % 8 == 0 {
+            let k = (rng.next() % u64::from(XEN_PORTS)) as usize;
+            let port = ports[k].0;
+            if masked[k] {
+                xen.unmask(m, port).map_err(err)?;
+                if owed[k] && !wait_port(port, m.port_counter(port).max(1)) {
+                    lost += 1;
+                }
+            } else {
+                xen.mask(m, port).map_err(err)?;
+            }
+            masked[k] ^= true;
+            owed[k] = false;
+        }
+        let k = (i % u64::from(XEN_PORTS)) as usize;
+        let (port, vcpu, (_, fd, _)) = &ports[k];
+        let expect = m.port_counter(*port) + 1;
+        m.log().clear();
+        let t0 = Instant::now();
+        fd.write(1).map_err(|_| err(vmirq::Error::BadEventFd))?;
+        if masked[k] {
+            owed[k] = true;
+        } else {
+            match m.wait_isr(
+                Some(*vcpu as usize),
+                vmirq_guest::layout::XEN_UPCALL_VECTOR,
+                WAIT,
+            ) {
+                Some(ev) => latencies.push(ev.at.saturating_duration_since(t0)),
+                None => lost += 1,
+            }
+            if !wait_port(*port, expect) {
+                lost += 1;
+            }
+        }
+        bar.inc(1);
+    }
+    // Unmask every port: each one still owed an event gets it.
+    for (k, (port, _, _)) in ports.iter().enumerate() {
+        if masked[k] {
+            let had = m.port_counter(*port);
+            xen.unmask(m, *port).map_err(err)?;
+            if owed[k] && !wait_port(*port, had + 1) {
+                lost += 1;
+            }
+        }
+    }
+    m.settle(Duration::from_millis(20));
+    let delivered: u64 = ports
+        .iter()
+        .zip(&before)
+        .map(|((p, _, _), b)| u64::from(m.port_counter(*p) - b))
+        .sum();
+    Ok(Row {
+        path: "xen-2l",
+        sent: XEN_EVENTS,
+        delivered,
+        coalesced: XEN_EVENTS.saturating_sub(delivered + lost),
         lost,
         p50_ns: quantile(&mut latencies, 0.50).as_nanos() as u64,
         p99_ns: quantile(&mut latencies, 0.99).as_nanos() as u64,

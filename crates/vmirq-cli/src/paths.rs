@@ -31,8 +31,8 @@ pub struct Rig {
     fire: Box<dyn Fn() -> Result<(), vmirq::Error> + Send + Sync>,
     /// Level paths: the resamplefd the guest's EOI signals.
     pub resample: Option<EventFd>,
-    /// What must live as long as the path does (GSI, eventfd, irqfd).
-    _keep: Option<(Option<GsiHandle>, EventFd, Irqfd)>,
+    /// What must live as long as the path does (GSI, eventfd, irqfd, ...).
+    _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Rig {
@@ -75,7 +75,7 @@ fn irqfd_rig(
         vector,
         fire: trigger_of(&fd)?,
         resample: None,
-        _keep: Some((gsi, fd, irqfd)),
+        _keep: Some(Box::new((gsi, fd, irqfd))),
     })
 }
 
@@ -106,7 +106,7 @@ fn level_rig(m: &dyn Machine, name: &'static str) -> Result<Rig, vmirq::Error> {
         vector: LEVEL_VECTOR,
         fire: trigger_of(&fd)?,
         resample: Some(resample),
-        _keep: Some((None, fd, irqfd)),
+        _keep: Some(Box::new((fd, irqfd))),
     })
 }
 
@@ -129,6 +129,18 @@ pub fn rig(m: &dyn Machine, name: &str) -> Result<Rig, vmirq::Error> {
         "pin-edge" => irqfd_rig(m, "pin-edge", PIN_VECTOR, None, Gsi(PIN), None),
         "level-resample-kernel" => level_rig(m, "level-resample-kernel"),
         "level-ioapic-split" => level_rig(m, "level-ioapic-split"),
+        "xen2l-upcall" => {
+            let xen = Xen::on(m)?;
+            let port = xen.bind_ipi(m, TARGET_VCPU as u32)?;
+            let (gsi, fd, irqfd) = xen.route(m, port, TARGET_VCPU as u32)?;
+            Ok(Rig {
+                name: "xen2l-upcall",
+                vector: vmirq_guest::layout::XEN_UPCALL_VECTOR,
+                fire: trigger_of(&fd)?,
+                resample: None,
+                _keep: Some(Box::new((gsi, fd, irqfd, xen))),
+            })
+        }
         _ => Err(vmirq::Error::Unsupported("rig an unknown path")),
     }
 }
@@ -211,4 +223,114 @@ pub fn msix_entry(v: u16, vector: u8, masked: bool) -> [(u32, u32); 4] {
         (base + 8, msg.data),
         (base + 12, u32::from(masked)),
     ]
+}
+
+/// Emulated Xen event channels on a machine: the guest is a 32-bit Xen HVM guest whose
+/// shared_info is at `XEN_SHARED_INFO`; each vCPU's upcalls go to `XEN_UPCALL_VECTOR`.
+pub struct Xen {
+    _channels: std::sync::Arc<vmirq::xen::EventChannels>,
+    _upcalls: std::sync::Arc<vmirq::xen::Upcalls>,
+}
+
+/// Where the guest's EVTCHNOP argument structs go.
+const XEN_ARGS: u32 = 0x9000;
+const EVTCHNOP_BIND_IPI: u32 = 7;
+const EVTCHNOP_UNMASK: u32 = 9;
+
+impl Xen {
+    /// Attaches event channels to `m` and has the guest's doorbell call them.
+    pub fn on(m: &dyn Machine) -> Result<Self, vmirq::Error> {
+        use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
+        let memory = m
+            .guest_memory()
+            .ok_or(vmirq::Error::Unsupported(
+                "emulate Xen without guest memory",
+            ))?
+            .clone();
+        let vcpus = 2;
+        let config = vmirq::xen::XenConfig {
+            vcpus,
+            long_mode: false,
+            shared_info_gpa: XEN_SHARED_INFO,
+            domid: 1,
+        };
+        let (channels, upcalls) = vmirq::xen::attach(m.interrupts(), memory, config);
+        for vcpu in 0..vcpus {
+            upcalls
+                .set_upcall_vector(vcpu, Some(XEN_UPCALL_VECTOR))
+                .map_err(|_| vmirq::Error::Unsupported("set the Xen upcall vector"))?;
+        }
+        let ch = std::sync::Arc::clone(&channels);
+        m.set_hypercall_handler(std::sync::Arc::new(
+            move |vcpu: usize, cmd: u32, args: u64| ch.hypercall(vcpu as u32, cmd, args),
+        ));
+        Ok(Self {
+            _channels: channels,
+            _upcalls: upcalls,
+        })
+    }
+
+    /// The guest issues EVTCHNOP_bind_ipi for `vcpu`; returns the port.
+    pub fn bind_ipi(&self, m: &dyn Machine, vcpu: u32) -> Result<u32, vmirq::Error> {
+        let mut args = [0u8; 8];
+        args[0..4].copy_from_slice(&vcpu.to_le_bytes());
+        let r = self.hypercall(m, EVTCHNOP_BIND_IPI, &mut args)?;
+        if r != 0 {
+            return Err(vmirq::Error::Xen(format!("bind_ipi failed: {r}")));
+        }
+        Ok(u32::from_le_bytes([args[4], args[5], args[6], args[7]]))
+    }
+
+    /// The guest issues EVTCHNOP_unmask for `port`.
+    pub fn unmask(&self, m: &dyn Machine, port: u32) -> Result<(), vmirq::Error> {
+        let mut args = port.to_le_bytes();
+        match self.hypercall(m, EVTCHNOP_UNMASK, &mut args)? {
+            0 => Ok(()),
+            r => Err(vmirq::Error::Xen(format!("unmask failed: {r}"))),
+        }
+    }
+
+    /// The guest masks `port` the way Linux does: a plain write of its own mask bit.
+    pub fn mask(&self, m: &dyn Machine, port: u32) -> Result<(), vmirq::Error> {
+        let word = vmirq_guest::layout::XEN_SHARED_INFO + 0x880 + u64::from(port / 32) * 4;
+        let mut b = [0u8; 4];
+        let io = |_| vmirq::Error::Unsupported("access guest memory");
+        m.read_guest(word, &mut b).map_err(io)?;
+        let w = u32::from_le_bytes(b) | 1 << (port % 32);
+        m.write_guest(word, &w.to_le_bytes()).map_err(io)
+    }
+
+    fn hypercall(&self, m: &dyn Machine, cmd: u32, args: &mut [u8]) -> Result<i64, vmirq::Error> {
+        let io = |_| vmirq::Error::Unsupported("run a guest hypercall");
+        m.write_guest(u64::from(XEN_ARGS), args).map_err(io)?;
+        let r = m
+            .guest_mmio(&[vmirq_guest::machine::hypercall_op(cmd, XEN_ARGS)])
+            .map_err(io)?[0] as i32;
+        m.read_guest(u64::from(XEN_ARGS), args).map_err(io)?;
+        Ok(i64::from(r))
+    }
+
+    /// An eventfd route to `port` on `vcpu` (KVM_IRQ_ROUTING_XEN_EVTCHN), served by vmirq.
+    pub fn route(
+        &self,
+        m: &dyn Machine,
+        port: u32,
+        vcpu: u32,
+    ) -> Result<(GsiHandle, EventFd, Irqfd), vmirq::Error> {
+        let irq = m.interrupts();
+        let gsi = irq.allocate_gsi()?;
+        let mut batch = irq.routes();
+        batch.set(
+            gsi.gsi(),
+            Route::XenEvtchn {
+                port,
+                vcpu,
+                priority: 7,
+            },
+        )?;
+        batch.commit()?;
+        let fd = eventfd()?;
+        let irqfd = irq.assign_irqfd(&fd, gsi.gsi())?;
+        Ok((gsi, fd, irqfd))
+    }
 }

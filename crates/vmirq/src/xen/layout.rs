@@ -88,24 +88,33 @@ impl Layout {
 /// is an atomic RMW on the guest's page (the guest changes these bits concurrently); an
 /// address outside guest RAM or misaligned is `XenError::Fault`, never a panic.
 pub struct SharedInfo<'a> {
-    pub memory: &'a GuestMemoryMmap,
-    pub base: u64,
+    /// The shared_info page, resolved once per operation (one region lookup, then only
+    /// offset checks); `None` if it is not wholly in guest RAM.
+    page: Option<vm_memory::VolatileSlice<'a, ()>>,
     pub layout: Layout,
 }
 
-impl SharedInfo<'_> {
+/// Bytes of the shared_info page.
+const SHARED_INFO_SIZE: usize = 0x1000;
+
+impl<'a> SharedInfo<'a> {
+    pub fn new(memory: &'a GuestMemoryMmap, base: u64, layout: Layout) -> Self {
+        let page = memory.get_slice(GuestAddress(base), SHARED_INFO_SIZE).ok();
+        Self { page, layout }
+    }
+
+    fn page(&self) -> Result<&vm_memory::VolatileSlice<'a, ()>, XenError> {
+        self.page.as_ref().ok_or(XenError::Fault)
+    }
+
     /// Atomically `word = op(word)` on the guest word at `offset`; returns the old word.
     fn rmw(&self, offset: u64, op: Rmw, bits: u64) -> Result<u64, XenError> {
-        let gpa = self.base.checked_add(offset).ok_or(XenError::Fault)?;
-        let size = self.layout.word_bytes as usize;
-        let slice = self
-            .memory
-            .get_slice(GuestAddress(gpa), size)
-            .map_err(|_| XenError::Fault)?;
+        let offset = usize::try_from(offset).map_err(|_| XenError::Fault)?;
+        let slice = self.page()?;
         let order = Ordering::SeqCst;
-        if size == 8 {
+        if self.layout.word_bytes == 8 {
             let w = slice
-                .get_atomic_ref::<AtomicU64>(0)
+                .get_atomic_ref::<AtomicU64>(offset)
                 .map_err(|_| XenError::Fault)?;
             Ok(match op {
                 Rmw::Or => w.fetch_or(bits, order),
@@ -114,7 +123,7 @@ impl SharedInfo<'_> {
             })
         } else {
             let w = slice
-                .get_atomic_ref::<AtomicU32>(0)
+                .get_atomic_ref::<AtomicU32>(offset)
                 .map_err(|_| XenError::Fault)?;
             let bits = bits as u32;
             Ok(u64::from(match op {
@@ -160,32 +169,22 @@ impl SharedInfo<'_> {
         Ok(self.rmw(offset, Rmw::Or, 1 << word)? & (1 << word) != 0)
     }
 
-    fn upcall_byte(&self, vcpu: u32) -> Result<vm_memory::VolatileSlice<'_, ()>, XenError> {
-        let gpa = self
-            .base
-            .checked_add(self.layout.vcpu_info(vcpu) + UPCALL_PENDING)
-            .ok_or(XenError::Fault)?;
-        self.memory
-            .get_slice(GuestAddress(gpa), 1)
+    fn upcall_byte(&self, vcpu: u32) -> Result<&AtomicU8, XenError> {
+        let offset = usize::try_from(self.layout.vcpu_info(vcpu) + UPCALL_PENDING)
+            .map_err(|_| XenError::Fault)?;
+        self.page()?
+            .get_atomic_ref::<AtomicU8>(offset)
             .map_err(|_| XenError::Fault)
     }
 
     /// Sets bit 0 of the vCPU's `evtchn_upcall_pending`; returns whether it was already set
     /// (Xen `vcpu_mark_events_pending`: `test_and_set_bit(0, ...)`).
     pub fn test_and_set_upcall_pending(&self, vcpu: u32) -> Result<bool, XenError> {
-        let slice = self.upcall_byte(vcpu)?;
-        let b = slice
-            .get_atomic_ref::<AtomicU8>(0)
-            .map_err(|_| XenError::Fault)?;
-        Ok(b.fetch_or(1, Ordering::SeqCst) & 1 != 0)
+        Ok(self.upcall_byte(vcpu)?.fetch_or(1, Ordering::SeqCst) & 1 != 0)
     }
 
     pub fn upcall_pending(&self, vcpu: u32) -> Result<bool, XenError> {
-        let slice = self.upcall_byte(vcpu)?;
-        let b = slice
-            .get_atomic_ref::<AtomicU8>(0)
-            .map_err(|_| XenError::Fault)?;
-        Ok(b.load(Ordering::SeqCst) & 1 != 0)
+        Ok(self.upcall_byte(vcpu)?.load(Ordering::SeqCst) & 1 != 0)
     }
 }
 

@@ -349,11 +349,7 @@ impl EventChannels {
     }
 
     fn shared(&self) -> SharedInfo<'_> {
-        SharedInfo {
-            memory: &self.memory,
-            base: self.config.shared_info_gpa,
-            layout: self.layout,
-        }
+        SharedInfo::new(&self.memory, self.config.shared_info_gpa, self.layout)
     }
 
     fn slot(&self, port: u32) -> Result<&PortSlot, XenError> {
