@@ -88,29 +88,65 @@ impl Layout {
 /// is an atomic RMW on the guest's page (the guest changes these bits concurrently); an
 /// address outside guest RAM or misaligned is `XenError::Fault`, never a panic.
 pub struct SharedInfo<'a> {
+    memory: &'a GuestMemoryMmap,
     /// The shared_info page, resolved once per operation (one region lookup, then only
     /// offset checks); `None` if it is not wholly in guest RAM.
     page: Option<vm_memory::VolatileSlice<'a, ()>>,
+    /// Per vCPU: the guest physical address of a `vcpu_info` the guest placed itself
+    /// (VCPUOP_register_vcpu_info), or 0 for the legacy slot in shared_info.
+    placed: &'a [AtomicU64],
     pub layout: Layout,
 }
 
 /// Bytes of the shared_info page.
 const SHARED_INFO_SIZE: usize = 0x1000;
 
+type Slice<'a> = vm_memory::VolatileSlice<'a, ()>;
+
 impl<'a> SharedInfo<'a> {
-    pub fn new(memory: &'a GuestMemoryMmap, base: u64, layout: Layout) -> Self {
+    pub fn new(
+        memory: &'a GuestMemoryMmap,
+        base: u64,
+        layout: Layout,
+        placed: &'a [AtomicU64],
+    ) -> Self {
         let page = memory.get_slice(GuestAddress(base), SHARED_INFO_SIZE).ok();
-        Self { page, layout }
+        Self {
+            memory,
+            page,
+            placed,
+            layout,
+        }
     }
 
-    fn page(&self) -> Result<&vm_memory::VolatileSlice<'a, ()>, XenError> {
-        self.page.as_ref().ok_or(XenError::Fault)
+    fn page(&self) -> Result<Slice<'a>, XenError> {
+        self.page.ok_or(XenError::Fault)
     }
 
-    /// Atomically `word = op(word)` on the guest word at `offset`; returns the old word.
+    /// The slice holding `vcpu`'s `vcpu_info`, and the offset of the `vcpu_info` in it.
+    fn vcpu_area(&self, vcpu: u32) -> Result<(Slice<'a>, u64), XenError> {
+        match self
+            .placed
+            .get(vcpu as usize)
+            .map(|a| a.load(Ordering::Acquire))
+        {
+            Some(gpa) if gpa != 0 => Ok((
+                self.memory
+                    .get_slice(GuestAddress(gpa), VCPU_INFO_SIZE as usize)
+                    .map_err(|_| XenError::Fault)?,
+                0,
+            )),
+            _ => Ok((self.page()?, self.layout.vcpu_info(vcpu))),
+        }
+    }
+
+    /// Atomically `word = op(word)` on the shared_info word at `offset`; returns the old word.
     fn rmw(&self, offset: u64, op: Rmw, bits: u64) -> Result<u64, XenError> {
+        self.rmw_in(self.page()?, offset, op, bits)
+    }
+
+    fn rmw_in(&self, slice: Slice<'a>, offset: u64, op: Rmw, bits: u64) -> Result<u64, XenError> {
         let offset = usize::try_from(offset).map_err(|_| XenError::Fault)?;
-        let slice = self.page()?;
         let order = Ordering::SeqCst;
         if self.layout.word_bytes == 8 {
             let w = slice
@@ -165,26 +201,37 @@ impl<'a> SharedInfo<'a> {
 
     /// Sets bit `word` of the vCPU's `evtchn_pending_sel`; returns whether it was already set.
     pub fn test_and_set_selector(&self, vcpu: u32, word: u32) -> Result<bool, XenError> {
-        let offset = self.layout.vcpu_info(vcpu) + self.layout.pending_sel;
-        Ok(self.rmw(offset, Rmw::Or, 1 << word)? & (1 << word) != 0)
+        let (slice, at) = self.vcpu_area(vcpu)?;
+        let offset = at + self.layout.pending_sel;
+        Ok(self.rmw_in(slice, offset, Rmw::Or, 1 << word)? & (1 << word) != 0)
     }
 
-    fn upcall_byte(&self, vcpu: u32) -> Result<&AtomicU8, XenError> {
-        let offset = usize::try_from(self.layout.vcpu_info(vcpu) + UPCALL_PENDING)
-            .map_err(|_| XenError::Fault)?;
-        self.page()?
+    /// Runs `op` on the vCPU's `evtchn_upcall_pending` byte.
+    fn upcall_byte<R>(&self, vcpu: u32, op: impl FnOnce(&AtomicU8) -> R) -> Result<R, XenError> {
+        let (slice, at) = self.vcpu_area(vcpu)?;
+        let offset = usize::try_from(at + UPCALL_PENDING).map_err(|_| XenError::Fault)?;
+        let byte = slice
             .get_atomic_ref::<AtomicU8>(offset)
-            .map_err(|_| XenError::Fault)
+            .map_err(|_| XenError::Fault)?;
+        Ok(op(byte))
     }
 
     /// Sets bit 0 of the vCPU's `evtchn_upcall_pending`; returns whether it was already set
     /// (Xen `vcpu_mark_events_pending`: `test_and_set_bit(0, ...)`).
     pub fn test_and_set_upcall_pending(&self, vcpu: u32) -> Result<bool, XenError> {
-        Ok(self.upcall_byte(vcpu)?.fetch_or(1, Ordering::SeqCst) & 1 != 0)
+        self.upcall_byte(vcpu, |b| b.fetch_or(1, Ordering::SeqCst) & 1 != 0)
     }
 
     pub fn upcall_pending(&self, vcpu: u32) -> Result<bool, XenError> {
-        Ok(self.upcall_byte(vcpu)?.load(Ordering::SeqCst) & 1 != 0)
+        self.upcall_byte(vcpu, |b| b.load(Ordering::SeqCst) & 1 != 0)
+    }
+
+    /// Marks every selector bit of `vcpu` (Xen map_vcpu_info: "mark everything as being
+    /// pending just to make sure nothing gets lost").
+    pub fn set_all_selectors(&self, vcpu: u32) -> Result<(), XenError> {
+        let (slice, at) = self.vcpu_area(vcpu)?;
+        self.rmw_in(slice, at + self.layout.pending_sel, Rmw::Or, u64::MAX)
+            .map(drop)
     }
 }
 

@@ -57,7 +57,7 @@ mod model_tests;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -74,8 +74,8 @@ pub use upcall::{attach, Callback, UpcallError, Upcalls};
 /// The guest's Xen setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct XenConfig {
-    /// vCPUs, clamped to 1..=32: only the legacy `vcpu_info` array in `shared_info` is
-    /// supported (VCPUOP_register_vcpu_info is not).
+    /// vCPUs, clamped to 1..=32 (the legacy `vcpu_info` array in `shared_info`); a vCPU's
+    /// `vcpu_info` may be moved elsewhere with [`EventChannels::register_vcpu_info`].
     pub vcpus: u32,
     /// 64-bit layout; else 32-bit compat (1024 ports, u32 words).
     pub long_mode: bool,
@@ -128,6 +128,9 @@ pub struct EventChannels {
     /// Port bound to (vCPU, VIRQ), at `vcpu * NR_VIRQS + virq`; 0 when none. Global VIRQs
     /// live under vCPU 0 (Xen `virq_to_evtchn`). Written under the mutex.
     virqs: Box<[AtomicU32]>,
+    /// Per vCPU: where the guest placed its `vcpu_info` (VCPUOP_register_vcpu_info), or 0
+    /// for the legacy slot in shared_info. Read lock-free by the fast path.
+    placed: Box<[AtomicU64]>,
     table: Mutex<Table>,
 }
 
@@ -143,6 +146,7 @@ impl EventChannels {
             layout,
             upcall,
             slots: (0..layout.ports).map(|_| PortSlot::default()).collect(),
+            placed: (0..config.vcpus).map(|_| AtomicU64::new(0)).collect(),
             virqs: (0..config.vcpus * NR_VIRQS)
                 .map(|_| AtomicU32::new(0))
                 .collect(),
@@ -317,6 +321,37 @@ impl EventChannels {
         Ok(())
     }
 
+    /// VCPUOP_register_vcpu_info: `vcpu`'s `vcpu_info` moves to guest physical `gpa` (which
+    /// must hold all 64 bytes within one page, 8-byte aligned, in guest RAM: else
+    /// -EINVAL, as Xen). Like Xen's map_vcpu_info, the old contents are copied over and every
+    /// selector bit is set with upcall_pending, so no event is lost across the move.
+    pub fn register_vcpu_info(&self, vcpu: u32, gpa: u64) -> Result<(), XenError> {
+        use vm_memory::Bytes;
+        let slot = self.placed.get(vcpu as usize).ok_or(XenError::NoEntry)?;
+        let page_offset = gpa % 0x1000;
+        if gpa % 8 != 0 || page_offset + layout::VCPU_INFO_SIZE > 0x1000 {
+            return Err(XenError::Invalid);
+        }
+        let mut old = [0u8; layout::VCPU_INFO_SIZE as usize];
+        let from = match slot.load(Ordering::Acquire) {
+            0 => self.config.shared_info_gpa + self.layout.vcpu_info(vcpu),
+            placed => placed,
+        };
+        self.memory
+            .read_slice(&mut old, GuestAddress(from))
+            .map_err(|_| XenError::Invalid)?;
+        self.memory
+            .write_slice(&old, GuestAddress(gpa))
+            .map_err(|_| XenError::Invalid)?;
+        slot.store(gpa, Ordering::Release);
+        let sh = self.shared();
+        sh.set_all_selectors(vcpu)?;
+        if !sh.test_and_set_upcall_pending(vcpu)? {
+            self.upcall.upcall(vcpu);
+        }
+        Ok(())
+    }
+
     /// Bit 0 of the vCPU's `evtchn_upcall_pending` (false for a bad vCPU or an unreachable
     /// shared_info).
     pub fn upcall_pending(&self, vcpu: u32) -> bool {
@@ -349,7 +384,12 @@ impl EventChannels {
     }
 
     fn shared(&self) -> SharedInfo<'_> {
-        SharedInfo::new(&self.memory, self.config.shared_info_gpa, self.layout)
+        SharedInfo::new(
+            &self.memory,
+            self.config.shared_info_gpa,
+            self.layout,
+            &self.placed,
+        )
     }
 
     fn slot(&self, port: u32) -> Result<&PortSlot, XenError> {

@@ -476,3 +476,39 @@ fn close_racing_send_never_leaves_a_closed_port_pending() {
         s.join().unwrap();
     }
 }
+
+#[test]
+fn a_vcpu_info_the_guest_placed_itself_receives_the_upcall_bits() {
+    let vm = vm();
+    let port = vm.bind_ipi(1);
+    let placed = SHINFO + 0x1000 + 0x40;
+    assert_eq!(
+        vm.ec.register_vcpu_info(1, placed + 4),
+        Err(XenError::Invalid),
+        "misaligned"
+    );
+    assert_eq!(
+        vm.ec.register_vcpu_info(1, SHINFO + 0x1fe0),
+        Err(XenError::Invalid),
+        "crosses a page"
+    );
+    assert_eq!(vm.ec.register_vcpu_info(9, placed), Err(XenError::NoEntry));
+    vm.ec.register_vcpu_info(1, placed).unwrap();
+    // Registration marks everything pending, as Xen's map_vcpu_info does.
+    assert!(vm.ec.upcall_pending(1));
+    assert_eq!(vm.up.take(), [1]);
+    vm.mem.write_obj(0u8, GuestAddress(placed)).unwrap();
+    vm.mem.write_obj(0u64, GuestAddress(placed + 8)).unwrap();
+    let legacy = SHINFO + vm.ec.layout().vcpu_info(1);
+    vm.mem.write_obj(0u8, GuestAddress(legacy)).unwrap();
+    vm.mem.write_obj(0u64, GuestAddress(legacy + 8)).unwrap();
+    assert_eq!(vm.port_op(abi::op::SEND, port), 0);
+    assert_eq!(vm.up.take(), [1]);
+    assert_eq!(vm.mem.read_obj::<u8>(GuestAddress(placed)).unwrap(), 1);
+    assert_ne!(vm.mem.read_obj::<u64>(GuestAddress(placed + 8)).unwrap(), 0);
+    assert_eq!(
+        vm.mem.read_obj::<u8>(GuestAddress(legacy)).unwrap(),
+        0,
+        "old slot untouched"
+    );
+}
