@@ -49,6 +49,27 @@ pub struct Row {
     pub p99_ns: u64,
 }
 
+impl Row {
+    /// Coalesced is what was neither delivered nor lost: triggers merged into one interrupt.
+    fn new(
+        path: &'static str,
+        sent: u64,
+        delivered: u64,
+        lost: u64,
+        latencies: &mut [Duration],
+    ) -> Self {
+        Self {
+            path,
+            sent,
+            delivered,
+            coalesced: sent.saturating_sub(delivered + lost),
+            lost,
+            p50_ns: quantile(latencies, 0.50).as_nanos() as u64,
+            p99_ns: quantile(latencies, 0.99).as_nanos() as u64,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     backend: &'static str,
@@ -96,15 +117,7 @@ fn drive(
     m.settle(Duration::from_millis(20));
     let sent = paced + BURST;
     let delivered = m.count(TARGET_VCPU, rig.vector) - before;
-    Ok(Row {
-        path: rig.name,
-        sent,
-        delivered,
-        coalesced: sent.saturating_sub(delivered + lost),
-        lost,
-        p50_ns: quantile(&mut latencies, 0.50).as_nanos() as u64,
-        p99_ns: quantile(&mut latencies, 0.99).as_nanos() as u64,
-    })
+    Ok(Row::new(rig.name, sent, delivered, lost, &mut latencies))
 }
 
 pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError> {
@@ -267,15 +280,13 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
     let delivered: u64 = (0..MSIX_VECTORS)
         .map(|v| count(v) - before[usize::from(v)])
         .sum();
-    Ok(Row {
-        path: "msix",
-        sent: MSIX_FIRES,
+    Ok(Row::new(
+        "msix",
+        MSIX_FIRES,
         delivered,
-        coalesced: MSIX_FIRES.saturating_sub(delivered + lost),
         lost,
-        p50_ns: quantile(&mut latencies, 0.50).as_nanos() as u64,
-        p99_ns: quantile(&mut latencies, 0.99).as_nanos() as u64,
-    })
+        &mut latencies,
+    ))
 }
 
 /// Ports of the `xen-2l` row (half bound to each vCPU) and events sent over them.
@@ -367,13 +378,11 @@ fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
         .zip(&before)
         .map(|((p, _, _), b)| u64::from(m.port_counter(*p) - b))
         .sum();
-    Ok(Row {
-        path: "xen-2l",
-        sent: XEN_EVENTS,
+    Ok(Row::new(
+        "xen-2l",
+        XEN_EVENTS,
         delivered,
-        coalesced: XEN_EVENTS.saturating_sub(delivered + lost),
         lost,
-        p50_ns: quantile(&mut latencies, 0.50).as_nanos() as u64,
-        p99_ns: quantile(&mut latencies, 0.99).as_nanos() as u64,
-    })
+        &mut latencies,
+    ))
 }

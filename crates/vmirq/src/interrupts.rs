@@ -176,17 +176,7 @@ impl Interrupts {
             }
         })?;
         registry.insert(key, gsi);
-        Ok(Irqfd {
-            owner: Arc::clone(self),
-            fd: own,
-            key,
-            gsi,
-            path,
-            token,
-            resampler: None,
-            level: false,
-            assigned: true,
-        })
+        Ok(Irqfd::new(self, own, key, gsi, path, token, None))
     }
 
     /// Binds `trigger` to `gsi` as a level irqfd with a resamplefd ("on ack, de-assert and
@@ -244,17 +234,9 @@ impl Interrupts {
             }
         };
         registry.insert(key, gsi);
-        Ok(Irqfd {
-            owner: Arc::clone(self),
-            fd: own,
-            key,
-            gsi,
-            path,
-            token,
-            resampler,
-            level: true,
-            assigned: true,
-        })
+        let mut irqfd = Irqfd::new(self, own, key, gsi, path, token, resampler);
+        irqfd.level = true;
+        Ok(irqfd)
     }
 
     /// Checks that `fd` is open and backs no irqfd yet; returns the registry (locked, for the
@@ -401,6 +383,28 @@ pub struct Irqfd {
 }
 
 impl Irqfd {
+    fn new(
+        owner: &Arc<Interrupts>,
+        fd: EventFd,
+        key: RawFd,
+        gsi: Gsi,
+        path: IrqfdPath,
+        token: Option<u64>,
+        resampler: Option<(Arc<Resampler<EventFd>>, u64)>,
+    ) -> Self {
+        Self {
+            owner: Arc::clone(owner),
+            fd,
+            key,
+            gsi,
+            path,
+            token,
+            resampler,
+            level: false,
+            assigned: true,
+        }
+    }
+
     pub fn gsi(&self) -> Gsi {
         self.gsi
     }
