@@ -311,3 +311,44 @@ on_every_machine!(
         assert_eq!(bar.vectors.tag(0).unwrap(), Some(7));
     }
 );
+
+on_every_machine!(
+    msi_multiple_message_vectors_reach_the_guest,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        use vmirq::msix::{MsiCapability, MsiVectors};
+        let msi = MsiVectors::new(
+            Arc::clone(m.interrupts()),
+            MsiCapability::new(8, true, true),
+        )
+        .unwrap();
+        let msg = X86Msi::fixed(1, 0xE0).encode().unwrap();
+        // Config-space writes as the guest's config cycles would make them: 64-bit address,
+        // data, then enable with 4 vectors (MME = 2). Vector i sends data | i.
+        let (_, events) = msi.update(|c, fx| {
+            c.config_write(0x04, &msg.address_lo().to_le_bytes(), fx);
+            c.config_write(0x08, &msg.address_hi().to_le_bytes(), fx);
+            c.config_write(0x0C, &(msg.data as u16).to_le_bytes(), fx);
+            c.config_write(0x02, &(1u16 | 2 << 4).to_le_bytes(), fx);
+        });
+        assert!(events.is_empty());
+        assert_eq!(msi.routed_vectors(), 4, "only the enabled vectors get GSIs");
+        for v in 0..4u16 {
+            msi.fire(v).unwrap();
+            let ev = m
+                .wait_isr(Some(1), 0xE0 + v as u8, WAIT)
+                .expect("MSI vector lost");
+            assert_eq!(ev.vcpu, 1);
+        }
+        // Per-vector mask: masked fires become the pending bit, delivered once at unmask.
+        msi.update(|c, fx| c.config_write(0x10, &0b10u32.to_le_bytes(), fx));
+        msi.fire(1).unwrap();
+        msi.fire(1).unwrap();
+        m.settle(Duration::from_millis(30));
+        assert_eq!(m.count(1, 0xE1), 1);
+        msi.update(|c, fx| c.config_write(0x10, &0u32.to_le_bytes(), fx));
+        assert_eq!(m.wait_count(1, 0xE1, 2, WAIT), 2);
+        m.settle(Duration::from_millis(30));
+        assert_eq!(m.count(1, 0xE1), 2);
+    }
+);
