@@ -58,18 +58,22 @@ pub(crate) enum Action {
 pub(crate) struct UserIrqfd {
     fd: EventFd,
     action: Action,
-    /// Held while an event is read and injected; `false` once deassigned. Deassign takes it,
-    /// so when deassign returns no injection is in flight and none will start.
-    live: Mutex<bool>,
+    /// Held while an event is read and acted on. Deassign sets `dead` and then takes it, so
+    /// when deassign returns no action is in flight and none will start. (On the dispatcher
+    /// thread itself — an action tearing down an irqfd — the in-flight action is the caller,
+    /// so setting `dead` suffices and waiting would deadlock.)
+    busy: Mutex<()>,
+    dead: std::sync::atomic::AtomicBool,
 }
 
-/// The per-VM userspace irqfd thread. Lock order: `entries`, then an entry's `live`.
+/// The per-VM userspace irqfd thread. Lock order: `entries`, then an entry's `busy`.
 pub(crate) struct Dispatcher {
     epoll: Epoll,
     entries: Mutex<HashMap<u64, Arc<UserIrqfd>>>,
     next_token: AtomicU64,
     stop: EventFd,
     thread: Mutex<Option<JoinHandle<()>>>,
+    thread_id: std::sync::OnceLock<std::thread::ThreadId>,
 }
 
 const STOP_TOKEN: u64 = 0;
@@ -89,6 +93,7 @@ impl Dispatcher {
             next_token: AtomicU64::new(1),
             stop,
             thread: Mutex::new(None),
+            thread_id: std::sync::OnceLock::new(),
         })
     }
 
@@ -106,7 +111,8 @@ impl Dispatcher {
         let entry = Arc::new(UserIrqfd {
             fd,
             action,
-            live: Mutex::new(true),
+            busy: Mutex::new(()),
+            dead: std::sync::atomic::AtomicBool::new(false),
         });
         lock(&self.entries).insert(token, entry);
         self.ensure_thread(inject)?;
@@ -126,8 +132,8 @@ impl Dispatcher {
         let Some(entry) = lock(&self.entries).remove(&token) else {
             return;
         };
-        let mut live = lock(&entry.live);
-        *live = false;
+        entry.dead.store(true, Ordering::Release);
+        let _in_flight_done = (!self.on_dispatcher_thread()).then(|| lock(&entry.busy));
         // The fd may already be gone from the set if the entry was never added; ignore.
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
@@ -146,11 +152,11 @@ impl Dispatcher {
         if thread.is_none() {
             let me = Arc::clone(self);
             let inject = Arc::clone(inject);
-            *thread = Some(
-                std::thread::Builder::new()
-                    .name("vmirq-dispatch".into())
-                    .spawn(move || me.run(&*inject))?,
-            );
+            let handle = std::thread::Builder::new()
+                .name("vmirq-dispatch".into())
+                .spawn(move || me.run(&*inject))?;
+            let _ = self.thread_id.set(handle.thread().id());
+            *thread = Some(handle);
         }
         Ok(())
     }
@@ -173,9 +179,9 @@ impl Dispatcher {
                 }
                 let entry = lock(&self.entries).get(&token).cloned();
                 if let Some(entry) = entry {
-                    let live = lock(&entry.live);
+                    let _busy = lock(&entry.busy);
                     // A read that finds the counter empty (EAGAIN) was a stale readiness.
-                    if *live && entry.fd.read().is_ok() {
+                    if !entry.dead.load(Ordering::Acquire) && entry.fd.read().is_ok() {
                         match &entry.action {
                             Action::Edge(gsi) => inject.inject_from_irqfd(*gsi),
                             Action::Level(resampler) => inject.assert_resampled(resampler),
@@ -187,11 +193,19 @@ impl Dispatcher {
         }
     }
 
-    /// Stops and joins the thread.
+    fn on_dispatcher_thread(&self) -> bool {
+        self.thread_id.get() == Some(&std::thread::current().id())
+    }
+
+    /// Stops and joins the thread (detaches it when called from the thread itself, as when
+    /// an action drops the last reference to the VM's interrupts).
     pub(crate) fn shutdown(&self) {
         let _ = self.stop.write(1);
-        if let Some(t) = lock(&self.thread).take() {
-            let _ = t.join();
+        let handle = lock(&self.thread).take();
+        if let Some(t) = handle {
+            if !self.on_dispatcher_thread() {
+                let _ = t.join();
+            }
         }
     }
 }
