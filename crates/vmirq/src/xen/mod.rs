@@ -291,6 +291,27 @@ impl EventChannels {
         Ok(BackendPort { port: be, notify })
     }
 
+    /// The backend on `backend_port` signals its guest end. Dropped silently if it is not
+    /// connected (Xen: a send on an unconnected channel). Decided under the table mutex, so a
+    /// guest port closed and reused meanwhile never receives a stale backend event.
+    pub fn backend_send(&self, backend_port: u32) -> Result<(), XenError> {
+        let t = self.lock();
+        let slot = t
+            .backends
+            .get(backend_port as usize)
+            .and_then(Option::as_ref)
+            .ok_or(XenError::NoEntry)?;
+        let connected = PortState::Interdomain {
+            remote: Remote::Backend,
+            remote_port: backend_port,
+        };
+        if slot.guest_port == 0 || t.state(slot.guest_port) != connected {
+            return Ok(());
+        }
+        // Lock-free delivery; holding the mutex only keeps the port from closing meanwhile.
+        self.notify_port(slot.guest_port)
+    }
+
     /// Opens an unconnected backend port for the guest to bind with
     /// `bind_interdomain(remote_dom = 0, remote_port = port)`.
     pub fn alloc_backend_unbound(&self) -> Result<BackendPort, XenError> {
