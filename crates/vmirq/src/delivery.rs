@@ -116,16 +116,6 @@ impl Delivery {
         Ok(())
     }
 
-    /// IOAPIC pins `gsi` is routed to.
-    fn pins(&self, gsi: Gsi) -> Vec<u32> {
-        self.router
-            .load()
-            .get(gsi)
-            .iter()
-            .filter_map(Route::ioapic_pin)
-            .collect()
-    }
-
     /// Runs `op` on the userspace IOAPIC, carries out its effects in order under the lock,
     /// then notifies the resamplers of acknowledged pins with the lock released.
     fn with_ioapic(&self, op: impl FnOnce(&mut Ioapic, &mut Effects)) {
@@ -201,9 +191,9 @@ impl Delivery {
 impl LevelSink for Delivery {
     fn set_level(&self, gsi: Gsi, level: bool) {
         let result = if self.ioapic.is_some() {
-            let pins = self.pins(gsi);
+            let table = self.router.load();
             self.with_ioapic(|ioapic, fx| {
-                for pin in pins {
+                for pin in table.get(gsi).iter().filter_map(Route::ioapic_pin) {
                     ioapic.set_line(pin, level, fx);
                 }
             });
@@ -222,9 +212,9 @@ impl LevelSink for Delivery {
 
 impl ResampledLine for Delivery {
     fn set_resampled(&self, gsi: Gsi, level: bool) {
-        let pins = self.pins(gsi);
+        let table = self.router.load();
         self.with_ioapic(|ioapic, fx| {
-            for pin in pins {
+            for pin in table.get(gsi).iter().filter_map(Route::ioapic_pin) {
                 ioapic.set_resampled_line(pin, level, fx);
             }
         });

@@ -45,41 +45,32 @@ pub trait VectorTable: Send {
     fn set_pending(&mut self, vector: u16, pending: bool);
 }
 
-impl VectorTable for MsixTable {
-    fn capacity(&self) -> u16 {
-        self.vectors()
-    }
-    fn message(&self, vector: u16) -> Option<MsiMessage> {
-        MsixTable::message(self, vector)
-    }
-    fn is_masked(&self, vector: u16) -> bool {
-        MsixTable::is_masked(self, vector)
-    }
-    fn is_pending(&self, vector: u16) -> bool {
-        MsixTable::is_pending(self, vector)
-    }
-    fn set_pending(&mut self, vector: u16, pending: bool) {
-        MsixTable::set_pending(self, vector, pending)
-    }
+/// Both capability models expose the trait's operations as inherent methods.
+macro_rules! vector_table {
+    ($model:ty, $capacity:expr) => {
+        impl VectorTable for $model {
+            fn capacity(&self) -> u16 {
+                $capacity(self)
+            }
+            fn message(&self, vector: u16) -> Option<MsiMessage> {
+                <$model>::message(self, vector)
+            }
+            fn is_masked(&self, vector: u16) -> bool {
+                <$model>::is_masked(self, vector)
+            }
+            fn is_pending(&self, vector: u16) -> bool {
+                <$model>::is_pending(self, vector)
+            }
+            fn set_pending(&mut self, vector: u16, pending: bool) {
+                <$model>::set_pending(self, vector, pending)
+            }
+        }
+    };
 }
 
-impl VectorTable for MsiCapability {
-    fn capacity(&self) -> u16 {
-        32
-    }
-    fn message(&self, vector: u16) -> Option<MsiMessage> {
-        MsiCapability::message(self, vector)
-    }
-    fn is_masked(&self, vector: u16) -> bool {
-        MsiCapability::is_masked(self, vector)
-    }
-    fn is_pending(&self, vector: u16) -> bool {
-        MsiCapability::is_pending(self, vector)
-    }
-    fn set_pending(&mut self, vector: u16, pending: bool) {
-        MsiCapability::set_pending(self, vector, pending)
-    }
-}
+vector_table!(MsixTable, MsixTable::vectors);
+// MSI: up to 32 vectors; the enabled count (MME) can change while vectors exist.
+vector_table!(MsiCapability, |_: &MsiCapability| 32);
 
 /// Errors from the device-facing API.
 #[derive(Debug, Error)]

@@ -301,11 +301,7 @@ impl EventChannels {
             .get(backend_port as usize)
             .and_then(Option::as_ref)
             .ok_or(XenError::NoEntry)?;
-        let connected = PortState::Interdomain {
-            remote: Remote::Backend,
-            remote_port: backend_port,
-        };
-        if slot.guest_port == 0 || t.state(slot.guest_port) != connected {
+        if !connected_to(&t, slot.guest_port, backend_port) {
             return Ok(());
         }
         // Lock-free delivery; holding the mutex only keeps the port from closing meanwhile.
@@ -329,11 +325,7 @@ impl EventChannels {
             .get_mut(backend_port as usize)
             .and_then(Option::take)
             .ok_or(XenError::NoEntry)?;
-        let connected = PortState::Interdomain {
-            remote: Remote::Backend,
-            remote_port: backend_port,
-        };
-        if slot.guest_port != 0 && t.state(slot.guest_port) == connected {
+        if connected_to(&t, slot.guest_port, backend_port) {
             let unbound = PortState::Unbound {
                 remote: Remote::Backend,
             };
@@ -545,4 +537,13 @@ impl EventChannels {
         let r = self.mark_vcpu(&sh, port, vcpu);
         let _ = self.raise_if(r, vcpu);
     }
+}
+
+/// Whether guest port `guest_port` is the live interdomain end of backend port `backend_port`.
+fn connected_to(t: &Table, guest_port: u32, backend_port: u32) -> bool {
+    let connected = PortState::Interdomain {
+        remote: Remote::Backend,
+        remote_port: backend_port,
+    };
+    guest_port != 0 && t.state(guest_port) == connected
 }
