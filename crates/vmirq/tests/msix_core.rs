@@ -191,3 +191,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn bar_accesses_anywhere_never_panic() {
+    let (_sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(2048)).unwrap();
+    vectors.write_message_control(ENABLE);
+    for offset in [0, 7, 0x7FF8, 0x8000, 0x8008, 0x8100, u64::MAX - 8, u64::MAX] {
+        for len in [1usize, 2, 4, 8] {
+            let mut d = vec![0u8; len];
+            vectors.bar_read(offset, &mut d);
+            vectors.bar_write(offset, &d);
+        }
+    }
+}

@@ -412,7 +412,9 @@ impl MsixVectors {
         if offset < pba {
             self.read(|t| t.table_read(offset, data));
         } else {
-            let first = ((offset - pba) / 8 * 64).min(u64::from(u16::MAX)) as u16;
+            let first = ((offset - pba) / 8)
+                .saturating_mul(64)
+                .min(u64::from(u16::MAX)) as u16;
             let mut inner = lock(&self.inner);
             Self::latch_locked(&mut inner, first..first.saturating_add(64));
             inner.table.pba_read(offset - pba, data);
