@@ -45,13 +45,8 @@ const IRQFDS_FOR_MEMORY: usize = 1000;
 /// Heap bytes the core spends per userspace irqfd (dispatcher entry, registry, handle).
 fn bytes_per_user_irqfd(m: &dyn Machine) -> Result<f64, vmirq::Error> {
     let irq = m.interrupts();
-    let gsi = irq.allocate_gsi()?;
-    let mut batch = irq.routes();
-    batch.set(
-        gsi.gsi(),
-        Route::msi(X86Msi::fixed(0, 0x7e).encode().expect("fits")),
-    )?;
-    batch.commit()?;
+    let gsi =
+        irq.allocate_routed_gsi(Route::msi(X86Msi::fixed(0, 0x7e).encode().expect("fits")))?;
     let fds: Vec<EventFd> = (0..IRQFDS_FOR_MEMORY)
         .map(|_| EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd))
         .collect::<Result<_, _>>()?;
@@ -72,13 +67,8 @@ fn bytes_per_user_irqfd(m: &dyn Machine) -> Result<f64, vmirq::Error> {
 /// be ~0, since the dispatcher sleeps in epoll_wait and halted vCPUs sleep in the kernel.
 fn idle_cpu_ms_per_s(m: &dyn Machine, n: usize) -> Result<f64, vmirq::Error> {
     let irq = m.interrupts();
-    let gsi = irq.allocate_gsi()?;
-    let mut batch = irq.routes();
-    batch.set(
-        gsi.gsi(),
-        Route::msi(X86Msi::fixed(0, 0x7d).encode().expect("fits")),
-    )?;
-    batch.commit()?;
+    let gsi =
+        irq.allocate_routed_gsi(Route::msi(X86Msi::fixed(0, 0x7d).encode().expect("fits")))?;
     let fds: Vec<EventFd> = (0..n)
         .map(|_| EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd))
         .collect::<Result<_, _>>()?;

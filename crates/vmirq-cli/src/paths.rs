@@ -85,11 +85,9 @@ fn msi_irqfd_rig(
     vector: u8,
     path: IrqfdPath,
 ) -> Result<Rig, vmirq::Error> {
-    let irq = m.interrupts();
-    let gsi = irq.allocate_gsi()?;
-    let mut batch = irq.routes();
-    batch.set(gsi.gsi(), Route::msi(msi(vector)))?;
-    batch.commit()?;
+    let gsi = m
+        .interrupts()
+        .allocate_routed_gsi(Route::msi(msi(vector)))?;
     let target = gsi.gsi();
     irqfd_rig(m, name, vector, Some(gsi), target, Some(path))
 }
@@ -318,17 +316,11 @@ impl Xen {
         vcpu: u32,
     ) -> Result<(GsiHandle, EventFd, Irqfd), vmirq::Error> {
         let irq = m.interrupts();
-        let gsi = irq.allocate_gsi()?;
-        let mut batch = irq.routes();
-        batch.set(
-            gsi.gsi(),
-            Route::XenEvtchn {
-                port,
-                vcpu,
-                priority: 7,
-            },
-        )?;
-        batch.commit()?;
+        let gsi = irq.allocate_routed_gsi(Route::XenEvtchn {
+            port,
+            vcpu,
+            priority: 7,
+        })?;
         let fd = eventfd()?;
         let irqfd = irq.assign_irqfd(&fd, gsi.gsi())?;
         Ok((gsi, fd, irqfd))

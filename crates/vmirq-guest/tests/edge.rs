@@ -27,10 +27,7 @@ fn msi_irqfd(
     path: Option<IrqfdPath>,
 ) -> (vmirq::GsiHandle, EventFd, vmirq::Irqfd) {
     let irq = m.interrupts();
-    let gsi = irq.allocate_gsi().unwrap();
-    let mut batch = irq.routes();
-    batch.set(gsi.gsi(), Route::msi(msg)).unwrap();
-    batch.commit().unwrap();
+    let gsi = irq.allocate_routed_gsi(Route::msi(msg)).unwrap();
     let fd = EventFd::new(0).unwrap();
     let irqfd = irq.assign_irqfd_on(&fd, gsi.gsi(), path).unwrap();
     (gsi, fd, irqfd)

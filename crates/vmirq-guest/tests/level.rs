@@ -193,15 +193,8 @@ on_every_machine!(
     level_pin,
     |m: &dyn Machine, _| {
         let irq = m.interrupts();
-        let gsi = irq.allocate_gsi().unwrap();
-        let mut batch = irq.routes();
-        batch
-            .set(
-                gsi.gsi(),
-                vmirq::Route::msi(vmirq::X86Msi::fixed(0, 0x70).encode().unwrap()),
-            )
-            .unwrap();
-        batch.commit().unwrap();
+        let msi = vmirq::X86Msi::fixed(0, 0x70).encode().unwrap();
+        let gsi = irq.allocate_routed_gsi(vmirq::Route::msi(msi)).unwrap();
         let (t, r) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
         let err = irq
             .assign_irqfd_with_resample(&t, &r, gsi.gsi())

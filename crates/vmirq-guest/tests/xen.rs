@@ -219,19 +219,12 @@ on_every_machine!(
         let _x = xen(m);
         let p = bind_ipi(m, 1);
         let irq = m.interrupts();
-        let gsi = irq.allocate_gsi().unwrap();
-        let mut batch = irq.routes();
-        batch
-            .set(
-                gsi.gsi(),
-                Route::XenEvtchn {
-                    port: p,
-                    vcpu: 1,
-                    priority: 7,
-                },
-            )
-            .unwrap();
-        batch.commit().unwrap();
+        let route = Route::XenEvtchn {
+            port: p,
+            vcpu: 1,
+            priority: 7,
+        };
+        let gsi = irq.allocate_routed_gsi(route).unwrap();
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
         let irqfd = irq.assign_irqfd(&fd, gsi.gsi()).unwrap();
         assert_eq!(

@@ -114,6 +114,16 @@ impl Interrupts {
         Ok(self.delivery.router.allocate()?)
     }
 
+    /// Allocates a GSI and gives it `route` in one commit: what a device model needs before
+    /// it assigns an irqfd. Dropping the handle frees both.
+    pub fn allocate_routed_gsi(&self, route: Route) -> Result<GsiHandle, Error> {
+        let gsi = self.allocate_gsi()?;
+        let mut batch = self.routes();
+        batch.set(gsi.gsi(), route)?;
+        batch.commit()?;
+        Ok(gsi)
+    }
+
     /// Injects an MSI now.
     pub fn signal_msi(&self, msg: MsiMessage) -> Result<(), Error> {
         Ok(self.backend().signal_msi(msg, None)?)
@@ -244,7 +254,7 @@ impl Interrupts {
     /// duplicate of the eventfd.
     fn claim(&self, fd: &EventFd) -> Result<(MutexGuard<'_, Registry>, RawFd, EventFd), Error> {
         let key = fd.as_raw_fd();
-        if !crate::sim::is_open(key) {
+        if !crate::irqfd::is_open(key) {
             return Err(Error::BadEventFd);
         }
         let registry = lock(&self.irqfds);

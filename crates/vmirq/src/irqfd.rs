@@ -222,3 +222,9 @@ fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether `fd` is an open descriptor.
+pub(crate) fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries the descriptor table; no memory is passed.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}

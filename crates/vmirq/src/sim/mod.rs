@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
 use crate::ioapic::{Effects, Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
+use crate::irqfd::is_open;
 use crate::msi::{DeliveryMode, MsiMessage, X86Msi};
 use crate::route::{Gsi, Route};
 use crate::router::lock;
@@ -403,12 +404,6 @@ fn readable(fd: &EventFd) -> bool {
     // SAFETY: `pfd` is a valid pollfd for the duration of the call; nfds is 1.
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
     n == 1 && pfd.revents & libc::POLLIN != 0
-}
-
-/// Whether `fd` is an open descriptor.
-pub(crate) fn is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only queries the descriptor table; no memory is passed.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
 
 impl Backend for SimBackend {
