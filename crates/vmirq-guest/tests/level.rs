@@ -34,7 +34,7 @@ struct Device {
 
 fn device(m: &dyn Machine, mode: Mode) -> Device {
     let trigger = EventFd::new(0).unwrap();
-    let resample = EventFd::new(0).unwrap();
+    let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let irqfd = m
         .interrupts()
         .assign_irqfd_with_resample(&trigger, &resample, Gsi(PIN))
@@ -111,25 +111,33 @@ on_every_machine!(
     level_pin,
     |m: &dyn Machine, mode| {
         let (a, b) = (device(m, mode), device(m, mode));
-        // Both assert: the line is their OR, one interrupt serves both, and its EOI tells both.
+        // Both assert: the line is their OR, and the EOI tells both. The two triggers are two
+        // writes, so the first may be delivered and acknowledged before the second asserts
+        // (real KVM does this now and then): one interrupt or two, never more, never none.
         a.trigger.write(1).unwrap();
         b.trigger.write(1).unwrap();
         wait_fd(m, &a.resample, WAIT).expect("device A was not told of the EOI");
         wait_fd(m, &b.resample, WAIT).expect("device B was not told of the EOI");
-        assert_eq!(m.wait_count(0, VECTOR, 1, WAIT), 1);
+        assert!(m.wait_count(0, VECTOR, 1, WAIT) >= 1);
+        m.settle(Duration::from_millis(30));
+        let first = m.count(0, VECTOR);
+        assert!((1..=2).contains(&first), "{first} interrupts for two asserts");
+        // A second interrupt's resample may still be counted in the eventfds: start clean.
+        let _ = a.resample.read();
+        let _ = b.resample.read();
         // A alone has more work: every resamplefd of the GSI still hears of the EOI.
-        for unit in 2..=4 {
+        for unit in 1..=3 {
             a.trigger.write(1).unwrap();
             assert_eq!(
-                m.wait_count(0, VECTOR, unit, WAIT),
-                unit,
+                m.wait_count(0, VECTOR, first + unit, WAIT),
+                first + unit,
                 "device A's unit {unit} not served"
             );
             wait_fd(m, &a.resample, WAIT).expect("device A was not told of the EOI");
             wait_fd(m, &b.resample, WAIT).expect("device B was not told of the EOI");
         }
         m.settle(Duration::from_millis(30));
-        assert_eq!(m.count(0, VECTOR), 4);
+        assert_eq!(m.count(0, VECTOR), first + 3);
     }
 );
 
