@@ -1,5 +1,6 @@
 //! `vmirq bench`: each figure with its ratio to a baseline measured in the same run.
-//! Samples of the paths are interleaved round-robin, so drift hits every path alike.
+//! Samples of the paths are interleaved in a random order each round, so drift and the state
+//! a previous sample left behind hit every path alike.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -209,37 +210,48 @@ fn xen_set_pending() -> Result<(f64, f64), vmirq::Error> {
         }
     };
     clear();
-    let mut total = Duration::ZERO;
+    // The floor: three fetch_or on words of one cache line, as many as set_pending's events.
+    let words: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
+    let floor_round = || {
+        let t0 = Instant::now();
+        for i in 0..u64::from(PORTS) {
+            let bit = 1u64 << (i % 64);
+            words[0].fetch_or(bit, Ordering::SeqCst);
+            words[1].fetch_or(bit, Ordering::SeqCst);
+            words[2].fetch_or(bit, Ordering::SeqCst);
+        }
+        t0.elapsed()
+    };
+    // Rounds of the two alternate, and each figure is the median round: a preemption or a
+    // migration spoils one round of one of them, not the ratio.
+    let (mut events, mut floors) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let t0 = Instant::now();
         for &p in &ports {
             let _ = ch.set_pending(p, 0);
         }
-        total += t0.elapsed();
+        events.push(t0.elapsed());
         clear();
+        floors.push(floor_round());
     }
-    let per_event = total.as_nanos() as f64 / f64::from(PORTS * ROUNDS);
-    // The floor: three fetch_or on words of one cache line.
-    let words: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
-    let n = u64::from(PORTS * ROUNDS);
-    let t0 = Instant::now();
-    for i in 0..n {
-        let bit = 1u64 << (i % 64);
-        words[0].fetch_or(bit, Ordering::SeqCst);
-        words[1].fetch_or(bit, Ordering::SeqCst);
-        words[2].fetch_or(bit, Ordering::SeqCst);
-    }
-    let floor = t0.elapsed().as_nanos() as f64 / n as f64;
     std::hint::black_box(&words);
+    let per_event =
+        |rounds: &mut Vec<Duration>| quantile(rounds, 0.5).as_nanos() as f64 / f64::from(PORTS);
+    let (per_event, floor) = (per_event(&mut events), per_event(&mut floors));
     Ok((per_event, floor))
 }
 
-/// The latency paths: (name, machine, baseline), in the order their samples interleave.
-const LATENCY: [(&str, Mode, Option<&str>); 6] = [
-    ("msi-irqfd-kernel", Mode::Kernel, None),
-    ("msi-signal", Mode::Kernel, Some("msi-irqfd-kernel")),
-    ("msi-irqfd-user", Mode::Kernel, Some("msi-irqfd-kernel")),
-    ("xen2l-upcall", Mode::Kernel, Some("msi-irqfd-kernel")),
+/// Edge latency paths, all on one VM with the host's default halt polling: (name, baseline).
+const EDGE_LATENCY: [(&str, Option<&str>); 4] = [
+    ("msi-irqfd-kernel", None),
+    ("msi-signal", Some("msi-irqfd-kernel")),
+    ("msi-irqfd-user", Some("msi-irqfd-kernel")),
+    ("xen2l-upcall", Some("msi-irqfd-kernel")),
+];
+
+/// Level latency paths: the kernel's resampler and vmirq's userspace IOAPIC necessarily run
+/// on two VMs (in-kernel and split irqchip).
+const LEVEL_LATENCY: [(&str, Mode, Option<&str>); 2] = [
     ("level-resample-kernel", Mode::Kernel, None),
     (
         "level-ioapic-split",
@@ -248,32 +260,36 @@ const LATENCY: [(&str, Mode, Option<&str>); 6] = [
     ),
 ];
 
-pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoError> {
-    let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
-    let split = boot(kind, &paths::machine_config(Mode::Split.irqchip()))?;
-    let machine = |mode: Mode| -> &dyn Machine {
-        match mode {
-            Mode::Kernel => &*kernel,
-            Mode::Split => &*split,
-        }
-    };
+/// Samples taken of every path before measuring.
+const WARM_UP: usize = 50;
+
+/// Measures `paths` (name, machine, baseline name) interleaved: after a warm-up, each round
+/// samples every path once, in a new random order. What ran just before a sample (whose
+/// threads are still settling, how deeply the CPUs idled) moves its latency by 2x on this
+/// host, so a fixed order would bias each path by its predecessor. Level paths measure the
+/// device's round trip (trigger → ISR → EOI → resamplefd) and also report its first leg.
+fn latency_phase(
+    paths: &[(&str, &dyn Machine, Option<&str>)],
+    samples: usize,
+) -> Result<Vec<Result_>, DemoError> {
     let bench_err = |source| DemoError::Path {
         path: "bench",
         source,
     };
-    let rigs: Vec<_> = LATENCY
+    let rigs: Vec<_> = paths
         .iter()
-        .map(|(name, mode, _)| paths::rig(machine(*mode), name).map_err(bench_err))
+        .map(|(name, m, _)| paths::rig(*m, name).map_err(bench_err))
         .collect::<Result<_, _>>()?;
     let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
     let mut to_isr: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
     let mut lost = 0u64;
-    // Warm up every path, then interleave samples so drift hits every path alike. Level paths
-    // measure the device's round trip: trigger → ISR → EOI → resamplefd.
-    for round in 0..samples + 50 {
-        for (i, (rig, (_, mode, _))) in rigs.iter().zip(LATENCY).enumerate() {
-            match paths::round_trip(machine(mode), rig).map_err(bench_err)? {
-                Some(trip) if round >= 50 => {
+    let mut order: Vec<usize> = (0..paths.len()).collect();
+    let mut rng = paths::XorShift(0x2545_F491_4F6C_DD1D);
+    for round in 0..samples + WARM_UP {
+        rng.shuffle(&mut order);
+        for &i in &order {
+            match paths::round_trip(paths[i].1, &rigs[i]).map_err(bench_err)? {
+                Some(trip) if round >= WARM_UP => {
                     lat[i].push(trip.round_trip);
                     to_isr[i].push(trip.isr);
                 }
@@ -285,46 +301,65 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
     if lost > 0 {
         return Err(DemoError::Lost(lost));
     }
-    let p50: Vec<f64> = lat
-        .iter_mut()
-        .map(|l| quantile(l, 0.5).as_nanos() as f64)
-        .collect();
-    let value_of = |name: &str| {
-        LATENCY
-            .iter()
-            .position(|(n, _, _)| *n == name)
-            .map(|i| p50[i])
-    };
-    let mut results: Vec<Result_> = LATENCY
-        .iter()
-        .zip(&p50)
-        .map(|((name, _, base), v)| {
-            let base = base.map(|b| (b, value_of(b).unwrap_or(f64::NAN)));
-            let base_name = base.map(|(b, v)| (format!("latency.{b}"), v));
-            result(
-                &format!("latency.{name}"),
-                *v,
-                "ns",
-                base_name.as_ref().map(|(n, v)| (n.as_str(), *v)),
-            )
-        })
-        .collect();
-    // The level paths' first leg alone (trigger → ISR), to show where a round trip's time goes.
-    for (i, (name, _, base)) in LATENCY.iter().enumerate() {
-        if name.starts_with("level-") {
-            let v = quantile(&mut to_isr[i], 0.5).as_nanos() as f64;
-            let b = base.and_then(|b| LATENCY.iter().position(|(n, _, _)| *n == b));
-            let bv = b.map(|b| quantile(&mut to_isr[b], 0.5).as_nanos() as f64);
-            let bn = base.map(|b| format!("latency.{b}.to-isr"));
+    let p50 = |l: &mut Vec<Duration>| quantile(l, 0.5).as_nanos() as f64;
+    let round_trip: Vec<f64> = lat.iter_mut().map(p50).collect();
+    let first_leg: Vec<f64> = to_isr.iter_mut().map(p50).collect();
+    let index = |name: &str| paths.iter().position(|(n, _, _)| *n == name);
+    let mut results = Vec::new();
+    for (suffix, values) in [("", &round_trip), (".to-isr", &first_leg)] {
+        for (i, (name, _, base)) in paths.iter().enumerate() {
+            if !suffix.is_empty() && rigs[i].resample.is_none() {
+                continue;
+            }
+            let base = base.and_then(|b| Some((format!("latency.{b}{suffix}"), values[index(b)?])));
             results.push(result(
-                &format!("latency.{name}.to-isr"),
-                v,
+                &format!("latency.{name}{suffix}"),
+                values[i],
                 "ns",
-                bn.as_deref().zip(bv),
+                base.as_ref().map(|(n, v)| (n.as_str(), *v)),
             ));
         }
     }
-    drop(rigs);
+    Ok(results)
+}
+
+pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoError> {
+    let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
+    let bench_err = |source| DemoError::Path {
+        path: "bench",
+        source,
+    };
+    let edge: Vec<_> = EDGE_LATENCY
+        .iter()
+        .map(|(name, base)| (*name, &*kernel, *base))
+        .collect();
+    let mut results = latency_phase(&edge, samples)?;
+    // The level pair runs on two VMs that must wait alike. With the host's adaptive halt
+    // polling, whichever VM's vCPU happens to poll wakes 2x faster and its path "wins" (the
+    // ratio flips between runs); so both VMs here have halt polling off and every interrupt
+    // pays the same wakeup.
+    // (KVM_CAP_HALT_POLL is Linux 5.19+: without it, say so and measure as the host is.)
+    let level_vm = |mode: Mode| {
+        let mut config = paths::machine_config(mode.irqchip());
+        config.halt_poll_ns = Some(0);
+        boot(kind, &config).or_else(|e| {
+            eprintln!("note: level paths measured with the host's halt polling ({e})");
+            boot(kind, &paths::machine_config(mode.irqchip()))
+        })
+    };
+    let (level_kernel, split) = (level_vm(Mode::Kernel)?, level_vm(Mode::Split)?);
+    let level: Vec<_> = LEVEL_LATENCY
+        .iter()
+        .map(|(name, mode, base)| {
+            let m: &dyn Machine = match mode {
+                Mode::Kernel => &*level_kernel,
+                Mode::Split => &*split,
+            };
+            (*name, m, *base)
+        })
+        .collect();
+    results.extend(latency_phase(&level, samples)?);
+    drop(level_kernel);
     results.push(result(
         "line.assert-deassert",
         line_assert_deassert_ns(&*split),
@@ -379,7 +414,7 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         );
     } else {
         println!(
-            "backend: {} ({samples} interleaved samples per latency path; level paths: trigger -> ISR -> EOI -> resamplefd)",
+            "backend: {} ({samples} interleaved samples per latency path; level paths: trigger -> ISR -> EOI -> resamplefd, halt polling off)",
             m.kind()
         );
         for r in &results {

@@ -190,18 +190,6 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
 const MSIX_VECTORS: u16 = 64;
 const MSIX_FIRES: u64 = 1_000;
 
-/// A small deterministic PRNG (xorshift64), for reproducible masking decisions.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// The `msix` row: a 64-vector device the guest programs through its BAR, fired round-robin
 /// while the guest masks and unmasks random vectors. A fire on an unmasked vector waits for
 /// its interrupt (latency); a fire on a masked one must come out when it is unmasked. Lost =
@@ -224,7 +212,7 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
     let before: Vec<u64> = (0..MSIX_VECTORS).map(count).collect();
     let mut masked = vec![false; usize::from(MSIX_VECTORS)];
     let mut owed = vec![false; usize::from(MSIX_VECTORS)];
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut rng = paths::XorShift(0x9E37_79B9_7F4A_7C15);
     let (mut latencies, mut lost) = (Vec::new(), 0u64);
     m.log().clear();
     for i in 0..MSIX_FIRES {
@@ -313,7 +301,7 @@ fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
     let before: Vec<u32> = ports.iter().map(|(p, _, _)| m.port_counter(*p)).collect();
     let mut masked = vec![false; ports.len()];
     let mut owed = vec![false; ports.len()];
-    let mut rng = XorShift(0xD1B5_4A32_D192_ED03);
+    let mut rng = paths::XorShift(0xD1B5_4A32_D192_ED03);
     let (mut latencies, mut lost) = (Vec::new(), 0u64);
     let wait_port = |port: u32, n: u32| {
         let deadline = Instant::now() + WAIT;

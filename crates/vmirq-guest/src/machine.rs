@@ -244,6 +244,8 @@ pub struct MachineConfig {
     /// [`layout::MMIO_SCRIPT_MAX`]).
     pub mmio_script: Vec<(u32, u32)>,
     pub interrupts: vmirq::Config,
+    /// KVM only: the VM's halt-polling bound (see `KvmVmConfig::halt_poll_ns`).
+    pub halt_poll_ns: Option<u32>,
 }
 
 impl MachineConfig {
@@ -253,6 +255,7 @@ impl MachineConfig {
             irqchip,
             mmio_script: Vec::new(),
             interrupts: vmirq::Config::default(),
+            halt_poll_ns: None,
         }
     }
 
@@ -625,6 +628,7 @@ impl KvmMachine {
             vcpus: config.vcpus,
             mem_size: GUEST_RAM,
             irqchip: config.irqchip,
+            halt_poll_ns: config.halt_poll_ns,
         })?;
         let interrupts = Interrupts::new(vm.backend(), config.interrupts)?;
         let image = program::build();

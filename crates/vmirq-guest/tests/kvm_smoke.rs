@@ -137,6 +137,7 @@ fn boot(mode: IrqchipMode, script: &[(u32, u32)]) -> (KvmVm, Arc<Recorder>) {
         vcpus: VCPUS,
         mem_size: MEM_SIZE,
         irqchip: mode,
+        halt_poll_ns: None,
     })
     .unwrap();
     let image: GuestImage = program::build();

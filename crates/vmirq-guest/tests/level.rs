@@ -121,7 +121,10 @@ on_every_machine!(
         assert!(m.wait_count(0, VECTOR, 1, WAIT) >= 1);
         m.settle(Duration::from_millis(30));
         let first = m.count(0, VECTOR);
-        assert!((1..=2).contains(&first), "{first} interrupts for two asserts");
+        assert!(
+            (1..=2).contains(&first),
+            "{first} interrupts for two asserts"
+        );
         // A second interrupt's resample may still be counted in the eventfds: start clean.
         let _ = a.resample.read();
         let _ = b.resample.read();

@@ -278,6 +278,7 @@ mod tests {
             vcpus: 1,
             mem_size: 0x10000,
             irqchip,
+            halt_poll_ns: None,
         };
         Some(KvmVm::new(config).unwrap())
     }

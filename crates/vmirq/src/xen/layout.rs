@@ -200,10 +200,20 @@ impl<'a> SharedInfo<'a> {
     }
 
     /// Sets bit `word` of the vCPU's `evtchn_pending_sel`; returns whether it was already set.
+    ///
+    /// Reads before it writes: a bit already set needs no locked RMW (the common case under
+    /// load, many ports per word). That is as good as Xen's `test_and_set_bit`: the caller set
+    /// the port's pending bit with a full barrier first, so a guest that takes the selector
+    /// word (xchg with 0) after this load still scans the port; one that took it before the
+    /// load left the bit clear, and then we set it.
     pub fn test_and_set_selector(&self, vcpu: u32, word: u32) -> Result<bool, XenError> {
         let (slice, at) = self.vcpu_area(vcpu)?;
         let offset = at + self.layout.pending_sel;
-        Ok(self.rmw_in(slice, offset, Rmw::Or, 1 << word)? & (1 << word) != 0)
+        let bit = 1 << word;
+        if self.rmw_in(slice, offset, Rmw::Load, 0)? & bit != 0 {
+            return Ok(true);
+        }
+        Ok(self.rmw_in(slice, offset, Rmw::Or, bit)? & bit != 0)
     }
 
     /// Runs `op` on the vCPU's `evtchn_upcall_pending` byte.
