@@ -9,7 +9,7 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_mp_state, kvm_segment, kvm_userspace_memory_region, KVM_CAP_HALT_POLL,
     KVM_CAP_SPLIT_IRQCHIP, KVM_MP_STATE_RUNNABLE,
 };
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmirq::IrqchipMode;
 
@@ -31,6 +31,16 @@ pub struct KvmVmConfig {
     /// `None` keeps the host's default (`kvm.halt_poll_ns`). A halted vCPU that polls wakes
     /// faster but spins a host CPU while it waits.
     pub halt_poll_ns: Option<u32>,
+}
+
+/// KVM_ENABLE_CAP on the VM with one argument.
+fn enable_cap(vm: &VmFd, cap: u32, arg: u64, op: &'static str) -> Result<(), KvmError> {
+    let mut request = kvm_enable_cap {
+        cap,
+        ..Default::default()
+    };
+    request.args[0] = arg;
+    vm.enable_cap(&request).map_err(|e| KvmError::ioctl(op, e))
 }
 
 /// Where each vCPU starts: real mode, CS = 0, IP = `ip`, SS:SP = 0:`stack_top(vcpu)`.
@@ -87,25 +97,20 @@ impl KvmVm {
             IrqchipMode::Kernel => vm
                 .create_irq_chip()
                 .map_err(|e| KvmError::ioctl("KVM_CREATE_IRQCHIP", e))?,
-            IrqchipMode::Split { ioapic_pins } => {
-                let mut cap = kvm_enable_cap {
-                    cap: KVM_CAP_SPLIT_IRQCHIP,
-                    ..Default::default()
-                };
-                cap.args[0] = u64::from(ioapic_pins);
-                vm.enable_cap(&cap)
-                    .map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
-            }
+            IrqchipMode::Split { ioapic_pins } => enable_cap(
+                &vm,
+                KVM_CAP_SPLIT_IRQCHIP,
+                ioapic_pins.into(),
+                "KVM_ENABLE_CAP(SPLIT_IRQCHIP)",
+            )?,
         }
-
         if let Some(ns) = config.halt_poll_ns {
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_HALT_POLL,
-                ..Default::default()
-            };
-            cap.args[0] = u64::from(ns);
-            vm.enable_cap(&cap)
-                .map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP(HALT_POLL)", e))?;
+            enable_cap(
+                &vm,
+                KVM_CAP_HALT_POLL,
+                ns.into(),
+                "KVM_ENABLE_CAP(HALT_POLL)",
+            )?;
         }
 
         let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.mem_size)])
