@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vmirq_guest::machine::{boot, wait_fd, BackendKind, Machine, MachineError, Mode};
+use vmirq_guest::machine::{boot, drain_burst, wait_fd, BackendKind, Machine, MachineError, Mode};
 
 use crate::paths::{self, TARGET_VCPU};
 use crate::report::{human_ns, quantile};
@@ -102,10 +102,15 @@ fn drive(
         last_trigger = Instant::now();
         rig.fire()?;
     }
-    let mut after_last = false;
-    while let Some(ev) = m.wait_isr(Some(TARGET_VCPU), rig.vector, Duration::from_millis(200)) {
-        after_last |= ev.at >= last_trigger;
-    }
+    let last_isr = drain_burst(
+        m,
+        Some(TARGET_VCPU),
+        rig.vector,
+        last_trigger,
+        WAIT,
+        Duration::from_millis(200),
+    );
+    let mut after_last = last_isr.is_some_and(|at| at >= last_trigger);
     if let Some(fd) = &rig.resample {
         // The burst's interrupt was acknowledged: the device hears of it.
         after_last &= wait_fd(m, fd, WAIT).is_some();

@@ -287,6 +287,34 @@ pub fn ioapic_pin_script(
     ]
 }
 
+/// Takes the ISR reports of a burst of interrupts of `vector` (on `vcpu`, or any): waits up to
+/// `timeout` for one taken at or after `since` (the burst's last trigger), then keeps taking
+/// them until `quiet` passes with none. Returns when the last one taken was reported, if any.
+/// A slow host delays the burst's last delivery; only then does the short window apply.
+pub fn drain_burst(
+    m: &dyn Machine,
+    vcpu: Option<usize>,
+    vector: u8,
+    since: Instant,
+    timeout: Duration,
+    quiet: Duration,
+) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    let mut last: Option<Instant> = None;
+    loop {
+        let after = last.is_some_and(|at| at >= since);
+        let window = if after {
+            quiet
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match m.wait_isr(vcpu, vector, window) {
+            Some(ev) => last = Some(last.map_or(ev.at, |l| l.max(ev.at))),
+            None => return last,
+        }
+    }
+}
+
 /// Waits up to `timeout` for `fd` (a resamplefd) to be signalled, letting the machine run;
 /// consumes and returns its count.
 pub fn wait_fd(

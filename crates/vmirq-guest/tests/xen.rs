@@ -311,7 +311,9 @@ on_every_machine!(
         let upcalls = m.count(0, XEN_UPCALL_VECTOR);
         assert!((3..=6).contains(&upcalls), "{upcalls} upcalls for 3 events");
         assert!(!x.channels.upcall_pending(0));
-        m.settle(Duration::from_millis(50));
-        assert_eq!(m.count(0, XEN_UPCALL_VECTOR), upcalls);
+        m.settle(Duration::from_millis(200));
+        // At most one re-assert still in flight (KVM here resamples at delivery, before the
+        // guest clears upcall_pending); a storm would be many.
+        assert!(m.count(0, XEN_UPCALL_VECTOR) <= upcalls + 1);
     }
 );

@@ -33,8 +33,11 @@ fn a_level_storm_is_deferred_after_ten_thousand_redeliveries() {
     // The first delivery plus 9,999 EOI re-deliveries; the 10,000th waits ~10 ms.
     assert_eq!(sim.count(0, VECTOR), 10_000);
     assert_eq!(irq.stats().storm_deferrals.load(Ordering::Relaxed), 1);
-    std::thread::sleep(Duration::from_millis(50));
-    sim.run_until_idle();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sim.count(0, VECTOR) == 10_000 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        sim.run_until_idle();
+    }
     assert!(
         sim.count(0, VECTOR) > 10_000,
         "the deferred re-delivery never came"
@@ -70,7 +73,9 @@ fn eoi_deasserts_once_and_signals_every_resamplefd_of_the_gsi() {
         .map(|(t, r)| irq.assign_irqfd_with_resample(t, r, Gsi(PIN)).unwrap())
         .collect();
     assert!(irqfds.iter().all(|i| i.path() == IrqfdPath::User));
-    // Two devices assert; the line is their OR: one interrupt.
+    // Two devices assert; the line is their OR. The dispatcher thread handles the two writes
+    // one after the other, and the simulated vCPU may take and EOI the first interrupt in
+    // between: one interrupt or two, and every resamplefd hears of each EOI once.
     fds[0].0.write(1).unwrap();
     fds[1].0.write(1).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -78,17 +83,18 @@ fn eoi_deasserts_once_and_signals_every_resamplefd_of_the_gsi() {
         sim.run_until_idle();
         std::thread::sleep(Duration::from_millis(1));
     }
-    std::thread::sleep(Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(50));
     sim.run_until_idle();
-    assert_eq!(sim.count(0, VECTOR), 1);
+    let n = sim.count(0, VECTOR);
+    assert!((1..=2).contains(&n), "{n} interrupts for two asserts");
     for (_, r) in &fds {
         assert_eq!(
             r.read().unwrap(),
-            1,
-            "every resamplefd hears of the EOI, once"
+            n,
+            "every resamplefd hears of each EOI, once"
         );
     }
-    assert_eq!(irq.stats().resamples.load(Ordering::Relaxed), 1);
+    assert_eq!(irq.stats().resamples.load(Ordering::Relaxed), n);
 }
 
 #[test]
