@@ -414,8 +414,9 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         );
     } else {
         println!(
-            "backend: {} ({samples} interleaved samples per latency path; level paths: trigger -> ISR -> EOI -> resamplefd, halt polling off)",
-            m.kind()
+            "backend: {} ({samples} interleaved samples per latency path; level paths: trigger -> ISR -> EOI -> resamplefd{})",
+            m.kind(),
+            if m.kind() == "kvm" { ", halt polling off" } else { "" }
         );
         for r in &results {
             let value = if r.unit == "ns" {

@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         sim: bool,
         /// Paced triggers per path (each waits for its interrupt).
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 300, value_parser = at_least_one)]
         count: usize,
     },
     /// Measure each path against its baseline in one run; report ratios.
@@ -46,9 +46,18 @@ enum Command {
         #[arg(long)]
         sim: bool,
         /// Latency samples per path.
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 2000, value_parser = at_least_one)]
         samples: usize,
     },
+}
+
+/// A count of one or more.
+fn at_least_one(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// KVM when it works, else the simulated backend with a one-line notice.

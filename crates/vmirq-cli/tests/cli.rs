@@ -132,3 +132,17 @@ fn check_bench(report: &Value, backend: &str) {
 fn vmirq_kvm_gate(name: &str) -> bool {
     vmirq_guest::machine::kvm_test_gate(name)
 }
+
+#[test]
+fn a_zero_count_is_refused_in_one_line() {
+    for args in [["bench", "--samples", "0"], ["demo", "--count", "0"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmirq"))
+            .args(args)
+            .output()
+            .expect("vmirq runs");
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains("must be at least 1"), "{args:?}: {err}");
+    }
+}
