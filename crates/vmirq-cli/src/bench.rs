@@ -235,10 +235,9 @@ fn xen_set_pending() -> Result<(f64, f64), vmirq::Error> {
         floors.push(floor_round());
     }
     std::hint::black_box(&words);
-    let per_event =
+    let median_per_event =
         |rounds: &mut Vec<Duration>| quantile(rounds, 0.5).as_nanos() as f64 / f64::from(PORTS);
-    let (per_event, floor) = (per_event(&mut events), per_event(&mut floors));
-    Ok((per_event, floor))
+    Ok((median_per_event(&mut events), median_per_event(&mut floors)))
 }
 
 /// Edge latency paths, all on one VM with the host's default halt polling: (name, baseline).
@@ -260,35 +259,38 @@ const LEVEL_LATENCY: [(&str, Mode, Option<&str>); 2] = [
     ),
 ];
 
+fn bench_err(source: vmirq::Error) -> DemoError {
+    DemoError::Path {
+        path: "bench",
+        source,
+    }
+}
+
 /// Samples taken of every path before measuring.
 const WARM_UP: usize = 50;
 
-/// Measures `paths` (name, machine, baseline name) interleaved: after a warm-up, each round
+/// Measures `lineup` (name, machine, baseline name) interleaved: after a warm-up, each round
 /// samples every path once, in a new random order. What ran just before a sample (whose
 /// threads are still settling, how deeply the CPUs idled) moves its latency by 2x on this
 /// host, so a fixed order would bias each path by its predecessor. Level paths measure the
 /// device's round trip (trigger → ISR → EOI → resamplefd) and also report its first leg.
 fn latency_phase(
-    paths: &[(&str, &dyn Machine, Option<&str>)],
+    lineup: &[(&str, &dyn Machine, Option<&str>)],
     samples: usize,
 ) -> Result<Vec<Result_>, DemoError> {
-    let bench_err = |source| DemoError::Path {
-        path: "bench",
-        source,
-    };
-    let rigs: Vec<_> = paths
+    let rigs: Vec<_> = lineup
         .iter()
         .map(|(name, m, _)| paths::rig(*m, name).map_err(bench_err))
         .collect::<Result<_, _>>()?;
     let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
     let mut to_isr: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
     let mut lost = 0u64;
-    let mut order: Vec<usize> = (0..paths.len()).collect();
+    let mut order: Vec<usize> = (0..lineup.len()).collect();
     let mut rng = paths::XorShift(0x2545_F491_4F6C_DD1D);
     for round in 0..samples + WARM_UP {
         rng.shuffle(&mut order);
         for &i in &order {
-            match paths::round_trip(paths[i].1, &rigs[i]).map_err(bench_err)? {
+            match paths::round_trip(lineup[i].1, &rigs[i]).map_err(bench_err)? {
                 Some(trip) if round >= WARM_UP => {
                     lat[i].push(trip.round_trip);
                     to_isr[i].push(trip.isr);
@@ -304,10 +306,10 @@ fn latency_phase(
     let p50 = |l: &mut Vec<Duration>| quantile(l, 0.5).as_nanos() as f64;
     let round_trip: Vec<f64> = lat.iter_mut().map(p50).collect();
     let first_leg: Vec<f64> = to_isr.iter_mut().map(p50).collect();
-    let index = |name: &str| paths.iter().position(|(n, _, _)| *n == name);
+    let index = |name: &str| lineup.iter().position(|(n, _, _)| *n == name);
     let mut results = Vec::new();
     for (suffix, values) in [("", &round_trip), (".to-isr", &first_leg)] {
-        for (i, (name, _, base)) in paths.iter().enumerate() {
+        for (i, (name, _, base)) in lineup.iter().enumerate() {
             if !suffix.is_empty() && rigs[i].resample.is_none() {
                 continue;
             }
@@ -325,10 +327,6 @@ fn latency_phase(
 
 pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoError> {
     let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
-    let bench_err = |source| DemoError::Path {
-        path: "bench",
-        source,
-    };
     let edge: Vec<_> = EDGE_LATENCY
         .iter()
         .map(|(name, base)| (*name, &*kernel, *base))

@@ -241,7 +241,7 @@ impl Inject for Delivery {
     }
 
     fn assert_resampled(&self, resampler: &Resampler<EventFd>) {
-        self.stats.user_injections.fetch_add(1, Ordering::Relaxed);
         resampler.assert(self);
+        self.stats.user_injections.fetch_add(1, Ordering::Relaxed);
     }
 }
