@@ -27,6 +27,8 @@ pub fn kvm_test_gate(name: &str) -> bool {
     } else {
         "SKIPPED (no /dev/kvm)"
     };
-    let _ = writeln!(std::io::stderr(), "kvm test {name}: {verdict}");
+    // One write of the whole line, so it never interleaves with the harness's output.
+    let line = format!("kvm test {name}: {verdict}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
     available
 }
