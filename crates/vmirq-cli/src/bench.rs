@@ -284,7 +284,7 @@ fn latency_phase(
         .collect::<Result<_, _>>()?;
     let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
     let mut to_isr: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); rigs.len()];
-    let mut lost = 0u64;
+    let mut lost = vec![0u64; rigs.len()];
     let mut order: Vec<usize> = (0..lineup.len()).collect();
     let mut rng = paths::XorShift(0x2545_F491_4F6C_DD1D);
     for round in 0..samples + WARM_UP {
@@ -296,12 +296,12 @@ fn latency_phase(
                     to_isr[i].push(trip.isr);
                 }
                 Some(_) => {}
-                None => lost += 1,
+                None => lost[i] += 1,
             }
         }
     }
-    if lost > 0 {
-        return Err(DemoError::Lost(lost));
+    if let Some(e) = DemoError::lost(lineup.iter().map(|(n, _, _)| *n).zip(lost)) {
+        return Err(e);
     }
     let p50 = |l: &mut Vec<Duration>| quantile(l, 0.5).as_nanos() as f64;
     let round_trip: Vec<f64> = lat.iter_mut().map(p50).collect();
