@@ -159,24 +159,23 @@ pub const fn counter_addr(vcpu: usize, vector: u8) -> Option<u64> {
     }
 }
 
-/// Guest address of the hypercall mailbox of APIC ID `apic_id` (clamped, like the guest does).
-pub const fn hypercall_mailbox(apic_id: usize) -> u64 {
-    let slot = if apic_id < MAX_VCPUS {
+/// The per-vCPU slot of APIC ID `apic_id`, clamped to the last one like the guest does.
+const fn slot(apic_id: usize) -> u64 {
+    (if apic_id < MAX_VCPUS {
         apic_id
     } else {
         MAX_VCPUS - 1
-    };
-    HYPERCALL_MAILBOX + slot as u64 * HYPERCALL_MAILBOX_SIZE
+    }) as u64
+}
+
+/// Guest address of the hypercall mailbox of APIC ID `apic_id` (clamped, like the guest does).
+pub const fn hypercall_mailbox(apic_id: usize) -> u64 {
+    HYPERCALL_MAILBOX + slot(apic_id) * HYPERCALL_MAILBOX_SIZE
 }
 
 /// Guest address of the compat `vcpu_info` of APIC ID `apic_id` (clamped, like the guest).
 pub const fn xen_vcpu_info(apic_id: usize) -> u64 {
-    let slot = if apic_id < MAX_VCPUS {
-        apic_id
-    } else {
-        MAX_VCPUS - 1
-    };
-    XEN_SHARED_INFO + slot as u64 * XEN_VCPU_INFO_SIZE
+    XEN_SHARED_INFO + slot(apic_id) * XEN_VCPU_INFO_SIZE
 }
 
 /// Guest address of the consumer's counter of event channel `port`, or `None` beyond the

@@ -147,26 +147,26 @@ impl<T: VectorTable> Vectors<T> {
 
     /// A handle on vector `vector`'s eventfd, for the producer to signal.
     pub fn trigger(&self, vector: u16) -> Result<EventFd, MsixError> {
-        let inner = lock(&self.inner);
-        let v = inner
-            .vectors
-            .get(usize::from(vector))
-            .ok_or(MsixError::NoSuchVector(vector))?;
-        v.trigger
-            .try_clone()
-            .map_err(|source| MsixError::Eventfd { vector, source })
+        self.on_trigger(vector, EventFd::try_clone)
     }
 
     /// Raises vector `vector` (as the device would through its eventfd).
     pub fn fire(&self, vector: u16) -> Result<(), MsixError> {
+        self.on_trigger(vector, |fd| fd.write(1))
+    }
+
+    /// Runs `op` on vector `vector`'s eventfd.
+    fn on_trigger<R>(
+        &self,
+        vector: u16,
+        op: impl FnOnce(&EventFd) -> std::io::Result<R>,
+    ) -> Result<R, MsixError> {
         let inner = lock(&self.inner);
         let v = inner
             .vectors
             .get(usize::from(vector))
             .ok_or(MsixError::NoSuchVector(vector))?;
-        v.trigger
-            .write(1)
-            .map_err(|source| MsixError::Eventfd { vector, source })
+        op(&v.trigger).map_err(|source| MsixError::Eventfd { vector, source })
     }
 
     /// Sets the opaque tag of a masked vector (refused while it is deliverable).
