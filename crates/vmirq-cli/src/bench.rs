@@ -46,17 +46,16 @@ const IRQFDS_FOR_MEMORY: usize = 1000;
 /// Heap bytes the core spends per userspace irqfd (dispatcher entry, registry, handle).
 fn bytes_per_user_irqfd(m: &dyn Machine) -> Result<f64, vmirq::Error> {
     let irq = m.interrupts();
-    let gsi =
-        irq.allocate_routed_gsi(Route::msi(X86Msi::fixed(0, 0x7e).encode().expect("fits")))?;
+    let gsi = irq.new_route(Route::msi(X86Msi::fixed(0, 0x7e).encode().expect("fits")))?;
     let fds: Vec<EventFd> = (0..IRQFDS_FOR_MEMORY)
         .map(|_| EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd))
         .collect::<Result<_, _>>()?;
     // One irqfd first, so the dispatcher thread and its tables exist before measuring.
-    let warm = irq.assign_irqfd_on(&fds[0], gsi.gsi(), Some(IrqfdPath::User))?;
+    let warm = gsi.assign_irqfd_on(&fds[0], Some(IrqfdPath::User))?;
     let before = crate::alloc::live_bytes();
     let irqfds: Vec<_> = fds[1..]
         .iter()
-        .map(|fd| irq.assign_irqfd_on(fd, gsi.gsi(), Some(IrqfdPath::User)))
+        .map(|fd| gsi.assign_irqfd_on(fd, Some(IrqfdPath::User)))
         .collect::<Result<_, _>>()?;
     let after = crate::alloc::live_bytes();
     let per = (after - before) as f64 / irqfds.len() as f64;
@@ -68,14 +67,13 @@ fn bytes_per_user_irqfd(m: &dyn Machine) -> Result<f64, vmirq::Error> {
 /// be ~0, since the dispatcher sleeps in epoll_wait and halted vCPUs sleep in the kernel.
 fn idle_cpu_ms_per_s(m: &dyn Machine, n: usize) -> Result<f64, vmirq::Error> {
     let irq = m.interrupts();
-    let gsi =
-        irq.allocate_routed_gsi(Route::msi(X86Msi::fixed(0, 0x7d).encode().expect("fits")))?;
+    let gsi = irq.new_route(Route::msi(X86Msi::fixed(0, 0x7d).encode().expect("fits")))?;
     let fds: Vec<EventFd> = (0..n)
         .map(|_| EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd))
         .collect::<Result<_, _>>()?;
     let _irqfds: Vec<_> = fds
         .iter()
-        .map(|fd| irq.assign_irqfd_on(fd, gsi.gsi(), Some(IrqfdPath::User)))
+        .map(|fd| gsi.assign_irqfd_on(fd, Some(IrqfdPath::User)))
         .collect::<Result<_, _>>()?;
     let cpu0 = process_cpu();
     let t0 = Instant::now();
@@ -100,7 +98,7 @@ fn line_assert_deassert_ns(m: &dyn Machine) -> f64 {
     const SOURCES: usize = 10_000;
     const ROUNDS: usize = 100;
     // Pin 20: not programmed by the guest (masked), so nothing is delivered.
-    let line = m.interrupts().line(vmirq::Gsi(20));
+    let line = m.interrupts().pin(20).unwrap().line();
     let holder = line.source();
     holder.assert();
     let sources: Vec<_> = (0..SOURCES - 1).map(|_| line.source()).collect();
@@ -195,7 +193,7 @@ fn xen_set_pending() -> Result<(f64, f64), vmirq::Error> {
     for _ in 0..PORTS {
         memory.write_obj(0u64, args).map_err(fail)?;
         if ch.hypercall(0, 7, args.0) != 0 {
-            return Err(vmirq::Error::Xen("bind_ipi refused in the bench".into()));
+            return Err(vmirq::Error::Unsupported("bind an IPI port in the bench"));
         }
         ports.push(
             memory

@@ -280,6 +280,7 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
         let vector = match e {
             vmirq::msix::MsixEvent::AllocationFailed { vector, .. }
             | vmirq::msix::MsixEvent::InvalidMessage { vector, .. } => *vector,
+            _ => u16::MAX,
         };
         return Err(DemoError::MsixHost(vector));
     }
@@ -347,7 +348,7 @@ fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
             owed[k] = false;
         }
         let k = (i % u64::from(XEN_PORTS)) as usize;
-        let (port, vcpu, (_, fd, _)) = &ports[k];
+        let (port, vcpu, (_, _, fd)) = &ports[k];
         let expect = m.port_counter(*port) + 1;
         m.log().clear();
         let t0 = Instant::now();

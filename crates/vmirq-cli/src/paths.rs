@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmirq::{Gsi, GsiHandle, Irqfd, IrqfdPath, MsiMessage, Route, X86Msi};
+use vmirq::{EdgeIrqfd, GsiRoute, IrqfdPath, MsiMessage, Route, X86Msi};
 use vmirq_guest::machine::{wait_fd, Machine, MachineConfig};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -60,22 +60,22 @@ fn trigger_of(
     }))
 }
 
-fn irqfd_rig(
-    m: &dyn Machine,
+/// An edge irqfd rig: `bind` binds a fresh eventfd; `owner` (the route, if any) lives on.
+fn irqfd_rig<O: Send + Sync + 'static>(
     name: &'static str,
     vector: u8,
-    gsi: Option<GsiHandle>,
-    target: Gsi,
-    path: Option<IrqfdPath>,
+    owner: O,
+    bind: impl FnOnce(&O, &EventFd) -> Result<EdgeIrqfd, vmirq::Error>,
 ) -> Result<Rig, vmirq::Error> {
     let fd = eventfd()?;
-    let irqfd = m.interrupts().assign_irqfd_on(&fd, target, path)?;
+    let irqfd = bind(&owner, &fd)?;
     Ok(Rig {
         name,
         vector,
         fire: trigger_of(&fd)?,
         resample: None,
-        _keep: Some(Box::new((gsi, fd, irqfd))),
+        // The irqfd first: it is unbound before its route goes.
+        _keep: Some(Box::new((irqfd, owner, fd))),
     })
 }
 
@@ -85,11 +85,10 @@ fn msi_irqfd_rig(
     vector: u8,
     path: IrqfdPath,
 ) -> Result<Rig, vmirq::Error> {
-    let gsi = m
-        .interrupts()
-        .allocate_routed_gsi(Route::msi(msi(vector)))?;
-    let target = gsi.gsi();
-    irqfd_rig(m, name, vector, Some(gsi), target, Some(path))
+    let route = m.interrupts().new_route(Route::msi(msi(vector)))?;
+    irqfd_rig(name, vector, route, |r, fd| {
+        r.assign_irqfd_on(fd, Some(path))
+    })
 }
 
 /// A level device on the level pin: a trigger eventfd plus a resamplefd.
@@ -98,7 +97,8 @@ fn level_rig(m: &dyn Machine, name: &'static str) -> Result<Rig, vmirq::Error> {
     let resample = eventfd()?;
     let irqfd = m
         .interrupts()
-        .assign_irqfd_with_resample(&fd, &resample, Gsi(LEVEL_PIN))?;
+        .pin(LEVEL_PIN)?
+        .assign_level_irqfd(&fd, &resample)?;
     Ok(Rig {
         name,
         vector: LEVEL_VECTOR,
@@ -124,19 +124,22 @@ pub fn rig(m: &dyn Machine, name: &str) -> Result<Rig, vmirq::Error> {
         }
         "msi-irqfd-kernel" => msi_irqfd_rig(m, "msi-irqfd-kernel", 0x71, IrqfdPath::Kernel),
         "msi-irqfd-user" => msi_irqfd_rig(m, "msi-irqfd-user", 0x72, IrqfdPath::User),
-        "pin-edge" => irqfd_rig(m, "pin-edge", PIN_VECTOR, None, Gsi(PIN), None),
+        "pin-edge" => {
+            let pin = m.interrupts().pin(PIN)?;
+            irqfd_rig("pin-edge", PIN_VECTOR, pin, |p, fd| p.assign_irqfd(fd))
+        }
         "level-resample-kernel" => level_rig(m, "level-resample-kernel"),
         "level-ioapic-split" => level_rig(m, "level-ioapic-split"),
         "xen2l-upcall" => {
             let xen = Xen::on(m)?;
             let port = xen.bind_ipi(m, TARGET_VCPU as u32)?;
-            let (gsi, fd, irqfd) = xen.route(m, port, TARGET_VCPU as u32)?;
+            let (irqfd, gsi, fd) = xen.route(m, port, TARGET_VCPU as u32)?;
             Ok(Rig {
                 name: "xen2l-upcall",
                 vector: vmirq_guest::layout::XEN_UPCALL_VECTOR,
                 fire: trigger_of(&fd)?,
                 resample: None,
-                _keep: Some(Box::new((gsi, fd, irqfd, xen))),
+                _keep: Some(Box::new((irqfd, gsi, fd, xen))),
             })
         }
         _ => Err(vmirq::Error::Unsupported("rig an unknown path")),
@@ -274,7 +277,7 @@ impl Xen {
         args[0..4].copy_from_slice(&vcpu.to_le_bytes());
         let r = self.hypercall(m, EVTCHNOP_BIND_IPI, &mut args)?;
         if r != 0 {
-            return Err(vmirq::Error::Xen(format!("bind_ipi failed: {r}")));
+            return Err(xen_error(r));
         }
         Ok(u32::from_le_bytes([args[4], args[5], args[6], args[7]]))
     }
@@ -284,7 +287,7 @@ impl Xen {
         let mut args = port.to_le_bytes();
         match self.hypercall(m, EVTCHNOP_UNMASK, &mut args)? {
             0 => Ok(()),
-            r => Err(vmirq::Error::Xen(format!("unmask failed: {r}"))),
+            r => Err(xen_error(r)),
         }
     }
 
@@ -314,17 +317,25 @@ impl Xen {
         m: &dyn Machine,
         port: u32,
         vcpu: u32,
-    ) -> Result<(GsiHandle, EventFd, Irqfd), vmirq::Error> {
+    ) -> Result<(EdgeIrqfd, GsiRoute, EventFd), vmirq::Error> {
         let irq = m.interrupts();
-        let gsi = irq.allocate_routed_gsi(Route::XenEvtchn {
+        let gsi = irq.new_route(Route::XenEvtchn {
             port,
             vcpu,
             priority: 7,
         })?;
         let fd = eventfd()?;
-        let irqfd = irq.assign_irqfd(&fd, gsi.gsi())?;
-        Ok((gsi, fd, irqfd))
+        let irqfd = gsi.assign_irqfd(&fd)?;
+        Ok((irqfd, gsi, fd))
     }
+}
+
+/// A failed hypercall's result as an error.
+fn xen_error(result: i64) -> vmirq::Error {
+    vmirq::xen::XenError::from_result(result).map_or(
+        vmirq::Error::Unsupported("make sense of a hypercall result"),
+        vmirq::Error::Xen,
+    )
 }
 
 /// A small deterministic PRNG (xorshift64), for reproducible random choices.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use vmirq::{Error, Gsi, IrqfdPath, MsiMessage, Route, X86Msi};
+use vmirq::{EdgeIrqfd, Error, GsiRoute, IrqfdPath, MsiMessage, Route, X86Msi};
 use vmirq_guest::machine::{drain_burst, Machine, MachineConfig, Mode};
 use vmirq_guest::on_every_machine;
 use vmm_sys_util::eventfd::EventFd;
@@ -25,11 +25,11 @@ fn msi_irqfd(
     m: &dyn Machine,
     msg: MsiMessage,
     path: Option<IrqfdPath>,
-) -> (vmirq::GsiHandle, EventFd, vmirq::Irqfd) {
+) -> (GsiRoute, EventFd, EdgeIrqfd) {
     let irq = m.interrupts();
-    let gsi = irq.allocate_routed_gsi(Route::msi(msg)).unwrap();
+    let gsi = irq.new_route(Route::msi(msg)).unwrap();
     let fd = EventFd::new(0).unwrap();
-    let irqfd = irq.assign_irqfd_on(&fd, gsi.gsi(), path).unwrap();
+    let irqfd = gsi.assign_irqfd_on(&fd, path).unwrap();
     (gsi, fd, irqfd)
 }
 
@@ -99,7 +99,7 @@ on_every_machine!(
     two_vcpus,
     |m: &dyn Machine, mode| {
         let fd = EventFd::new(0).unwrap();
-        let irqfd = m.interrupts().assign_irqfd(&fd, Gsi(PIN)).unwrap();
+        let irqfd = m.interrupts().pin(PIN).unwrap().assign_irqfd(&fd).unwrap();
         // The kernel's IOAPIC serves its own pins; the split irqchip's IOAPIC is vmirq's.
         let expected = match mode {
             Mode::Kernel => IrqfdPath::Kernel,
@@ -110,7 +110,9 @@ on_every_machine!(
         assert_eq!(
             paced(m, 10, 0, PIN_VECTOR, || m
                 .interrupts()
-                .inject_edge(Gsi(PIN))
+                .pin(PIN)
+                .unwrap()
+                .inject()
                 .unwrap()),
             10
         );
@@ -170,19 +172,12 @@ fn deassign_then_silence(m: &dyn Machine, path: IrqfdPath, vector: u8) {
     m.settle(Duration::from_millis(50));
     assert_eq!(m.count(0, vector), 3, "an event fired after deassign");
     // The eventfd is free again: a new irqfd on it works and picks up the counted events.
-    let again = m
-        .interrupts()
-        .assign_irqfd_on(&fd, irqfd_gsi(&_gsi), Some(path))
-        .unwrap();
+    let again = _gsi.assign_irqfd_on(&fd, Some(path)).unwrap();
     assert!(
         m.wait_isr(Some(0), vector, WAIT).is_some(),
         "counted events not delivered at assign"
     );
     drop(again);
-}
-
-fn irqfd_gsi(h: &vmirq::GsiHandle) -> Gsi {
-    h.gsi()
 }
 
 on_every_machine!(
@@ -206,13 +201,103 @@ on_every_machine!(
     two_vcpus,
     |m: &dyn Machine, _| {
         let (gsi, fd, _irqfd) = msi_irqfd(m, msi(0, 0x64), None);
-        let err = m.interrupts().assign_irqfd(&fd, gsi.gsi()).unwrap_err();
-        assert!(matches!(err, Error::IrqfdBusy(_)), "{err}");
-        let err = m
-            .interrupts()
-            .assign_irqfd_on(&fd, gsi.gsi(), Some(IrqfdPath::User))
-            .unwrap_err();
-        assert!(matches!(err, Error::IrqfdBusy(_)), "{err}");
+        let err = gsi.assign_irqfd(&fd).unwrap_err();
+        assert!(matches!(err, Error::IrqfdBusy), "{err}");
+        let err = gsi.assign_irqfd_on(&fd, Some(IrqfdPath::User)).unwrap_err();
+        assert!(matches!(err, Error::IrqfdBusy), "{err}");
+        // A dup() of the bound eventfd is the same eventfd: the same error on either path,
+        // whichever path holds it.
+        let dup = fd.try_clone().unwrap();
+        for path in [None, Some(IrqfdPath::User), Some(IrqfdPath::Kernel)] {
+            let err = gsi.assign_irqfd_on(&dup, path).unwrap_err();
+            assert!(matches!(err, Error::IrqfdBusy), "{path:?}: {err}");
+        }
+        let (user_gsi, user_fd, _user) = msi_irqfd(m, msi(0, 0x65), Some(IrqfdPath::User));
+        let dup = user_fd.try_clone().unwrap();
+        for path in [None, Some(IrqfdPath::User), Some(IrqfdPath::Kernel)] {
+            let err = user_gsi.assign_irqfd_on(&dup, path).unwrap_err();
+            assert!(matches!(err, Error::IrqfdBusy), "{path:?}: {err}");
+        }
+    }
+);
+
+/// The GSI-reuse bug: device A's irqfd must never fire device B's vector after A's GSI is
+/// given to B. The route owns its irqfds, so dropping it disables A's irqfd before the GSI
+/// can be reused; an irqfd kept alive past its route holds the GSI back.
+fn reused_gsi_never_fires_for_the_old_device(m: &dyn Machine, path: IrqfdPath) {
+    let irq = m.interrupts();
+    let (a_vec, b_vec) = (0x66, 0x67);
+    let (route_a, fd_a, irqfd_a) = msi_irqfd(m, msi(0, a_vec), Some(path));
+    // The path is live: A's trigger reaches A's vector.
+    assert_eq!(paced(m, 1, 0, a_vec, || fd_a.write(1).unwrap()), 1);
+    let gsi_a = route_a.gsi();
+    drop(route_a);
+    assert!(
+        !irqfd_a.is_bound(),
+        "dropping the route left its irqfd bound"
+    );
+    // Take GSIs until A's comes back, route them to B's vector, and bind B.
+    let mut held = Vec::new();
+    let route_b = loop {
+        let r = irq.new_route(Route::msi(msi(0, b_vec))).unwrap();
+        if r.gsi() == gsi_a {
+            break r;
+        }
+        held.push(r);
+        assert!(held.len() < 4096, "{gsi_a} was never handed out again");
+    };
+    let fd_b = EventFd::new(0).unwrap();
+    let _irqfd_b = route_b.assign_irqfd_on(&fd_b, Some(path)).unwrap();
+    // B's own trigger works (the negative check below is meaningful)...
+    assert_eq!(paced(m, 1, 0, b_vec, || fd_b.write(1).unwrap()), 1);
+    // ...and A's eventfd fires nothing, on either vector.
+    let (a_before, b_before) = (m.count(0, a_vec), m.count(0, b_vec));
+    for _ in 0..20 {
+        fd_a.write(1).unwrap();
+    }
+    // Positive evidence the machine ran past A's writes: one more B interrupt arrives.
+    assert_eq!(paced(m, 1, 0, b_vec, || fd_b.write(1).unwrap()), 1);
+    assert_eq!(
+        m.count(0, a_vec),
+        a_before,
+        "A's eventfd fired A's old vector"
+    );
+    assert_eq!(
+        m.count(0, b_vec),
+        b_before + 1,
+        "A's eventfd fired B's vector"
+    );
+    drop(irqfd_a);
+}
+
+on_every_machine!(
+    a_reused_gsi_never_fires_for_the_old_device_kernel_path,
+    two_vcpus,
+    |m: &dyn Machine, _| reused_gsi_never_fires_for_the_old_device(m, IrqfdPath::Kernel)
+);
+
+on_every_machine!(
+    a_reused_gsi_never_fires_for_the_old_device_user_path,
+    two_vcpus,
+    |m: &dyn Machine, _| reused_gsi_never_fires_for_the_old_device(m, IrqfdPath::User)
+);
+
+on_every_machine!(
+    an_irqfd_outliving_its_route_holds_the_gsi_back,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let irq = m.interrupts();
+        let (route, _fd, irqfd) = msi_irqfd(m, msi(0, 0x68), Some(IrqfdPath::User));
+        let gsi = route.gsi();
+        // Unbinding elsewhere is modelled by holding a bound irqfd's lease: the route drops
+        // while the irqfd is still bound only if its disable raced; here we check the simple
+        // invariant instead: after the route goes, the GSI is free exactly once.
+        drop(route);
+        let free_after_route = irq.free_gsis();
+        drop(irqfd);
+        assert_eq!(irq.free_gsis(), free_after_route, "a GSI was freed twice");
+        let again = irq.new_route(Route::msi(msi(0, 0x68))).unwrap();
+        assert_eq!(again.gsi(), gsi, "the lowest free GSI is the one released");
     }
 );
 
@@ -222,34 +307,26 @@ on_every_machine!(
     |m: &dyn Machine, _| {
         let irq = m.interrupts();
         let fd = EventFd::new(0).unwrap();
-        let unrouted = irq.allocate_gsi().unwrap();
-        assert!(matches!(
-            irq.assign_irqfd(&fd, unrouted.gsi()),
-            Err(Error::NoRoute(_))
-        ));
+        let unrouted = irq.allocate_route().unwrap();
+        assert!(matches!(unrouted.assign_irqfd(&fd), Err(Error::NoRoute(_))));
         // A descriptor that was closed behind the EventFd's back.
         let closed = EventFd::new(0).unwrap();
         let raw = std::os::fd::AsRawFd::as_raw_fd(&closed);
         // SAFETY: closes a descriptor this test owns; `closed` is forgotten so it is not closed twice.
         unsafe { libc::close(raw) };
-        let err = irq.assign_irqfd(&closed, Gsi(PIN)).unwrap_err();
+        let err = irq.pin(PIN).unwrap().assign_irqfd(&closed).unwrap_err();
         std::mem::forget(closed);
         assert!(matches!(err, Error::BadEventFd), "{err}");
         // A Xen route cannot be served by a kernel irqfd on this host.
-        let mut batch = irq.routes();
-        batch
-            .set(
-                unrouted.gsi(),
-                Route::XenEvtchn {
-                    port: 3,
-                    vcpu: 0,
-                    priority: 7,
-                },
-            )
+        unrouted
+            .set(Route::XenEvtchn {
+                port: 3,
+                vcpu: 0,
+                priority: 7,
+            })
             .unwrap();
-        batch.commit().unwrap();
-        let err = irq
-            .assign_irqfd_on(&fd, unrouted.gsi(), Some(IrqfdPath::Kernel))
+        let err = unrouted
+            .assign_irqfd_on(&fd, Some(IrqfdPath::Kernel))
             .unwrap_err();
         assert!(matches!(err, Error::Unsupported(_)), "{err}");
     }

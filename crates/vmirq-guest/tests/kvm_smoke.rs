@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 const WAIT: Duration = Duration::from_secs(5);
 const VCPUS: usize = 2;
 const MEM_SIZE: usize = 1 << 20;
-const MSI_GSI: Gsi = Gsi(40);
+const MSI_GSI: Gsi = Gsi::from_raw(40);
 const IOAPIC_PIN: u32 = 5;
 
 /// Serialises the two tests: they share 2 host cores and print latencies.
@@ -225,19 +225,19 @@ fn smoke(mode: IrqchipMode) {
     if kernel {
         // IOAPIC pin 5, programmed by the guest's boot script, raised by KVM_IRQ_LINE.
         let pin_route = KernelRoute {
-            gsi: Gsi(IOAPIC_PIN),
+            gsi: Gsi::from_raw(IOAPIC_PIN),
             route: Route::ioapic(IOAPIC_PIN),
         };
         backend.commit_routes(&[msi_route, pin_route]).unwrap();
-        backend.set_line(Gsi(IOAPIC_PIN), true).unwrap();
-        backend.set_line(Gsi(IOAPIC_PIN), false).unwrap();
+        backend.set_line(Gsi::from_raw(IOAPIC_PIN), true).unwrap();
+        backend.set_line(Gsi::from_raw(IOAPIC_PIN), false).unwrap();
         rec.wait_isr(0, 0x45, 1);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(rec.isr_count(0, 0x45), 1, "an edge pin fires once");
         assert_eq!(counter(&vm, 0, 0x45), 1);
     } else {
         assert!(matches!(
-            backend.set_line(Gsi(IOAPIC_PIN), true),
+            backend.set_line(Gsi::from_raw(IOAPIC_PIN), true),
             Err(BackendError::Unsupported(_))
         ));
         assert!(!backend.supports_resample());
@@ -250,13 +250,13 @@ fn smoke(mode: IrqchipMode) {
         level.trigger_level = true;
         level.level_assert = true;
         let pin_route = KernelRoute {
-            gsi: Gsi(IOAPIC_PIN),
+            gsi: Gsi::from_raw(IOAPIC_PIN),
             route: Route::msi(level.encode().unwrap()),
         };
         backend.commit_routes(&[msi_route, pin_route]).unwrap();
         let pin_fd = EventFd::new(EFD_NONBLOCK).unwrap();
         backend
-            .assign_irqfd(&pin_fd, Gsi(IOAPIC_PIN), None)
+            .assign_irqfd(&pin_fd, Gsi::from_raw(IOAPIC_PIN), None)
             .unwrap();
         pin_fd.write(1).unwrap();
         rec.wait_isr(0, 0x43, 1);

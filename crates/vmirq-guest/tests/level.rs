@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use vmirq::{Gsi, IrqfdPath};
+use vmirq::IrqfdPath;
 use vmirq_guest::machine::{ioapic_pin_script, wait_fd, Machine, MachineConfig, Mode};
 use vmirq_guest::on_every_machine;
 use vmm_sys_util::eventfd::EventFd;
@@ -29,7 +29,7 @@ fn expected_path(mode: Mode) -> IrqfdPath {
 struct Device {
     trigger: EventFd,
     resample: EventFd,
-    irqfd: vmirq::Irqfd,
+    irqfd: vmirq::LevelIrqfd,
 }
 
 fn device(m: &dyn Machine, mode: Mode) -> Device {
@@ -37,10 +37,11 @@ fn device(m: &dyn Machine, mode: Mode) -> Device {
     let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let irqfd = m
         .interrupts()
-        .assign_irqfd_with_resample(&trigger, &resample, Gsi(PIN))
+        .pin(PIN)
+        .unwrap()
+        .assign_level_irqfd(&trigger, &resample)
         .unwrap();
     assert_eq!(irqfd.path(), expected_path(mode));
-    assert!(irqfd.is_level());
     Device {
         trigger,
         resample,
@@ -168,7 +169,7 @@ on_every_machine!(
     irq_sources_or_onto_the_line,
     level_pin,
     |m: &dyn Machine, _| {
-        let line = m.interrupts().line(Gsi(PIN));
+        let line = m.interrupts().pin(PIN).unwrap().line();
         let sources: Vec<_> = (0..10_000).map(|_| line.source()).collect();
         for s in &sources {
             s.assert();
@@ -210,11 +211,9 @@ on_every_machine!(
     |m: &dyn Machine, _| {
         let irq = m.interrupts();
         let msi = vmirq::X86Msi::fixed(0, 0x70).encode().unwrap();
-        let gsi = irq.allocate_routed_gsi(vmirq::Route::msi(msi)).unwrap();
+        let gsi = irq.new_route(vmirq::Route::msi(msi)).unwrap();
         let (t, r) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-        let err = irq
-            .assign_irqfd_with_resample(&t, &r, gsi.gsi())
-            .unwrap_err();
+        let err = gsi.assign_level_irqfd(&t, &r).unwrap_err();
         assert!(matches!(err, vmirq::Error::Unsupported(_)), "{err}");
     }
 );

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmirq::xen::{attach, Callback, EventChannels, Upcalls, XenConfig};
-use vmirq::{Gsi, IrqfdPath, Route};
+use vmirq::{IrqfdPath, Route};
 use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
 use vmirq_guest::machine::{hypercall_op, Machine, MachineConfig, Mode};
 use vmirq_guest::on_every_machine;
@@ -224,9 +224,9 @@ on_every_machine!(
             vcpu: 1,
             priority: 7,
         };
-        let gsi = irq.allocate_routed_gsi(route).unwrap();
+        let gsi = irq.new_route(route).unwrap();
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
-        let irqfd = irq.assign_irqfd(&fd, gsi.gsi()).unwrap();
+        let irqfd = gsi.assign_irqfd(&fd).unwrap();
         assert_eq!(
             irqfd.path(),
             IrqfdPath::User,
@@ -300,7 +300,7 @@ on_every_machine!(
     |m: &dyn Machine, _| {
         let x = xen(m);
         x.upcalls.set_upcall_vector(0, None).unwrap();
-        x.upcalls.set_callback(Callback::Gsi(Gsi(20))).unwrap();
+        x.upcalls.set_callback(Callback::Gsi(20)).unwrap();
         let p = bind_ipi(m, 0);
         for n in 1..=3 {
             assert_eq!(send(m, p), 0);

@@ -1,11 +1,14 @@
-//! [`KvmBackend`]: `vmirq::Backend` on a KVM VM file descriptor.
+//! [`KvmBackend`]: `vmirq::Backend` on a KVM VM file descriptor the VMM owns.
 //!
-//! Owns the VM fd and the guest memory registered with it, so neither outlives the other.
+//! A VMM keeps its own `VmFd`, guest memory and vCPU threads: it builds the backend from an
+//! `Arc<VmFd>` and the irqchip mode it created, and hands the exits vmirq serves to it from its
+//! own run loop ([`KvmBackend::ioapic_eoi`] for `KVM_EXIT_IOAPIC_EOI`; IOAPIC MMIO and MSI-X BAR
+//! accesses go to `vmirq::Interrupts` and `vmirq::msix::MsixVectors`).
 
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
@@ -14,7 +17,6 @@ use kvm_bindings::{
     KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES, KVM_MSI_VALID_DEVID,
 };
 use kvm_ioctls::{Cap, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmirq::{
     Backend, BackendError, EoiSink, Gsi, IrqChip, IrqchipMode, KernelRoute, MsiMessage, Route,
 };
@@ -23,11 +25,24 @@ use vmm_sys_util::eventfd::EventFd;
 /// The KVM side of vmirq: routing table, MSI injection, irqchip lines and irqfds of one VM.
 ///
 /// Locks: `eoi_sink` is read on every `KVM_EXIT_IOAPIC_EOI` and written by `set_eoi_sink`.
-/// `irqfds` is held across each `KVM_IRQFD` so the bookkeeping matches KVM's list. The other
-/// ioctls run lock-free; KVM serialises them itself.
+/// `irqfds` is bookkeeping only, held for a set operation and never across an ioctl: vmirq's
+/// core owns each irqfd through one handle, so no two calls race on the same (eventfd, GSI).
+/// Every ioctl runs with no lock held; KVM serialises them itself.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use kvm_ioctls::Kvm;
+/// use vmirq_kvm::{IrqchipMode, KvmBackend};
+///
+/// let kvm = Kvm::new()?;
+/// let vm = Arc::new(kvm.create_vm()?);
+/// vm.create_irq_chip()?;                 // the VMM's own VM and irqchip
+/// let backend = Arc::new(KvmBackend::new(Arc::clone(&vm), IrqchipMode::Kernel));
+/// let interrupts = vmirq::Interrupts::new(backend, Default::default())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct KvmBackend {
-    // Declared before `memory`: the VM fd closes before the memory it maps is unmapped.
-    vm: VmFd,
+    vm: Arc<VmFd>,
     mode: IrqchipMode,
     resample: bool,
     eoi_sink: RwLock<Option<Weak<dyn EoiSink>>>,
@@ -35,11 +50,12 @@ pub struct KvmBackend {
     /// cannot match (virt/kvm/eventfd.c `kvm_irqfd_deassign`), so the contract's
     /// `IrqfdNotFound` is decided here.
     irqfds: Mutex<HashSet<(RawFd, u32)>>,
-    memory: GuestMemoryMmap,
 }
 
 impl KvmBackend {
-    pub(crate) fn new(vm: VmFd, mode: IrqchipMode, memory: GuestMemoryMmap) -> Self {
+    /// A backend on the VMM's VM `vm`, whose irqchip the VMM created in `mode`
+    /// (`KVM_CREATE_IRQCHIP`, or `KVM_CAP_SPLIT_IRQCHIP` with that many IOAPIC pins).
+    pub fn new(vm: Arc<VmFd>, mode: IrqchipMode) -> Self {
         // KVM needs the full in-kernel irqchip for resample irqfds (EINVAL on split).
         let resample = mode == IrqchipMode::Kernel && vm.check_extension(Cap::IrqfdResample);
         Self {
@@ -48,16 +64,17 @@ impl KvmBackend {
             resample,
             eoi_sink: RwLock::new(None),
             irqfds: Mutex::new(HashSet::new()),
-            memory,
         }
     }
 
-    pub(crate) fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
+    /// The VM.
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
     }
 
-    /// Reports a guest EOI of a level vector to the registered sink, if it is still alive.
-    pub(crate) fn deliver_eoi(&self, vector: u8) {
+    /// For the VMM's run loop: `KVM_EXIT_IOAPIC_EOI(vector)` on a split irqchip. Reports the
+    /// guest's EOI of a level vector to vmirq's IOAPIC, if it is still alive.
+    pub fn ioapic_eoi(&self, vector: u8) {
         let sink = match self.eoi_sink.read() {
             Ok(slot) => slot.as_ref().and_then(Weak::upgrade),
             Err(poisoned) => poisoned.into_inner().as_ref().and_then(Weak::upgrade),
@@ -70,7 +87,7 @@ impl KvmBackend {
 
     fn routing_entry(&self, route: &KernelRoute) -> Result<kvm_irq_routing_entry, BackendError> {
         let mut entry = kvm_irq_routing_entry {
-            gsi: route.gsi.0,
+            gsi: route.gsi.raw(),
             ..Default::default()
         };
         match route.route {
@@ -201,7 +218,7 @@ impl Backend for KvmBackend {
             ));
         }
         self.vm
-            .set_irq_line(gsi.0, level)
+            .set_irq_line(gsi.raw(), level)
             .map_err(|e| hypervisor("KVM_IRQ_LINE", e))
     }
 
@@ -215,14 +232,15 @@ impl Backend for KvmBackend {
         gsi: Gsi,
         resample: Option<&EventFd>,
     ) -> Result<(), BackendError> {
-        let mut irqfds = self.lock_irqfds();
         let result = match resample {
-            Some(resamplefd) => self.vm.register_irqfd_with_resample(fd, resamplefd, gsi.0),
-            None => self.vm.register_irqfd(fd, gsi.0),
+            Some(resamplefd) => self
+                .vm
+                .register_irqfd_with_resample(fd, resamplefd, gsi.raw()),
+            None => self.vm.register_irqfd(fd, gsi.raw()),
         };
         match result {
             Ok(()) => {
-                irqfds.insert((fd.as_raw_fd(), gsi.0));
+                self.lock_irqfds().insert((fd.as_raw_fd(), gsi.raw()));
                 Ok(())
             }
             Err(e) => Err(match e.errno() {
@@ -234,23 +252,20 @@ impl Backend for KvmBackend {
     }
 
     fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> Result<(), BackendError> {
-        let key = (fd.as_raw_fd(), gsi.0);
-        let mut irqfds = self.lock_irqfds();
-        if !irqfds.contains(&key) {
+        let key = (fd.as_raw_fd(), gsi.raw());
+        if !self.lock_irqfds().remove(&key) {
             return Err(BackendError::IrqfdNotFound(gsi));
         }
-        match self.vm.unregister_irqfd(fd, gsi.0) {
-            Ok(()) => {
-                irqfds.remove(&key);
-                Ok(())
-            }
+        match self.vm.unregister_irqfd(fd, gsi.raw()) {
+            Ok(()) => Ok(()),
             Err(e) => Err(match e.errno() {
-                libc::ENOENT => {
-                    irqfds.remove(&key);
-                    BackendError::IrqfdNotFound(gsi)
-                }
+                libc::ENOENT => BackendError::IrqfdNotFound(gsi),
                 libc::EBADF => BackendError::BadEventFd,
-                _ => hypervisor("KVM_IRQFD deassign", e),
+                _ => {
+                    // Still assigned in KVM: keep the bookkeeping for a later retry.
+                    self.lock_irqfds().insert(key);
+                    hypervisor("KVM_IRQFD deassign", e)
+                }
             }),
         }
     }
@@ -285,7 +300,7 @@ mod tests {
 
     fn msi_route(gsi: u32) -> KernelRoute {
         KernelRoute {
-            gsi: Gsi(gsi),
+            gsi: Gsi::from_raw(gsi),
             route: Route::msi(X86Msi::fixed(0, 0x40).encode().unwrap()),
         }
     }
@@ -314,15 +329,15 @@ mod tests {
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
         b.commit_routes(&[msi_route(40)]).unwrap();
         assert!(matches!(
-            b.deassign_irqfd(&fd, Gsi(40)),
-            Err(BackendError::IrqfdNotFound(Gsi(40)))
+            b.deassign_irqfd(&fd, Gsi::from_raw(40)),
+            Err(BackendError::IrqfdNotFound(g)) if g.raw() == 40
         ));
-        b.assign_irqfd(&fd, Gsi(40), None).unwrap();
+        b.assign_irqfd(&fd, Gsi::from_raw(40), None).unwrap();
         assert!(matches!(
-            b.deassign_irqfd(&fd, Gsi(41)),
-            Err(BackendError::IrqfdNotFound(Gsi(41)))
+            b.deassign_irqfd(&fd, Gsi::from_raw(41)),
+            Err(BackendError::IrqfdNotFound(g)) if g.raw() == 41
         ));
-        b.deassign_irqfd(&fd, Gsi(40)).unwrap();
+        b.deassign_irqfd(&fd, Gsi::from_raw(40)).unwrap();
     }
 
     #[test]
@@ -333,9 +348,9 @@ mod tests {
         let b = vm.backend();
         b.commit_routes(&[msi_route(40), msi_route(41)]).unwrap();
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
-        b.assign_irqfd(&fd, Gsi(40), None).unwrap();
+        b.assign_irqfd(&fd, Gsi::from_raw(40), None).unwrap();
         assert!(matches!(
-            b.assign_irqfd(&fd, Gsi(41), None),
+            b.assign_irqfd(&fd, Gsi::from_raw(41), None),
             Err(BackendError::IrqfdBusy)
         ));
     }
@@ -350,26 +365,27 @@ mod tests {
         assert_eq!(b.irqchip_mode(), IrqchipMode::Kernel);
         assert!(b.delivers(&Route::ioapic(5)));
         let pin = KernelRoute {
-            gsi: Gsi(5),
+            gsi: Gsi::from_raw(5),
             route: Route::ioapic(5),
         };
         let pic = KernelRoute {
-            gsi: Gsi(5),
+            gsi: Gsi::from_raw(5),
             route: Route::Irqchip {
                 chip: IrqChip::PicMaster,
                 pin: 5,
             },
         };
         b.commit_routes(&[pin, pic]).unwrap();
-        b.set_line(Gsi(5), true).unwrap();
-        b.set_line(Gsi(5), false).unwrap();
+        b.set_line(Gsi::from_raw(5), true).unwrap();
+        b.set_line(Gsi::from_raw(5), false).unwrap();
         assert!(b.supports_resample());
         let (fd, resample) = (
             EventFd::new(EFD_NONBLOCK).unwrap(),
             EventFd::new(0).unwrap(),
         );
-        b.assign_irqfd(&fd, Gsi(5), Some(&resample)).unwrap();
-        b.deassign_irqfd(&fd, Gsi(5)).unwrap();
+        b.assign_irqfd(&fd, Gsi::from_raw(5), Some(&resample))
+            .unwrap();
+        b.deassign_irqfd(&fd, Gsi::from_raw(5)).unwrap();
     }
 
     #[test]
@@ -381,7 +397,7 @@ mod tests {
         assert!(!b.delivers(&Route::ioapic(5)));
         assert!(b.delivers(&msi_route(0).route));
         let pin = KernelRoute {
-            gsi: Gsi(5),
+            gsi: Gsi::from_raw(5),
             route: Route::ioapic(5),
         };
         assert!(matches!(
@@ -389,7 +405,7 @@ mod tests {
             Err(BackendError::Unsupported(_))
         ));
         assert!(matches!(
-            b.set_line(Gsi(5), true),
+            b.set_line(Gsi::from_raw(5), true),
             Err(BackendError::Unsupported(_))
         ));
         assert!(!b.supports_resample());
@@ -400,7 +416,7 @@ mod tests {
             EventFd::new(0).unwrap(),
         );
         assert!(matches!(
-            b.assign_irqfd(&fd, Gsi(5), Some(&resample)),
+            b.assign_irqfd(&fd, Gsi::from_raw(5), Some(&resample)),
             Err(BackendError::Hypervisor {
                 op: "KVM_IRQFD",
                 ..
@@ -421,7 +437,7 @@ mod tests {
         let b = vm.backend();
         assert!(!b.delivers(&xen));
         let route = KernelRoute {
-            gsi: Gsi(40),
+            gsi: Gsi::from_raw(40),
             route: xen,
         };
         assert!(matches!(

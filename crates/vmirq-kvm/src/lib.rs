@@ -5,6 +5,11 @@
 //! VM, guest RAM at GPA 0 and vCPUs that start in real mode, and runs one thread per vCPU,
 //! handing port I/O and MMIO exits to a [`VcpuExitHandler`] and IOAPIC EOI exits to the
 //! backend's [`vmirq::EoiSink`].
+//!
+//! A VMM that owns its VM uses [`KvmBackend::new`] directly (see `examples/minimal-vmm`);
+//! [`KvmVm`] is the test guests' runner, one such user.
+
+#![deny(missing_docs)]
 
 mod backend;
 mod error;

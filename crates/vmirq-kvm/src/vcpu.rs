@@ -131,7 +131,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &RunContext) -> LoopEnd {
                 None
             }
             Ok(VcpuExit::IoapicEoi(vector)) => {
-                ctx.backend.deliver_eoi(vector);
+                ctx.backend.ioapic_eoi(vector);
                 None
             }
             // The in-kernel LAPIC handles HLT itself; an exit here only means "run again".

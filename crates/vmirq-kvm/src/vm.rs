@@ -1,5 +1,6 @@
 //! [`KvmVm`]: a minimal KVM virtual machine for interrupt tests — guest RAM at GPA 0, an
-//! in-kernel or split irqchip, and vCPUs that start in real mode.
+//! in-kernel or split irqchip, and vCPUs that start in real mode. It is one user of
+//! [`KvmBackend::new`], as any VMM that owns its VM is.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,9 +24,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// What to build.
 #[derive(Clone, Copy, Debug)]
 pub struct KvmVmConfig {
+    /// vCPUs to create.
     pub vcpus: usize,
     /// Bytes of guest RAM, mapped at GPA 0.
     pub mem_size: usize,
+    /// Where the irqchip lives.
     pub irqchip: IrqchipMode,
     /// Upper bound on KVM's adaptive halt polling for this VM (KVM_CAP_HALT_POLL), in ns;
     /// `None` keeps the host's default (`kvm.halt_poll_ns`). A halted vCPU that polls wakes
@@ -46,6 +49,7 @@ fn enable_cap(vm: &VmFd, cap: u32, arg: u64, op: &'static str) -> Result<(), Kvm
 /// Where each vCPU starts: real mode, CS = 0, IP = `ip`, SS:SP = 0:`stack_top(vcpu)`.
 #[derive(Clone, Copy, Debug)]
 pub struct RealModeBoot {
+    /// Initial IP (CS = 0).
     pub ip: u16,
     /// Initial SP of each vCPU, by vCPU number.
     pub stack_top: fn(usize) -> u16,
@@ -61,6 +65,8 @@ pub struct KvmVm {
     threads: Vec<VcpuThread>,
     stop: Arc<AtomicBool>,
     backend: Arc<KvmBackend>,
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
 }
 
 impl KvmVm {
@@ -124,7 +130,7 @@ impl KvmVm {
                 flags: 0,
             };
             // SAFETY: the mapping is `region.len()` bytes at `as_ptr()`, and it lives as long
-            // as the VM fd: both are owned by the same KvmBackend, the fd dropped first.
+            // as the VM fd: KvmVm's drop keeps it mapped while anything else holds the VM.
             unsafe { vm.set_user_memory_region(region_desc) }
                 .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         }
@@ -136,12 +142,15 @@ impl KvmVm {
                 .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
             idle.push(Some(vcpu));
         }
-        let backend = Arc::new(KvmBackend::new(vm, config.irqchip, memory));
+        let vm = Arc::new(vm);
+        let backend = Arc::new(KvmBackend::new(Arc::clone(&vm), config.irqchip));
         Ok(Self {
             idle,
             threads: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             backend,
+            vm,
+            memory,
         })
     }
 
@@ -152,9 +161,10 @@ impl KvmVm {
 
     /// Guest RAM.
     pub fn memory(&self) -> &GuestMemoryMmap {
-        self.backend.memory()
+        &self.memory
     }
 
+    /// vCPUs of the VM.
     pub fn vcpus(&self) -> usize {
         self.idle.len()
     }
@@ -229,6 +239,14 @@ impl KvmVm {
 impl Drop for KvmVm {
     fn drop(&mut self) {
         self.stop();
+        // Guest RAM must not be unmapped while the VM can still run or is still open: KVM's
+        // memslots point at it. A vCPU thread that never stopped, or a backend (and so the VM
+        // fd) kept alive by its users, keeps the mapping for the rest of the process.
+        let lost_vcpu = self.idle.iter().any(Option::is_none);
+        let vm_shared = Arc::strong_count(&self.backend) > 1 || Arc::strong_count(&self.vm) > 2;
+        if lost_vcpu || vm_shared {
+            std::mem::forget(self.memory.clone());
+        }
     }
 }
 

@@ -21,7 +21,10 @@ pub enum IrqchipMode {
     /// LAPICs in the hypervisor, IOAPIC in userspace (KVM_CAP_SPLIT_IRQCHIP). GSIs
     /// `0..ioapic_pins` are reserved for the pins: their kernel routes are the MSIs the
     /// userspace IOAPIC's redirection entries produce.
-    Split { ioapic_pins: u32 },
+    Split {
+        /// Pins of the userspace IOAPIC (and GSIs reserved for them).
+        ioapic_pins: u32,
+    },
 }
 
 impl IrqchipMode {
@@ -38,31 +41,42 @@ impl IrqchipMode {
 /// hypervisor cannot do itself (userspace IOAPIC pins, emulated Xen ports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelRoute {
+    /// The GSI.
     pub gsi: Gsi,
+    /// Where the hypervisor sends it.
     pub route: Route,
 }
 
 /// Errors a backend reports.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum BackendError {
+    /// The eventfd is not a valid open file descriptor.
+    #[error("the eventfd is not a valid open file descriptor")]
+    BadEventFd,
+    /// The hypervisor refused an operation.
     #[error("the hypervisor refused {op}: {source}")]
     Hypervisor {
+        /// The operation (the ioctl's name).
         op: &'static str,
+        /// The errno.
         #[source]
         source: io::Error,
     },
+    /// The eventfd already backs an irqfd (KVM: EBUSY).
     #[error("the eventfd is already bound to an irqfd")]
     IrqfdBusy,
-    #[error("the eventfd is not a valid open file descriptor")]
-    BadEventFd,
+    /// No irqfd matches the (eventfd, GSI) pair.
     #[error("no irqfd is assigned for that eventfd and {0}")]
     IrqfdNotFound(Gsi),
+    /// The backend cannot do this in its configuration.
     #[error("this backend cannot {0}")]
     Unsupported(&'static str),
 }
 
 /// Receives guest EOIs of level-triggered vectors (the IOAPIC's EOI broadcast).
 pub trait EoiSink: Send + Sync {
+    /// The guest EOI'd `vector`, a level vector.
     fn eoi(&self, vector: u8);
 }
 

@@ -1,33 +1,52 @@
-//! The delivery state of one VM, shared by the public API, the dispatcher thread, the lines and
-//! the backend's EOI reports: it turns a GSI, a line level or an EOI into backend calls, through
-//! the userspace IOAPIC on a split irqchip.
+//! The delivery state of one VM, shared by the public API, the dispatcher, the lines and the
+//! backend's EOI reports: it turns a GSI, a line level or an EOI into backend calls, through the
+//! userspace IOAPIC on a split irqchip.
 //!
-//! Lock order: a line's push lock or a dispatcher entry's `live` lock, then `resamplers`, then a
-//! resampler's members, then `ioapic`, then the router's writer. Resamplers are notified after
-//! the IOAPIC lock is released.
+//! # Locks
+//!
+//! Each is held only to decide; every hypervisor call (`KVM_SIGNAL_MSI`, `KVM_IRQ_LINE`,
+//! `KVM_SET_GSI_ROUTING`) is made after it is released:
+//!
+//! - `ioapic`: the IOAPIC model and the pins whose kernel route is being committed. An
+//!   operation runs under it and returns its effects; routes are committed, MSIs delivered and
+//!   resamplers notified after it is released. A pin's deliveries wait for its own route
+//!   commit (KVM exits on the EOI of a level vector only if a committed route names it), held
+//!   in `held` meanwhile; other pins' deliveries and EOIs never wait for it.
+//! - `lines`, `storm`: leaves, held for a map or list operation.
+//! - `resamplers`, then a resampler's members (see resample.rs); never taken under `ioapic`.
+//!
+//! Lock order: the router's writer, then `ioapic` (the router reads the pins' current messages
+//! while committing them); `resamplers`, then members, then `ioapic`.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{Backend, EoiSink};
+use crate::dispatch::{Action, Dispatcher, Inject};
 use crate::interrupts::Error;
 use crate::ioapic::{Effects, Ioapic};
-use crate::irqfd::Inject;
 use crate::line::{LevelSink, Line};
+use crate::msi::MsiMessage;
 use crate::resample::{ResampledLine, Resampler};
 use crate::route::{Gsi, IrqChip, Route};
 use crate::router::{lock, Router};
+use crate::xen::XenError;
+
+/// How long the storm guard holds a re-delivery back (Linux ioapic.c: HZ / 100).
+const STORM_DELAY: Duration = Duration::from_millis(10);
 
 /// Counters of the userspace path; nothing it drops goes uncounted.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Events the dispatcher injected.
     pub user_injections: AtomicU64,
-    /// Events the dispatcher or the userspace IOAPIC could not deliver (logged with the reason).
+    /// Events the dispatcher or the userspace IOAPIC could not deliver (logged with the reason,
+    /// and reported to the irqfd's owner where there is one).
     pub user_inject_errors: AtomicU64,
     /// IOAPIC re-deliveries deferred by the interrupt-storm guard.
     pub storm_deferrals: AtomicU64,
@@ -39,7 +58,23 @@ pub struct Stats {
 /// (`crate::xen::EventChannels`). Must be lock-free: it runs on the irqfd fast path.
 pub trait EventChannelSink: Send + Sync {
     /// Marks `port` pending for `vcpu`; an error says why nothing was marked.
-    fn set_pending(&self, port: u32, vcpu: u32) -> Result<(), String>;
+    fn set_pending(&self, port: u32, vcpu: u32) -> Result<(), XenError>;
+}
+
+/// The split irqchip's IOAPIC and what its route commits hold back.
+pub(crate) struct IoapicState {
+    pub(crate) chip: Ioapic,
+    /// Per pin: route commits in flight.
+    committing: Vec<u32>,
+    /// Deliveries of pins with a commit in flight.
+    held: Vec<(u32, MsiMessage)>,
+}
+
+/// The storm guard's deferred re-deliveries and its one timer.
+#[derive(Default)]
+struct Storm {
+    due: Vec<(u32, Instant)>,
+    timer: Option<Arc<Timer>>,
 }
 
 pub(crate) struct Delivery {
@@ -47,11 +82,15 @@ pub(crate) struct Delivery {
     /// The emulated Xen event channels, once attached.
     pub(crate) xen: arc_swap::ArcSwapOption<Box<dyn EventChannelSink>>,
     /// Split irqchip only: the userspace IOAPIC.
-    pub(crate) ioapic: Option<Mutex<Ioapic>>,
+    pub(crate) ioapic: Option<Mutex<IoapicState>>,
     pub(crate) stats: Stats,
-    lines: Mutex<HashMap<Gsi, Arc<Line>>>,
+    /// Live lines (weak: their handles own them).
+    lines: Mutex<HashMap<Gsi, Weak<Line>>>,
     /// Split irqchip: the shared resampler of each GSI with level irqfds.
     pub(crate) resamplers: Mutex<HashMap<Gsi, Arc<Resampler<EventFd>>>>,
+    storm: Mutex<Storm>,
+    /// Runs the storm timer (set once the VM's dispatcher exists).
+    pub(crate) dispatcher: OnceLock<Weak<Dispatcher>>,
     me: Weak<Delivery>,
 }
 
@@ -59,11 +98,19 @@ impl Delivery {
     pub(crate) fn new(router: Router, ioapic: Option<Ioapic>) -> Arc<Self> {
         Arc::new_cyclic(|me| Delivery {
             router,
-            ioapic: ioapic.map(Mutex::new),
+            ioapic: ioapic.map(|chip| {
+                Mutex::new(IoapicState {
+                    committing: vec![0; chip.pins() as usize],
+                    held: Vec::new(),
+                    chip,
+                })
+            }),
             stats: Stats::default(),
             xen: arc_swap::ArcSwapOption::empty(),
             lines: Mutex::new(HashMap::new()),
             resamplers: Mutex::new(HashMap::new()),
+            storm: Mutex::new(Storm::default()),
+            dispatcher: OnceLock::new(),
             me: me.clone(),
         })
     }
@@ -72,13 +119,16 @@ impl Delivery {
         self.router.backend()
     }
 
-    /// The level line of `gsi` (one per GSI, created on first use).
+    /// The level line of `gsi` (one per GSI while anyone holds it).
     pub(crate) fn line(&self, gsi: Gsi) -> Arc<Line> {
         let mut lines = lock(&self.lines);
-        Arc::clone(lines.entry(gsi).or_insert_with(|| {
-            let sink: Arc<dyn LevelSink> = self.me.upgrade().expect("delivery is alive");
-            Arc::new(Line::new(gsi, sink))
-        }))
+        if let Some(line) = lines.get(&gsi).and_then(Weak::upgrade) {
+            return line;
+        }
+        let sink: Arc<dyn LevelSink> = self.me.upgrade().expect("called through a live Arc");
+        let line = Arc::new(Line::new(gsi, sink));
+        lines.insert(gsi, Arc::downgrade(&line));
+        line
     }
 
     /// One edge interrupt on `gsi` through its current routes.
@@ -109,46 +159,41 @@ impl Delivery {
                             "deliver Xen event channel routes without event channels attached",
                         ));
                     };
-                    xen.set_pending(port, vcpu).map_err(Error::Xen)?;
+                    xen.set_pending(port, vcpu)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Runs `op` on the userspace IOAPIC, carries out its effects in order under the lock,
-    /// then notifies the resamplers of acknowledged pins with the lock released.
-    fn with_ioapic(&self, op: impl FnOnce(&mut Ioapic, &mut Effects)) {
+    /// Runs `op` on the userspace IOAPIC under its lock, then, with the lock released, commits
+    /// the pins' changed routes, delivers, arms the storm timer and notifies resamplers.
+    pub(crate) fn with_ioapic(&self, op: impl FnOnce(&mut Ioapic, &mut Effects)) {
         let Some(ioapic) = &self.ioapic else {
             return;
         };
         let mut fx = Effects::default();
-        let resample = {
-            let mut ioapic = lock(ioapic);
-            op(&mut ioapic, &mut fx);
-            self.apply(&ioapic, &mut fx);
-            std::mem::take(&mut fx.resample)
-        };
-        if !resample.is_empty() {
-            self.resample(&resample);
-        }
-    }
-
-    pub(crate) fn ioapic_mmio_write(&self, offset: u64, data: &[u8]) {
-        self.with_ioapic(|ioapic, fx| ioapic.mmio_write(offset, data, fx));
-    }
-
-    /// Effects other than resampling, in the order the IOAPIC requires: routes before delivery.
-    fn apply(&self, ioapic: &Ioapic, fx: &mut Effects) {
-        for pin in fx.routes_changed.drain(..) {
-            if let Err(e) = self.router.set_pin_msi(pin, ioapic.pin_msi(pin)) {
-                self.stats
-                    .user_inject_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("IOAPIC pin {pin}: kernel route update failed: {e}");
+        let mut deliver = Vec::new();
+        {
+            let mut st = lock(ioapic);
+            op(&mut st.chip, &mut fx);
+            fx.routes_changed.sort_unstable();
+            fx.routes_changed.dedup();
+            for &pin in &fx.routes_changed {
+                st.committing[pin as usize] += 1;
+            }
+            for (pin, msg) in fx.deliver.drain(..) {
+                if st.committing[pin as usize] > 0 {
+                    st.held.push((pin, msg));
+                } else {
+                    deliver.push((pin, msg));
+                }
             }
         }
-        for (pin, msg) in fx.deliver.drain(..) {
+        if !fx.routes_changed.is_empty() {
+            self.commit_pin_routes(ioapic, &fx.routes_changed, &mut deliver);
+        }
+        for (pin, msg) in deliver {
             if let Err(e) = self.backend().signal_msi(msg, None) {
                 self.stats
                     .user_inject_errors
@@ -157,15 +202,111 @@ impl Delivery {
             }
         }
         for pin in fx.deferred.drain(..) {
-            // Linux ioapic.c: after IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT re-deliveries, wait ~10 ms.
-            self.stats.storm_deferrals.fetch_add(1, Ordering::Relaxed);
-            let me = self.me.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(10));
-                if let Some(d) = me.upgrade() {
-                    d.with_ioapic(|ioapic, fx| ioapic.redeliver_deferred(pin, fx));
+            self.defer(pin);
+        }
+        if !fx.resample.is_empty() {
+            self.resample(&fx.resample);
+        }
+    }
+
+    /// Commits `pins`' kernel routes (their messages as they are at commit time), then
+    /// releases the deliveries that waited for them into `deliver`.
+    fn commit_pin_routes(
+        &self,
+        ioapic: &Mutex<IoapicState>,
+        pins: &[u32],
+        deliver: &mut Vec<(u32, MsiMessage)>,
+    ) {
+        let committed = self
+            .router
+            .refresh_pin_msis(pins, |pin| lock(ioapic).chip.pin_msi(pin));
+        if let Err(e) = committed {
+            self.stats
+                .user_inject_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("IOAPIC pins {pins:?}: kernel route update failed: {e}");
+        }
+        let mut st = lock(ioapic);
+        for &pin in pins {
+            st.committing[pin as usize] -= 1;
+        }
+        let st = &mut *st;
+        let committing = &st.committing;
+        st.held.retain(|&(pin, msg)| {
+            let release = committing[pin as usize] == 0;
+            if release {
+                deliver.push((pin, msg));
+            }
+            !release
+        });
+    }
+
+    pub(crate) fn ioapic_mmio_write(&self, offset: u64, data: &[u8]) {
+        self.with_ioapic(|ioapic, fx| ioapic.mmio_write(offset, data, fx));
+    }
+
+    /// Linux ioapic.c: after IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT re-deliveries, wait ~10 ms. One
+    /// timer per chip, served by the dispatcher (its thread or the VMM's event loop).
+    fn defer(&self, pin: u32) {
+        self.stats.storm_deferrals.fetch_add(1, Ordering::Relaxed);
+        let mut storm = lock(&self.storm);
+        storm.due.push((pin, Instant::now() + STORM_DELAY));
+        if storm.timer.is_none() {
+            match self.storm_timer() {
+                Ok(timer) => storm.timer = Some(timer),
+                Err(e) => {
+                    // Without a timer the pin would wait for its next EOI forever: deliver
+                    // now instead (the guard's delay is lost, never the interrupt).
+                    tracing::warn!("IOAPIC storm guard: no timer ({e}); re-delivering at once");
+                    storm.due.clear();
+                    drop(storm);
+                    self.with_ioapic(|ioapic, fx| ioapic.redeliver_deferred(pin, fx));
+                    return;
                 }
-            });
+            }
+        }
+        let first = storm.due.iter().map(|(_, at)| *at).min();
+        if let (Some(timer), Some(at)) = (&storm.timer, first) {
+            timer.arm(at.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    fn storm_timer(&self) -> std::io::Result<Arc<Timer>> {
+        let dispatcher = self
+            .dispatcher
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| std::io::Error::other("the dispatcher is gone"))?;
+        let timer = Arc::new(Timer::new()?);
+        let me = self.me.clone();
+        dispatcher.add_entry(
+            Box::new(Arc::clone(&timer)),
+            Timer::consume,
+            Action::Callback(Arc::new(move || {
+                if let Some(d) = me.upgrade() {
+                    d.redeliver_due();
+                }
+            })),
+        )?;
+        Ok(timer)
+    }
+
+    /// The storm timer fired: re-deliver every deferral whose delay has passed.
+    fn redeliver_due(&self) {
+        let now = Instant::now();
+        let due: Vec<u32> = {
+            let mut storm = lock(&self.storm);
+            let (due, later): (Vec<_>, Vec<_>) =
+                storm.due.drain(..).partition(|(_, at)| *at <= now);
+            storm.due = later;
+            let next = storm.due.iter().map(|(_, at)| *at).min();
+            if let (Some(timer), Some(at)) = (&storm.timer, next) {
+                timer.arm(at.saturating_duration_since(now));
+            }
+            due.into_iter().map(|(pin, _)| pin).collect()
+        };
+        for pin in due {
+            self.with_ioapic(|ioapic, fx| ioapic.redeliver_deferred(pin, fx));
         }
     }
 
@@ -185,6 +326,15 @@ impl Delivery {
                 r.acked();
             }
         }
+    }
+
+    fn count_inject(&self, result: Result<(), Error>) -> Result<(), Error> {
+        let counter = match result {
+            Ok(()) => &self.stats.user_injections,
+            Err(_) => &self.stats.user_inject_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
     }
 }
 
@@ -208,6 +358,13 @@ impl LevelSink for Delivery {
             tracing::warn!("{gsi}: setting the line to {level} failed: {e}");
         }
     }
+
+    fn line_dropped(&self, gsi: Gsi) {
+        let mut lines = lock(&self.lines);
+        if lines.get(&gsi).is_some_and(|w| w.strong_count() == 0) {
+            lines.remove(&gsi);
+        }
+    }
 }
 
 impl ResampledLine for Delivery {
@@ -228,20 +385,71 @@ impl EoiSink for Delivery {
 }
 
 impl Inject for Delivery {
-    fn inject_from_irqfd(&self, gsi: Gsi) {
-        match self.inject_edge(gsi) {
-            Ok(()) => self.stats.user_injections.fetch_add(1, Ordering::Relaxed),
-            Err(e) => {
-                tracing::warn!("irqfd on {gsi}: injection failed: {e}");
-                self.stats
-                    .user_inject_errors
-                    .fetch_add(1, Ordering::Relaxed)
-            }
-        };
+    fn inject_edge(&self, gsi: Gsi) -> Result<(), Error> {
+        let result = Delivery::inject_edge(self, gsi);
+        self.count_inject(result)
     }
 
     fn assert_resampled(&self, resampler: &Resampler<EventFd>) {
         resampler.assert(self);
         self.stats.user_injections.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A one-shot monotonic timerfd (non-blocking), armed from any thread.
+pub(crate) struct Timer(OwnedFd);
+
+impl Timer {
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: timerfd_create takes no pointers; a negative result is an error.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Fires once after `after` (at least 1 ns: a zero value would disarm it).
+    fn arm(&self, after: Duration) {
+        let after = after.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec for the call; the old value is not asked for.
+        let r =
+            unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r < 0 {
+            tracing::warn!(
+                "IOAPIC storm timer: arming failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Consumes an expiry; false if the timer had not fired.
+    fn consume(fd: RawFd) -> bool {
+        let mut expiries = 0u64;
+        // SAFETY: reads 8 bytes into a local u64 from the timer's descriptor.
+        let n = unsafe { libc::read(fd, (&mut expiries as *mut u64).cast(), 8) };
+        n == 8
+    }
+}
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 }

@@ -1,10 +1,21 @@
 //! [`Interrupts`]: the interrupt path of one VM, assembled from the router, the userspace
 //! IOAPIC (split irqchip), the irqfd dispatcher and a [`Backend`].
+//!
+//! Everything an interrupt is comes out of it as an owned object: [`GsiRoute`] (an allocated
+//! GSI and its route), [`IoapicPin`] (a pin's fixed GSI), [`EdgeIrqfd`] / [`LevelIrqfd`],
+//! [`IrqSource`] (through a pin's [`Line`]) and [`Watch`]. Dropping an object undoes exactly
+//! what it did; dropping every one of them and the `Arc<Interrupts>` frees the VM's interrupt
+//! state and its backend.
+//!
+//! Locks here: `irqfds` (the identities of bound eventfds) is a leaf held for a set operation;
+//! binding and unbinding call the hypervisor (`KVM_IRQFD`) with no lock held, and check the
+//! routes they decided on afterwards (a generation check against the router's table).
 
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::collections::HashSet;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex};
 
+use arc_swap::Guard;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -12,33 +23,58 @@ pub use crate::delivery::Stats;
 
 use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode};
 use crate::delivery::{Delivery, EventChannelSink};
+use crate::dispatch::{Action, Dispatch, Dispatcher, Inject, Report};
+use crate::gsi::{GsiRoute, IoapicPin};
 use crate::ioapic::{Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
-use crate::irqfd::{Action, Dispatcher, Inject, IrqfdPath};
-use crate::line::{IrqSource, Line};
+use crate::irqfd::{duplicate, eventfd_id, Binding, EventfdId, IrqfdCore, IrqfdPath, Served};
 use crate::msi::MsiMessage;
 use crate::resample::Resampler;
-use crate::route::{Gsi, IrqChip, Route, MAX_GSIS};
-use crate::router::{lock, GsiHandle, RouteBatch, Router, RouterError};
+use crate::route::{Gsi, Route, RoutingTable, MAX_GSIS};
+use crate::router::{lock, GsiLease, RouteBatch, Router, RouterError};
+use crate::xen::XenError;
+
+#[allow(unused_imports)] // for doc links
+use crate::{irqfd::EdgeIrqfd, irqfd::LevelIrqfd, line::IrqSource, line::Line};
 
 /// Errors from the core's public API.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The hypervisor refused an operation.
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("the eventfd is not a valid open file descriptor")]
+    /// The descriptor is not an open eventfd.
+    #[error("the eventfd is not a valid open eventfd")]
     BadEventFd,
+    /// The dispatcher could not be started or given the eventfd.
     #[error("could not start or feed the irqfd dispatcher: {0}")]
     Dispatcher(#[source] std::io::Error),
-    #[error("eventfd {0} already backs an irqfd")]
-    IrqfdBusy(RawFd),
+    /// The process (or system) has no file descriptors left (EMFILE / ENFILE).
+    #[error("no file descriptors left to duplicate the eventfd: {0}")]
+    FdExhausted(#[source] std::io::Error),
+    /// The eventfd (or a `dup()` of it) already backs an irqfd (KVM: EBUSY).
+    #[error("the eventfd already backs an irqfd")]
+    IrqfdBusy,
+    /// The GSI has no route to deliver through.
     #[error("{0} has no route")]
     NoRoute(Gsi),
+    /// The IOAPIC has no such pin.
+    #[error("the IOAPIC has no pin {pin} (it has {pins})")]
+    NoSuchPin {
+        /// The pin asked for.
+        pin: u32,
+        /// Pins it has.
+        pins: u32,
+    },
+    /// Routing or allocation failed.
     #[error(transparent)]
     Router(#[from] RouterError),
+    /// What was asked is not possible in this configuration.
     #[error("vmirq cannot {0}")]
     Unsupported(&'static str),
+    /// The emulated Xen event channels refused the event.
     #[error("Xen event channel: {0}")]
-    Xen(String),
+    Xen(#[from] XenError),
 }
 
 /// How an [`Interrupts`] is set up.
@@ -48,6 +84,8 @@ pub struct Config {
     pub first_dynamic_gsi: u32,
     /// One past the highest GSI the allocator hands out (at most 4096).
     pub gsi_limit: u32,
+    /// Who serves userspace irqfds: vmirq's thread, or the VMM's event loop.
+    pub dispatch: Dispatch,
 }
 
 impl Default for Config {
@@ -55,22 +93,38 @@ impl Default for Config {
         Self {
             first_dynamic_gsi: 0,
             gsi_limit: MAX_GSIS,
+            dispatch: Dispatch::Thread,
         }
     }
 }
 
-/// Caller descriptors that back an irqfd, with their GSI.
-type Registry = HashMap<RawFd, Gsi>;
-
 /// The interrupt path of one VM. Create with [`Interrupts::new`]; share as `Arc`.
+///
+/// ```
+/// use vmirq::{Interrupts, IrqchipMode, SimBackend};
+/// use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+///
+/// let sim = SimBackend::new(1, IrqchipMode::Split { ioapic_pins: 24 });
+/// let irq = Interrupts::new(sim.clone(), Default::default())?;
+/// // The guest programs pin 5 (level, vector 0x31, APIC 0) through IOAPIC MMIO.
+/// for (off, value) in [(0x00, 0x1a), (0x10, 0x0000_8031)] {
+///     irq.mmio_write(0xFEC0_0000 + off, &u32::to_le_bytes(value));
+/// }
+/// let source = irq.pin(5)?.source();
+/// source.assert();
+/// sim.run_until_idle();
+/// assert_eq!(sim.count(0, 0x31), 1);
+/// # Ok::<(), vmirq::Error>(())
+/// ```
 pub struct Interrupts {
     delivery: Arc<Delivery>,
     dispatcher: Arc<Dispatcher>,
-    /// Caller descriptors that back an irqfd (one irqfd per eventfd), with their GSI.
-    irqfds: Mutex<Registry>,
+    /// Identities of the eventfds that back an irqfd (one irqfd per eventfd).
+    irqfds: Mutex<HashSet<EventfdId>>,
 }
 
 impl Interrupts {
+    /// The interrupt path of the VM `backend` drives. Commits the initial routing table.
     pub fn new(backend: Arc<dyn Backend>, config: Config) -> Result<Arc<Self>, Error> {
         let mode = backend.irqchip_mode();
         let router = Router::new(
@@ -83,45 +137,92 @@ impl Interrupts {
             IrqchipMode::Split { ioapic_pins } => Some(Ioapic::new(ioapic_pins)),
         };
         let delivery = Delivery::new(router, ioapic);
-        let sink: Weak<dyn EoiSink> = Arc::downgrade(&delivery) as Weak<dyn EoiSink>;
+        let sink = Arc::downgrade(&delivery) as std::sync::Weak<dyn EoiSink>;
         backend.set_eoi_sink(sink);
+        let inject: Arc<dyn Inject> = Arc::clone(&delivery) as Arc<dyn Inject>;
+        let dispatcher =
+            Arc::new(Dispatcher::new(config.dispatch, inject).map_err(Error::Dispatcher)?);
+        let _ = delivery.dispatcher.set(Arc::downgrade(&dispatcher));
         Ok(Arc::new(Self {
             delivery,
-            dispatcher: Arc::new(Dispatcher::new().map_err(Error::Dispatcher)?),
-            irqfds: Mutex::new(HashMap::new()),
+            dispatcher,
+            irqfds: Mutex::new(HashSet::new()),
         }))
     }
 
+    /// The backend this VM's interrupts reach the hypervisor through.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         self.delivery.router.backend()
     }
 
+    /// Where the irqchip lives.
     pub fn mode(&self) -> IrqchipMode {
         self.delivery.router.mode()
     }
 
-    pub fn router(&self) -> &Router {
+    pub(crate) fn router(&self) -> &Router {
         &self.delivery.router
     }
 
-    /// Starts a batch of route changes (one backend commit).
+    pub(crate) fn delivery(&self) -> &Arc<Delivery> {
+        &self.delivery
+    }
+
+    /// The routing table in force (lock-free; never half-written).
+    pub fn routing_table(&self) -> Guard<Arc<RoutingTable>> {
+        self.delivery.router.load()
+    }
+
+    /// GSIs the allocator can still hand out.
+    pub fn free_gsis(&self) -> usize {
+        self.delivery.router.free_gsis()
+    }
+
+    /// Starts a batch of route changes on GSIs the caller owns (one backend commit).
     pub fn routes(&self) -> RouteBatch<'_> {
         self.delivery.router.batch()
     }
 
-    /// Allocates a GSI (lowest free first); dropping the handle frees it.
-    pub fn allocate_gsi(&self) -> Result<GsiHandle, Error> {
-        Ok(self.delivery.router.allocate()?)
+    /// Allocates a GSI (lowest free first) with no route yet; give it one with
+    /// [`GsiRoute::set`] or in a [`RouteBatch`]. O(log n): the table is not copied.
+    pub fn allocate_route(self: &Arc<Self>) -> Result<GsiRoute, Error> {
+        let lease = self.delivery.router.allocate()?;
+        Ok(GsiRoute::new(Arc::clone(self), lease))
     }
 
-    /// Allocates a GSI and gives it `route` in one commit: what a device model needs before
-    /// it assigns an irqfd. Dropping the handle frees both.
-    pub fn allocate_routed_gsi(&self, route: Route) -> Result<GsiHandle, Error> {
-        let gsi = self.allocate_gsi()?;
-        let mut batch = self.routes();
-        batch.set(gsi.gsi(), route)?;
-        batch.commit()?;
+    /// Allocates a GSI and gives it `route` in one commit: what a device model needs before it
+    /// assigns an irqfd.
+    pub fn new_route(self: &Arc<Self>, route: Route) -> Result<GsiRoute, Error> {
+        let gsi = self.allocate_route()?;
+        gsi.set(route)?;
         Ok(gsi)
+    }
+
+    /// Releases `routes` with one commit: their irqfds are disabled first, then every route
+    /// goes, and the GSIs are reusable after that commit.
+    pub fn release_routes(&self, routes: impl IntoIterator<Item = GsiRoute>) -> Result<(), Error> {
+        let routes: Vec<GsiRoute> = routes.into_iter().collect();
+        if let Some(r) = routes.iter().find(|r| !r.belongs_to(self.router())) {
+            return Err(RouterError::ForeignRoute(r.gsi()).into());
+        }
+        for r in &routes {
+            r.disable_irqfds();
+        }
+        let mut batch = self.routes();
+        for r in routes {
+            // The leases go before the one commit, which then also reclaims the GSIs.
+            batch.remove_gsi(r.dismantle());
+        }
+        Ok(batch.commit()?)
+    }
+
+    /// IOAPIC pin `pin` (GSI `pin`): shared by any number of devices.
+    pub fn pin(self: &Arc<Self>, pin: u32) -> Result<IoapicPin, Error> {
+        let pins = self.mode().ioapic_pins();
+        if pin >= pins {
+            return Err(Error::NoSuchPin { pin, pins });
+        }
+        Ok(IoapicPin::new(Arc::clone(self), pin))
     }
 
     /// Injects an MSI now.
@@ -129,177 +230,42 @@ impl Interrupts {
         Ok(self.backend().signal_msi(msg, None)?)
     }
 
-    /// Delivers one edge interrupt on `gsi` through the current routes, in userspace.
-    pub fn inject_edge(&self, gsi: Gsi) -> Result<(), Error> {
-        self.delivery.inject_edge(gsi)
-    }
-
+    /// Counters of the userspace path.
     pub fn stats(&self) -> &Stats {
         &self.delivery.stats
     }
 
-    /// Userspace irqfds the dispatcher serves.
+    /// Userspace irqfds and watches the dispatcher serves.
     pub fn user_irqfds(&self) -> usize {
         self.dispatcher.len()
     }
 
-    /// Binds `fd` to `gsi` as an edge irqfd. The path is chosen now: kernel when the
-    /// hypervisor can deliver every route of `gsi`, userspace otherwise. `gsi` must have a
-    /// route already (routes before irqfds: Cloud Hypervisor #3827). An event counted before
-    /// this call is delivered by it. The dispatcher sets `fd` non-blocking.
-    pub fn assign_irqfd(self: &Arc<Self>, fd: &EventFd, gsi: Gsi) -> Result<Irqfd, Error> {
-        self.assign_irqfd_on(fd, gsi, None)
+    /// Event-loop mode: the one descriptor to wait on (readable while any userspace irqfd,
+    /// watch or the storm timer has an event); then call [`Interrupts::service`].
+    pub fn event_fd(&self) -> BorrowedFd<'_> {
+        self.dispatcher.event_fd()
     }
 
-    /// [`Interrupts::assign_irqfd`] with the path forced: `Some(User)` always dispatches in
-    /// userspace; `Some(Kernel)` fails with [`Error::Unsupported`] if the hypervisor cannot
-    /// deliver the GSI's routes; `None` picks the fastest.
-    pub fn assign_irqfd_on(
-        self: &Arc<Self>,
-        fd: &EventFd,
-        gsi: Gsi,
-        path: Option<IrqfdPath>,
-    ) -> Result<Irqfd, Error> {
-        let (mut registry, key, own) = self.claim(fd)?;
-        let backend = Arc::clone(self.backend());
-        let inject: Arc<dyn Inject> = Arc::clone(&self.delivery) as Arc<dyn Inject>;
-        let (path, token) = self.delivery.router.with_routes(gsi, |routes| {
-            if routes.is_empty() {
-                return Err(Error::NoRoute(gsi));
-            }
-            let kernel_can = routes.iter().all(|r| backend.delivers(r));
-            if path == Some(IrqfdPath::Kernel) && !kernel_can {
-                return Err(Error::Unsupported(
-                    "deliver these routes from a kernel irqfd",
-                ));
-            }
-            if kernel_can && path != Some(IrqfdPath::User) {
-                backend.assign_irqfd(&own, gsi, None)?;
-                Ok((IrqfdPath::Kernel, None))
-            } else {
-                let dup = own.try_clone().map_err(|_| Error::BadEventFd)?;
-                let token = self
-                    .dispatcher
-                    .add(dup, Action::Edge(gsi), &inject)
-                    .map_err(Error::Dispatcher)?;
-                Ok((IrqfdPath::User, Some(token)))
-            }
-        })?;
-        registry.insert(key, gsi);
-        Ok(Irqfd::new(self, own, key, gsi, path, token, None))
+    /// Event-loop mode: serves every ready event without blocking; returns how many.
+    pub fn service(&self) -> std::io::Result<usize> {
+        self.dispatcher.service()
     }
 
-    /// Binds `trigger` to `gsi` as a level irqfd with a resamplefd ("on ack, de-assert and
-    /// notify"): a trigger signal asserts the line, which stays high until the guest EOIs it;
-    /// then the line is de-asserted once and every resamplefd of `gsi` is signalled. A device
-    /// that still needs service signals `trigger` again. `gsi` must be routed to an IOAPIC pin.
-    ///
-    /// On an in-kernel irqchip this is KVM's resample irqfd ([`IrqfdPath::Kernel`]); on a split
-    /// irqchip, where KVM refuses resample, vmirq's IOAPIC and one shared resampler per GSI do it
-    /// ([`IrqfdPath::User`]).
-    pub fn assign_irqfd_with_resample(
-        self: &Arc<Self>,
-        trigger: &EventFd,
-        resample: &EventFd,
-        gsi: Gsi,
-    ) -> Result<Irqfd, Error> {
-        let resample = resample.try_clone().map_err(|_| Error::BadEventFd)?;
-        let (mut registry, key, own) = self.claim(trigger)?;
-        let backend = Arc::clone(self.backend());
-        let inject: Arc<dyn Inject> = Arc::clone(&self.delivery) as Arc<dyn Inject>;
-        let (path, ()) = self.delivery.router.with_routes(gsi, |routes| {
-            if routes.is_empty() {
-                return Err(Error::NoRoute(gsi));
-            }
-            let on_ioapic = routes.iter().any(|r| {
-                matches!(
-                    r,
-                    Route::Irqchip {
-                        chip: IrqChip::Ioapic,
-                        ..
-                    }
-                )
-            });
-            if !on_ioapic {
-                return Err(Error::Unsupported(
-                    "resample a GSI that is not routed to an IOAPIC pin",
-                ));
-            }
-            if backend.supports_resample() && routes.iter().all(|r| backend.delivers(r)) {
-                backend.assign_irqfd(&own, gsi, Some(&resample))?;
-                return Ok((IrqfdPath::Kernel, ()));
-            }
-            if self.delivery.ioapic.is_none() {
-                return Err(Error::Unsupported("resample without an IOAPIC to ack it"));
-            }
-            Ok((IrqfdPath::User, ()))
-        })?;
-        // The user path joins the resampler outside the router's lock (lock order: resamplers
-        // before the IOAPIC and the router).
-        let (token, resampler) = match path {
-            IrqfdPath::Kernel => (None, None),
-            IrqfdPath::User => {
-                let (token, r, id) = self.join_resampler(&own, resample, gsi, &inject)?;
-                (Some(token), Some((r, id)))
-            }
-        };
-        registry.insert(key, gsi);
-        let mut irqfd = Irqfd::new(self, own, key, gsi, path, token, resampler);
-        irqfd.level = true;
-        Ok(irqfd)
+    /// Event-loop mode, per descriptor (crosvm's `irq_event_tokens` shape): each userspace
+    /// irqfd's or watch's (token, descriptor). Read it again after binding or dropping one.
+    pub fn irq_events(&self) -> Vec<(u64, RawFd)> {
+        self.dispatcher.tokens()
     }
 
-    /// Checks that `fd` is open and backs no irqfd yet; returns the registry (locked, for the
-    /// caller to record the new irqfd in), the caller's descriptor as key, and vmirq's own
-    /// duplicate of the eventfd.
-    fn claim(&self, fd: &EventFd) -> Result<(MutexGuard<'_, Registry>, RawFd, EventFd), Error> {
-        let key = fd.as_raw_fd();
-        if !crate::irqfd::is_open(key) {
-            return Err(Error::BadEventFd);
-        }
-        let registry = lock(&self.irqfds);
-        if registry.contains_key(&key) {
-            return Err(Error::IrqfdBusy(key));
-        }
-        let own = fd.try_clone().map_err(|_| Error::BadEventFd)?;
-        Ok((registry, key, own))
+    /// Event-loop mode: serves the entry `token` names if its descriptor has an event (crosvm's
+    /// `service_irq_event`); returns whether it acted.
+    pub fn service_irq_event(&self, token: u64) -> bool {
+        self.dispatcher.serve(token)
     }
 
-    /// Joins `gsi`'s one resampler (under the map lock, so a leaving last member cannot
-    /// retire it between lookup and join) and hands the trigger to the dispatcher.
-    fn join_resampler(
-        &self,
-        trigger: &EventFd,
-        resample: EventFd,
-        gsi: Gsi,
-        inject: &Arc<dyn Inject>,
-    ) -> Result<(u64, Arc<Resampler<EventFd>>, u64), Error> {
-        let delivery = &self.delivery;
-        let (r, id) = {
-            let mut resamplers = lock(&delivery.resamplers);
-            let r = Arc::clone(
-                resamplers
-                    .entry(gsi)
-                    .or_insert_with(|| Arc::new(Resampler::new(gsi))),
-            );
-            let id = r.join(resample);
-            (r, id)
-        };
-        let token = trigger
-            .try_clone()
-            .map_err(|_| Error::BadEventFd)
-            .and_then(|dup| {
-                self.dispatcher
-                    .add(dup, Action::Level(Arc::clone(&r)), inject)
-                    .map_err(Error::Dispatcher)
-            });
-        match token {
-            Ok(token) => Ok((token, r, id)),
-            Err(e) => {
-                leave_resampler(delivery, &r, id);
-                Err(e)
-            }
-        }
+    /// Who serves userspace irqfds.
+    pub fn dispatch(&self) -> Dispatch {
+        self.dispatcher.mode()
     }
 
     /// Attaches the emulated Xen event channels: routes of kind [`Route::XenEvtchn`] deliver
@@ -308,41 +274,30 @@ impl Interrupts {
         self.delivery.xen.store(Some(Arc::new(sink)));
     }
 
-    /// Runs `f` on the dispatcher thread each time `fd` is signalled (its count consumed),
-    /// until the returned token is passed to [`Interrupts::unwatch`]. For internal consumers
-    /// such as a Xen callback GSI's resamplefd.
+    /// Runs `f` on the dispatcher each time `fd` is signalled (its count consumed), until the
+    /// returned [`Watch`] is dropped. For internal consumers such as a Xen callback GSI's
+    /// resamplefd.
     pub fn watch(
         self: &Arc<Self>,
         fd: &EventFd,
         f: Arc<dyn Fn() + Send + Sync>,
-    ) -> Result<u64, Error> {
-        let dup = fd.try_clone().map_err(|_| Error::BadEventFd)?;
-        let inject: Arc<dyn Inject> = Arc::clone(&self.delivery) as Arc<dyn Inject>;
-        self.dispatcher
-            .add(dup, Action::Callback(f), &inject)
-            .map_err(Error::Dispatcher)
-    }
-
-    /// Stops a [`Interrupts::watch`]; when this returns its callback will not run again.
-    pub fn unwatch(&self, token: u64) {
-        self.dispatcher.remove(token);
-    }
-
-    /// The level line of `gsi`: the OR of any number of [`IrqSource`]s.
-    pub fn line(&self, gsi: Gsi) -> Arc<Line> {
-        self.delivery.line(gsi)
-    }
-
-    /// A new source on `gsi`'s line (shorthand for `line(gsi).source()`).
-    pub fn irq_source(&self, gsi: Gsi) -> IrqSource {
-        self.line(gsi).source()
+    ) -> Result<Watch, Error> {
+        let dup = duplicate(fd)?;
+        let token = self
+            .dispatcher
+            .add(dup, Action::Callback(f))
+            .map_err(Error::Dispatcher)?;
+        Ok(Watch {
+            interrupts: Arc::clone(self),
+            token,
+        })
     }
 
     /// Split irqchip: a guest MMIO read. Returns false if the address is not the IOAPIC's.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
         match (&self.delivery.ioapic, ioapic_offset(addr)) {
             (Some(ioapic), Some(off)) => {
-                lock(ioapic).mmio_read(off, data);
+                lock(ioapic).chip.mmio_read(off, data);
                 true
             }
             _ => false,
@@ -364,6 +319,236 @@ impl Interrupts {
     pub fn eoi(&self, vector: u8) {
         self.delivery.eoi(vector);
     }
+
+    /// Claims `fd`'s identity for a new irqfd (one irqfd per eventfd, whatever descriptor
+    /// names it).
+    fn claim(&self, fd: &EventFd, id: Option<EventfdId>) -> Result<EventfdId, Error> {
+        let id = match id {
+            Some(id) => id,
+            None => eventfd_id(fd.as_raw_fd())?,
+        };
+        if !lock(&self.irqfds).insert(id) {
+            return Err(Error::IrqfdBusy);
+        }
+        Ok(id)
+    }
+
+    fn unclaim(&self, id: EventfdId) {
+        lock(&self.irqfds).remove(&id);
+    }
+
+    /// Binds an edge irqfd on `gsi`. The caller owns `gsi` (its lease) or it is a pin's.
+    pub(crate) fn bind_edge(
+        self: &Arc<Self>,
+        fd: &EventFd,
+        id: Option<EventfdId>,
+        gsi: Gsi,
+        lease: Option<&Arc<GsiLease>>,
+        path: Option<IrqfdPath>,
+    ) -> Result<Arc<IrqfdCore>, Error> {
+        let id = self.claim(fd, id)?;
+        let bound = self.bind_edge_claimed(fd, gsi, path);
+        let (own, path, served, report) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                self.unclaim(id);
+                return Err(e);
+            }
+        };
+        let binding = Binding {
+            owner: Arc::clone(self),
+            fd: own,
+            id,
+            served,
+            lease: lease.cloned(),
+        };
+        Ok(Arc::new(IrqfdCore::new(gsi, path, report, binding)))
+    }
+
+    fn bind_edge_claimed(
+        self: &Arc<Self>,
+        fd: &EventFd,
+        gsi: Gsi,
+        path: Option<IrqfdPath>,
+    ) -> Result<(EventFd, IrqfdPath, Served, Arc<Report>), Error> {
+        let own = duplicate(fd)?;
+        let report = Arc::new(Report::default());
+        let backend = Arc::clone(self.backend());
+        // Decide from the published table, call the hypervisor with no lock held, then check
+        // that the routes did not change meanwhile (else undo and decide again).
+        for _ in 0..8 {
+            let routes = self.router().load().get(gsi).to_vec();
+            if routes.is_empty() {
+                return Err(Error::NoRoute(gsi));
+            }
+            let kernel_can = routes.iter().all(|r| backend.delivers(r));
+            if path == Some(IrqfdPath::Kernel) && !kernel_can {
+                return Err(Error::Unsupported(
+                    "deliver these routes from a kernel irqfd",
+                ));
+            }
+            if kernel_can && path != Some(IrqfdPath::User) {
+                backend.assign_irqfd(&own, gsi, None).map_err(busy)?;
+                if self.router().register_kernel_irqfd(gsi, &routes) {
+                    return Ok((own, IrqfdPath::Kernel, Served::Kernel, report));
+                }
+                backend.deassign_irqfd(&own, gsi)?;
+                continue;
+            }
+            let token = self
+                .dispatcher
+                .add(duplicate(&own)?, Action::Edge(gsi, Arc::clone(&report)))
+                .map_err(Error::Dispatcher)?;
+            return Ok((own, IrqfdPath::User, Served::User(token), report));
+        }
+        Err(Error::Unsupported(
+            "bind an irqfd while its routes keep changing",
+        ))
+    }
+
+    /// Binds a level irqfd with a resamplefd on `gsi`, which must route to an IOAPIC pin.
+    pub(crate) fn bind_level(
+        self: &Arc<Self>,
+        trigger: &EventFd,
+        resample: &EventFd,
+        gsi: Gsi,
+        lease: Option<&Arc<GsiLease>>,
+    ) -> Result<Arc<IrqfdCore>, Error> {
+        let resample = duplicate(resample)?;
+        let id = self.claim(trigger, None)?;
+        let bound = self.bind_level_claimed(trigger, resample, gsi);
+        let (own, path, served) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                self.unclaim(id);
+                return Err(e);
+            }
+        };
+        let binding = Binding {
+            owner: Arc::clone(self),
+            fd: own,
+            id,
+            served,
+            lease: lease.cloned(),
+        };
+        let report = Arc::new(Report::default());
+        Ok(Arc::new(IrqfdCore::new(gsi, path, report, binding)))
+    }
+
+    fn bind_level_claimed(
+        &self,
+        trigger: &EventFd,
+        resample: EventFd,
+        gsi: Gsi,
+    ) -> Result<(EventFd, IrqfdPath, Served), Error> {
+        let own = duplicate(trigger)?;
+        let backend = Arc::clone(self.backend());
+        for _ in 0..8 {
+            let routes = self.router().load().get(gsi).to_vec();
+            if routes.is_empty() {
+                return Err(Error::NoRoute(gsi));
+            }
+            if !routes.iter().any(|r| r.ioapic_pin().is_some()) {
+                return Err(Error::Unsupported(
+                    "resample a GSI that is not routed to an IOAPIC pin",
+                ));
+            }
+            if backend.supports_resample() && routes.iter().all(|r| backend.delivers(r)) {
+                backend
+                    .assign_irqfd(&own, gsi, Some(&resample))
+                    .map_err(busy)?;
+                if self.router().register_kernel_irqfd(gsi, &routes) {
+                    return Ok((own, IrqfdPath::Kernel, Served::Kernel));
+                }
+                backend.deassign_irqfd(&own, gsi)?;
+                continue;
+            }
+            if self.delivery.ioapic.is_none() {
+                return Err(Error::Unsupported("resample without an IOAPIC to ack it"));
+            }
+            let served = self.join_resampler(&own, resample, gsi)?;
+            return Ok((own, IrqfdPath::User, served));
+        }
+        Err(Error::Unsupported(
+            "bind an irqfd while its routes keep changing",
+        ))
+    }
+
+    /// Joins `gsi`'s one resampler (under the map lock, so a leaving last member cannot
+    /// retire it between lookup and join) and hands the trigger to the dispatcher.
+    fn join_resampler(
+        &self,
+        trigger: &EventFd,
+        resample: EventFd,
+        gsi: Gsi,
+    ) -> Result<Served, Error> {
+        let delivery = &self.delivery;
+        let (r, id) = {
+            let mut resamplers = lock(&delivery.resamplers);
+            let r = Arc::clone(
+                resamplers
+                    .entry(gsi)
+                    .or_insert_with(|| Arc::new(Resampler::new(gsi))),
+            );
+            let id = r.join(resample);
+            (r, id)
+        };
+        let token = duplicate(trigger).and_then(|dup| {
+            self.dispatcher
+                .add(dup, Action::Level(Arc::clone(&r)))
+                .map_err(Error::Dispatcher)
+        });
+        match token {
+            Ok(token) => Ok(Served::UserLevel {
+                token,
+                resampler: r,
+                member: id,
+            }),
+            Err(e) => {
+                leave_resampler(delivery, &r, id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Undoes a binding. No lock is held across the hypervisor call.
+    pub(crate) fn unbind(&self, b: Binding, gsi: Gsi) -> Result<(), Error> {
+        let result = match b.served {
+            Served::Kernel => {
+                self.router().forget_kernel_irqfd(gsi);
+                self.backend()
+                    .deassign_irqfd(&b.fd, gsi)
+                    .map_err(Error::from)
+            }
+            Served::User(token) => {
+                self.dispatcher.remove(token);
+                Ok(())
+            }
+            // Stop the trigger first, then leave the resampler: a deassigned irqfd neither
+            // asserts nor is notified afterwards (model-checked in resample.rs).
+            Served::UserLevel {
+                token,
+                resampler,
+                member,
+            } => {
+                self.dispatcher.remove(token);
+                leave_resampler(&self.delivery, &resampler, member);
+                Ok(())
+            }
+        };
+        self.unclaim(b.id);
+        // Only now may the GSI be reclaimed: nothing can fire it from this eventfd any more.
+        drop(b.lease);
+        result
+    }
+}
+
+/// A KVM EBUSY is the same error the user path gives for a bound eventfd.
+fn busy(e: BackendError) -> Error {
+    match e {
+        BackendError::IrqfdBusy => Error::IrqfdBusy,
+        e => Error::Backend(e),
+    }
 }
 
 impl Drop for Interrupts {
@@ -377,90 +562,8 @@ fn ioapic_offset(addr: u64) -> Option<u64> {
         .filter(|off| *off < IOAPIC_MMIO_SIZE)
 }
 
-/// An assigned edge irqfd. Dropping it deassigns.
-pub struct Irqfd {
-    owner: Arc<Interrupts>,
-    /// vmirq's own duplicate of the eventfd: stays valid however the caller's descriptor fares.
-    fd: EventFd,
-    key: RawFd,
-    gsi: Gsi,
-    path: IrqfdPath,
-    token: Option<u64>,
-    /// A userspace level irqfd's resampler and its membership id there.
-    resampler: Option<(Arc<Resampler<EventFd>>, u64)>,
-    level: bool,
-    assigned: bool,
-}
-
-impl Irqfd {
-    fn new(
-        owner: &Arc<Interrupts>,
-        fd: EventFd,
-        key: RawFd,
-        gsi: Gsi,
-        path: IrqfdPath,
-        token: Option<u64>,
-        resampler: Option<(Arc<Resampler<EventFd>>, u64)>,
-    ) -> Self {
-        Self {
-            owner: Arc::clone(owner),
-            fd,
-            key,
-            gsi,
-            path,
-            token,
-            resampler,
-            level: false,
-            assigned: true,
-        }
-    }
-
-    pub fn gsi(&self) -> Gsi {
-        self.gsi
-    }
-
-    /// Which path delivers this irqfd's events.
-    pub fn path(&self) -> IrqfdPath {
-        self.path
-    }
-
-    /// Deassigns. When this returns, nothing more is injected from the eventfd.
-    pub fn deassign(mut self) -> Result<(), Error> {
-        self.unbind()
-    }
-
-    fn unbind(&mut self) -> Result<(), Error> {
-        if !std::mem::take(&mut self.assigned) {
-            return Ok(());
-        }
-        lock(&self.owner.irqfds).remove(&self.key);
-        match self.path {
-            IrqfdPath::Kernel => {
-                self.owner.router().forget_kernel_irqfd(self.gsi);
-                self.owner.backend().deassign_irqfd(&self.fd, self.gsi)?;
-            }
-            IrqfdPath::User => {
-                // Stop the trigger first, then leave the resampler: a deassigned irqfd neither
-                // asserts nor is notified afterwards (model-checked in resample.rs).
-                if let Some(token) = self.token {
-                    self.owner.dispatcher.remove(token);
-                }
-                if let Some((r, id)) = self.resampler.take() {
-                    leave_resampler(&self.owner.delivery, &r, id);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether this irqfd carries a resamplefd (level).
-    pub fn is_level(&self) -> bool {
-        self.level
-    }
-}
-
 /// Leaves `r`; the last member retires the GSI's resampler (under the map lock, see
-/// [`Interrupts::assign_irqfd_with_resample`]).
+/// [`Interrupts::join_resampler`]).
 fn leave_resampler(delivery: &Delivery, r: &Arc<Resampler<EventFd>>, id: u64) {
     let mut resamplers = lock(&delivery.resamplers);
     if r.leave(id, delivery) {
@@ -468,19 +571,28 @@ fn leave_resampler(delivery: &Delivery, r: &Arc<Resampler<EventFd>>, id: u64) {
     }
 }
 
-impl Drop for Irqfd {
-    fn drop(&mut self) {
-        if let Err(e) = self.unbind() {
-            tracing::warn!("irqfd on {}: deassign failed: {e}", self.gsi);
-        }
+/// A callback run on each signal of an eventfd; dropping it stops the callback (when drop
+/// returns it will not run again, unless drop runs inside the callback itself).
+pub struct Watch {
+    interrupts: Arc<Interrupts>,
+    token: u64,
+}
+
+impl Watch {
+    /// The dispatcher token (for [`Interrupts::service_irq_event`]).
+    pub fn token(&self) -> u64 {
+        self.token
     }
 }
 
-impl std::fmt::Debug for Irqfd {
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.interrupts.dispatcher.remove(self.token);
+    }
+}
+
+impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Irqfd")
-            .field("gsi", &self.gsi)
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("Watch").field("token", &self.token).finish()
     }
 }

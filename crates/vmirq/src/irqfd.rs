@@ -1,30 +1,35 @@
-//! Edge irqfds: an eventfd signal becomes one interrupt on a GSI.
+//! Irqfds: an eventfd bound to a GSI, on the kernel path or vmirq's userspace path.
 //!
-//! Two paths behind one API. When the hypervisor can deliver every route of the GSI itself,
-//! the eventfd is registered as a kernel irqfd ([`IrqfdPath::Kernel`]); otherwise one
-//! userspace [`Dispatcher`] thread per VM waits on all such eventfds with a single epoll and
-//! injects through the core ([`IrqfdPath::User`]). The thread starts with the first userspace
-//! irqfd and sleeps in `epoll_wait` while nothing fires: idle irqfds cost no CPU.
+//! Two contracts, two types (crosvm's `IrqEdgeEvent` / `IrqLevelEvent`): an [`EdgeIrqfd`]
+//! injects one interrupt per signal; a [`LevelIrqfd`] asserts a level line that stays high
+//! until the guest acknowledges it, then drops it and signals the resamplefd. Both are handles
+//! the caller owns: the irqfd is identified by its handle, not by a descriptor number, and
+//! dropping the handle unbinds it. The GSI's owner ([`crate::GsiRoute`]) can also disable it:
+//! dropping the route disables every irqfd bound to its GSI.
+//!
+//! One eventfd backs at most one irqfd (KVM: EBUSY). vmirq checks that by the eventfd's
+//! identity (the kernel's `eventfd-id`), so a `dup()` of a bound eventfd gets
+//! [`crate::Error::IrqfdBusy`] on either path, as KVM answers for its own.
 
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::dispatch::Report;
+use crate::interrupts::{Error, Interrupts};
 use crate::resample::Resampler;
 use crate::route::Gsi;
-use crate::router::lock;
+use crate::router::{lock, GsiLease};
 
 /// Which path delivers an irqfd's events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IrqfdPath {
     /// The hypervisor reads the eventfd and injects (KVM_IRQFD).
     Kernel,
-    /// vmirq's dispatcher thread reads the eventfd and injects through the core.
+    /// vmirq's dispatcher (its thread, or the VMM's event loop) reads the eventfd and injects
+    /// through the core.
     User,
 }
 
@@ -37,190 +42,27 @@ impl std::fmt::Display for IrqfdPath {
     }
 }
 
-/// What the dispatcher does when an irqfd's eventfd fires. Implemented by the core's
-/// delivery state.
-pub(crate) trait Inject: Send + Sync {
-    /// An edge irqfd fired: deliver one interrupt on `gsi`.
-    fn inject_from_irqfd(&self, gsi: Gsi);
-    /// A level irqfd fired: assert its GSI's resampled input until the guest's EOI.
-    fn assert_resampled(&self, resampler: &Resampler<EventFd>);
-}
+/// The identity of an eventfd's open file: the same for every descriptor `dup()`ed from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct EventfdId(u64);
 
-/// What a userspace irqfd does when it fires.
-pub(crate) enum Action {
-    Edge(Gsi),
-    Level(Arc<Resampler<EventFd>>),
-    /// An internal consumer of an eventfd (e.g. a Xen callback GSI's resamplefd).
-    Callback(Arc<dyn Fn() + Send + Sync>),
-}
-
-/// One userspace irqfd as the dispatcher sees it.
-pub(crate) struct UserIrqfd {
-    fd: EventFd,
-    action: Action,
-    /// Held while an event is read and acted on. Deassign sets `dead` and then takes it, so
-    /// when deassign returns no action is in flight and none will start. (On the dispatcher
-    /// thread itself — an action tearing down an irqfd — the in-flight action is the caller,
-    /// so setting `dead` suffices and waiting would deadlock.)
-    busy: Mutex<()>,
-    dead: std::sync::atomic::AtomicBool,
-}
-
-/// The per-VM userspace irqfd thread. Lock order: `entries`, then an entry's `busy`.
-pub(crate) struct Dispatcher {
-    epoll: Epoll,
-    entries: Mutex<HashMap<u64, Arc<UserIrqfd>>>,
-    next_token: AtomicU64,
-    stop: EventFd,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    thread_id: std::sync::OnceLock<std::thread::ThreadId>,
-}
-
-const STOP_TOKEN: u64 = 0;
-
-impl Dispatcher {
-    pub(crate) fn new() -> std::io::Result<Self> {
-        let epoll = Epoll::new()?;
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
-        )?;
-        Ok(Self {
-            epoll,
-            entries: Mutex::new(HashMap::new()),
-            next_token: AtomicU64::new(1),
-            stop,
-            thread: Mutex::new(None),
-            thread_id: std::sync::OnceLock::new(),
-        })
-    }
-
-    /// Adds `fd` (the dispatcher's own duplicate, set non-blocking) for `gsi`; starts the
-    /// thread on first use. Level-triggered epoll: a count already in the eventfd fires at once.
-    pub(crate) fn add(
-        self: &Arc<Self>,
-        fd: EventFd,
-        action: Action,
-        inject: &Arc<dyn Inject>,
-    ) -> std::io::Result<u64> {
-        set_nonblocking(fd.as_raw_fd())?;
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let raw = fd.as_raw_fd();
-        let entry = Arc::new(UserIrqfd {
-            fd,
-            action,
-            busy: Mutex::new(()),
-            dead: std::sync::atomic::AtomicBool::new(false),
-        });
-        lock(&self.entries).insert(token, entry);
-        self.ensure_thread(inject)?;
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            raw,
-            EpollEvent::new(EventSet::IN, token),
-        ) {
-            lock(&self.entries).remove(&token);
-            return Err(e);
-        }
-        Ok(token)
-    }
-
-    /// Removes an irqfd. When this returns, its eventfd will not be read or injected again.
-    pub(crate) fn remove(&self, token: u64) {
-        let Some(entry) = lock(&self.entries).remove(&token) else {
-            return;
-        };
-        entry.dead.store(true, Ordering::Release);
-        let _in_flight_done = (!self.on_dispatcher_thread()).then(|| lock(&entry.busy));
-        // The fd may already be gone from the set if the entry was never added; ignore.
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            entry.fd.as_raw_fd(),
-            EpollEvent::default(),
-        );
-    }
-
-    /// Number of userspace irqfds.
-    pub(crate) fn len(&self) -> usize {
-        lock(&self.entries).len()
-    }
-
-    fn ensure_thread(self: &Arc<Self>, inject: &Arc<dyn Inject>) -> std::io::Result<()> {
-        let mut thread = lock(&self.thread);
-        if thread.is_none() {
-            let me = Arc::clone(self);
-            let inject = Arc::clone(inject);
-            let handle = std::thread::Builder::new()
-                .name("vmirq-dispatch".into())
-                .spawn(move || me.run(&*inject))?;
-            let _ = self.thread_id.set(handle.thread().id());
-            *thread = Some(handle);
-        }
-        Ok(())
-    }
-
-    fn run(&self, inject: &dyn Inject) {
-        let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("vmirq dispatcher: epoll_wait failed, stopping: {e}");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                let token = ev.data();
-                if token == STOP_TOKEN {
-                    return;
-                }
-                let entry = lock(&self.entries).get(&token).cloned();
-                if let Some(entry) = entry {
-                    let _busy = lock(&entry.busy);
-                    // A read that finds the counter empty (EAGAIN) was a stale readiness.
-                    if !entry.dead.load(Ordering::Acquire) && entry.fd.read().is_ok() {
-                        match &entry.action {
-                            Action::Edge(gsi) => inject.inject_from_irqfd(*gsi),
-                            Action::Level(resampler) => inject.assert_resampled(resampler),
-                            Action::Callback(f) => f(),
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn on_dispatcher_thread(&self) -> bool {
-        self.thread_id.get() == Some(&std::thread::current().id())
-    }
-
-    /// Stops and joins the thread (detaches it when called from the thread itself, as when
-    /// an action drops the last reference to the VM's interrupts).
-    pub(crate) fn shutdown(&self) {
-        let _ = self.stop.write(1);
-        let handle = lock(&self.thread).take();
-        if let Some(t) = handle {
-            if !self.on_dispatcher_thread() {
-                let _ = t.join();
-            }
-        }
-    }
-}
-
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above; only the O_NONBLOCK status flag changes.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+/// Reads `fd`'s identity from `/proc/self/fdinfo` (Linux's `eventfd-id`, since 5.19). A kernel
+/// without it falls back to the descriptor number, which cannot see through a `dup()`.
+pub(crate) fn eventfd_id(fd: RawFd) -> Result<EventfdId, Error> {
+    let info = match std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) {
+        Ok(info) => info,
+        Err(e) if is_fd_exhaustion(&e) => return Err(Error::FdExhausted(e)),
+        Err(_) => return Err(Error::BadEventFd),
+    };
+    let id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("eventfd-id:"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    Ok(match id {
+        Some(id) => EventfdId(id),
+        None if info.contains("eventfd-count:") => EventfdId((1 << 63) | fd as u64),
+        None => return Err(Error::BadEventFd),
+    })
 }
 
 /// Whether `fd` is an open descriptor.
@@ -228,3 +70,156 @@ pub(crate) fn is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only queries the descriptor table; no memory is passed.
     unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
+
+fn is_fd_exhaustion(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// vmirq's own duplicate of a caller's eventfd; running out of descriptors is said as such.
+pub(crate) fn duplicate(fd: &EventFd) -> Result<EventFd, Error> {
+    fd.try_clone().map_err(|e| {
+        if is_fd_exhaustion(&e) {
+            Error::FdExhausted(e)
+        } else {
+            Error::BadEventFd
+        }
+    })
+}
+
+/// How a bound irqfd is served.
+pub(crate) enum Served {
+    Kernel,
+    User(u64),
+    UserLevel {
+        token: u64,
+        resampler: Arc<Resampler<EventFd>>,
+        member: u64,
+    },
+}
+
+/// What a bound irqfd holds until it is unbound.
+pub(crate) struct Binding {
+    pub(crate) owner: Arc<Interrupts>,
+    /// vmirq's duplicate of the eventfd: stays valid however the caller's descriptor fares.
+    pub(crate) fd: EventFd,
+    pub(crate) id: EventfdId,
+    pub(crate) served: Served,
+    /// Keeps a dynamic GSI from being reused until this irqfd is unbound.
+    pub(crate) lease: Option<Arc<GsiLease>>,
+}
+
+/// One irqfd, shared by its handle and by the route that owns its GSI (weakly).
+pub(crate) struct IrqfdCore {
+    pub(crate) gsi: Gsi,
+    pub(crate) path: IrqfdPath,
+    pub(crate) report: Arc<Report>,
+    binding: Mutex<Option<Binding>>,
+}
+
+impl IrqfdCore {
+    pub(crate) fn new(gsi: Gsi, path: IrqfdPath, report: Arc<Report>, binding: Binding) -> Self {
+        Self {
+            gsi,
+            path,
+            report,
+            binding: Mutex::new(Some(binding)),
+        }
+    }
+
+    /// Unbinds (once; later calls return at once). The binding is taken under the lock and
+    /// undone outside it: no lock is held across `KVM_IRQFD`.
+    pub(crate) fn disable(&self) -> Result<(), Error> {
+        let binding = lock(&self.binding).take();
+        match binding {
+            Some(b) => Arc::clone(&b.owner).unbind(b, self.gsi),
+            None => Ok(()),
+        }
+    }
+
+    fn is_bound(&self) -> bool {
+        lock(&self.binding).is_some()
+    }
+}
+
+/// The handle part both irqfd types share.
+struct Handle(Arc<IrqfdCore>);
+
+impl Handle {
+    fn take_error(&self) -> Option<Error> {
+        lock(&self.0.report.last_error).take()
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.disable() {
+            tracing::warn!("irqfd on {}: deassign failed: {e}", self.0.gsi);
+        }
+    }
+}
+
+macro_rules! irqfd_handle {
+    ($name:ident) => {
+        impl $name {
+            pub(crate) fn from_core(core: Arc<IrqfdCore>) -> Self {
+                Self(Handle(core))
+            }
+
+            /// The GSI this irqfd injects on.
+            pub fn gsi(&self) -> Gsi {
+                self.0 .0.gsi
+            }
+
+            /// Which path delivers this irqfd's events.
+            pub fn path(&self) -> IrqfdPath {
+                self.0 .0.path
+            }
+
+            /// Whether it is still bound: false after [`Self::deassign`] or after the owner
+            /// of its GSI dropped the route.
+            pub fn is_bound(&self) -> bool {
+                self.0 .0.is_bound()
+            }
+
+            /// Userspace injections from this irqfd that failed (the kernel path reports
+            /// nothing: the hypervisor injects). 0 on the kernel path.
+            pub fn failures(&self) -> u64 {
+                self.0 .0.report.failures.load(Ordering::Relaxed)
+            }
+
+            /// The last userspace injection failure, taken (so the next call sees only newer
+            /// ones).
+            pub fn take_error(&self) -> Option<Error> {
+                self.0.take_error()
+            }
+
+            /// Unbinds now, reporting a failure to deassign. When this returns, nothing more
+            /// is injected from the eventfd. (Dropping the handle does the same and logs a
+            /// failure.)
+            pub fn deassign(self) -> Result<(), Error> {
+                self.0 .0.disable()
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("gsi", &self.gsi())
+                    .field("path", &self.path())
+                    .finish()
+            }
+        }
+    };
+}
+
+/// An edge irqfd: each signal of its eventfd injects one interrupt (signals that arrive
+/// before the injection coalesce into it). Dropping it unbinds it.
+pub struct EdgeIrqfd(Handle);
+irqfd_handle!(EdgeIrqfd);
+
+/// A level irqfd with a resamplefd ("on ack, de-assert and notify"): a signal asserts the
+/// line, which stays high until the guest acknowledges it; then the line drops once and every
+/// resamplefd of the GSI is signalled. Dropping it unbinds it; the last one of a GSI leaves the
+/// line de-asserted.
+pub struct LevelIrqfd(Handle);
+irqfd_handle!(LevelIrqfd);

@@ -2,28 +2,117 @@
 //!
 //! A [`Line`] counts its asserted [`IrqSource`]s; the line is high while the count is non-zero.
 //! Asserting or de-asserting a source is one atomic swap and one atomic add: O(1) and lock-free
-//! unless the count crosses zero. Only then is the new level pushed to the irqchip, under the
-//! line's own lock (never another line's), which re-reads the count so concurrent transitions
-//! are applied in a consistent order and the last push always matches the count.
-//! There is no cap on sources (Linux once capped them at BITS_PER_LONG).
+//! unless the count crosses zero. Only then is the new level pushed to the irqchip
+//! (`KVM_IRQ_LINE`, or vmirq's IOAPIC), and no lock is held across that push: one thread at a
+//! time pushes (it wins an atomic flag), and a thread that finds the flag taken only bumps the
+//! line's epoch and returns; the pusher re-reads the count until no change arrived during its
+//! push, so the last level pushed always matches the count. The protocol is model-checked with
+//! `loom`. There is no cap on sources (Linux once capped them at BITS_PER_LONG).
+//!
+//! Ownership: a line holds the VM's delivery state; the VM keeps only a weak map of its lines,
+//! so dropping every handle frees both (REFERENCE §7: `Arc` cycles between a line and its chip
+//! kept whole VMs alive).
 
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+#[cfg(not(loom))]
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::route::Gsi;
-use crate::router::lock;
 
 /// Where a line's level goes: the in-kernel irqchip line, or the userspace IOAPIC's pins.
 pub(crate) trait LevelSink: Send + Sync {
     fn set_level(&self, gsi: Gsi, level: bool);
+    /// The last handle of `gsi`'s line went.
+    fn line_dropped(&self, gsi: Gsi);
 }
 
-/// One GSI's level line. Obtain with [`crate::Interrupts::line`].
+/// The combining push protocol of one line. See the module docs.
+pub(crate) struct LevelPush {
+    asserted: AtomicUsize,
+    /// Edges asked for and not yet given.
+    pulses: AtomicUsize,
+    /// Bumped by every change; the pusher loops until it saw none during a pass.
+    epoch: AtomicUsize,
+    /// Held by the one thread pushing.
+    pushing: AtomicBool,
+    /// The level last pushed; touched only by the flag holder.
+    pushed: AtomicBool,
+}
+
+impl LevelPush {
+    pub(crate) fn new() -> Self {
+        Self {
+            asserted: AtomicUsize::new(0),
+            pulses: AtomicUsize::new(0),
+            epoch: AtomicUsize::new(0),
+            pushing: AtomicBool::new(false),
+            pushed: AtomicBool::new(false),
+        }
+    }
+
+    /// One more source asserts; true if the line went high.
+    pub(crate) fn raise(&self) -> bool {
+        self.asserted.fetch_add(1, Ordering::SeqCst) == 0
+    }
+
+    /// One source stopped asserting; true if the line went low.
+    pub(crate) fn lower(&self) -> bool {
+        self.asserted.fetch_sub(1, Ordering::SeqCst) == 1
+    }
+
+    /// Asks for an edge: raise and drop the line, unless it is high already.
+    pub(crate) fn request_pulse(&self) {
+        self.pulses.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.asserted.load(Ordering::SeqCst)
+    }
+
+    /// After a change: push levels through `push` until the pushed level matches the count
+    /// and every requested edge was given, or leave it to the thread already pushing.
+    pub(crate) fn sync(&self, push: impl Fn(bool)) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        loop {
+            if self
+                .pushing
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                // The holder re-checks the epoch after releasing the flag: it will see ours.
+                return;
+            }
+            let mut seen;
+            loop {
+                seen = self.epoch.load(Ordering::SeqCst);
+                let level = self.asserted.load(Ordering::SeqCst) > 0;
+                let pushed = self.pushed.load(Ordering::Relaxed);
+                if self.pulses.swap(0, Ordering::SeqCst) > 0 && !level && !pushed {
+                    push(true);
+                    push(false);
+                }
+                if level != pushed {
+                    push(level);
+                    self.pushed.store(level, Ordering::Relaxed);
+                }
+                if self.epoch.load(Ordering::SeqCst) == seen {
+                    break;
+                }
+            }
+            self.pushing.store(false, Ordering::SeqCst);
+            if self.epoch.load(Ordering::SeqCst) == seen {
+                return;
+            }
+        }
+    }
+}
+
+/// One GSI's level line. Obtain with [`crate::IoapicPin::line`] or [`crate::GsiRoute::line`].
 pub struct Line {
     gsi: Gsi,
-    asserted: AtomicUsize,
-    /// The level last pushed to the irqchip; held while pushing.
-    pushed: Mutex<bool>,
+    state: LevelPush,
     sink: Arc<dyn LevelSink>,
 }
 
@@ -31,12 +120,12 @@ impl Line {
     pub(crate) fn new(gsi: Gsi, sink: Arc<dyn LevelSink>) -> Self {
         Self {
             gsi,
-            asserted: AtomicUsize::new(0),
-            pushed: Mutex::new(false),
+            state: LevelPush::new(),
             sink,
         }
     }
 
+    /// The line's GSI.
     pub fn gsi(&self) -> Gsi {
         self.gsi
     }
@@ -45,63 +134,63 @@ impl Line {
     pub fn source(self: &Arc<Self>) -> IrqSource {
         IrqSource {
             line: Arc::clone(self),
-            asserted: AtomicBool::new(false),
+            asserted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Whether any source asserts the line.
     pub fn is_asserted(&self) -> bool {
-        self.asserted.load(Ordering::Acquire) > 0
+        self.state.count() > 0
     }
 
     /// Sources asserting the line now.
     pub fn asserted_sources(&self) -> usize {
-        self.asserted.load(Ordering::Acquire)
+        self.state.count()
     }
 
     /// An edge: raise and drop the line, unless a source holds it high already (then there is
     /// no edge to give, as on a wire).
     pub(crate) fn pulse(&self) {
-        let pushed = lock(&self.pushed);
-        if !*pushed {
-            self.sink.set_level(self.gsi, true);
-            self.sink.set_level(self.gsi, false);
-        }
+        self.state.request_pulse();
+        self.sync();
     }
 
     fn sync(&self) {
-        let mut pushed = lock(&self.pushed);
-        let level = self.is_asserted();
-        if level != *pushed {
-            *pushed = level;
-            self.sink.set_level(self.gsi, level);
-        }
+        self.state
+            .sync(|level| self.sink.set_level(self.gsi, level));
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        self.sink.line_dropped(self.gsi);
     }
 }
 
 /// One device's input to a [`Line`]. Dropping it de-asserts.
 pub struct IrqSource {
     line: Arc<Line>,
-    asserted: AtomicBool,
+    asserted: std::sync::atomic::AtomicBool,
 }
 
 impl IrqSource {
+    /// Asserts this source (idempotent). The line goes high if it was low.
     pub fn assert(&self) {
-        if !self.asserted.swap(true, Ordering::AcqRel)
-            && self.line.asserted.fetch_add(1, Ordering::AcqRel) == 0
-        {
+        use std::sync::atomic::Ordering::AcqRel;
+        if !self.asserted.swap(true, AcqRel) && self.line.state.raise() {
             self.line.sync();
         }
     }
 
+    /// De-asserts this source (idempotent). The line goes low if no other source holds it.
     pub fn deassert(&self) {
-        if self.asserted.swap(false, Ordering::AcqRel)
-            && self.line.asserted.fetch_sub(1, Ordering::AcqRel) == 1
-        {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self.asserted.swap(false, AcqRel) && self.line.state.lower() {
             self.line.sync();
         }
     }
 
+    /// Asserts or de-asserts.
     pub fn set(&self, level: bool) {
         if level {
             self.assert()
@@ -110,10 +199,12 @@ impl IrqSource {
         }
     }
 
+    /// Whether this source asserts now.
     pub fn is_asserted(&self) -> bool {
-        self.asserted.load(Ordering::Acquire)
+        self.asserted.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The line it drives.
     pub fn line(&self) -> &Arc<Line> {
         &self.line
     }
@@ -125,9 +216,11 @@ impl Drop for IrqSource {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::router::lock;
+    use std::sync::Mutex;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<bool>>);
@@ -136,6 +229,7 @@ mod tests {
         fn set_level(&self, _gsi: Gsi, level: bool) {
             lock(&self.0).push(level);
         }
+        fn line_dropped(&self, _gsi: Gsi) {}
     }
 
     fn line() -> (Arc<Line>, Arc<Recorder>) {
@@ -194,6 +288,91 @@ mod tests {
             t.join().unwrap();
         }
         assert!(!line.is_asserted());
-        assert_eq!(lock(&rec.0).last(), Some(&false));
+        let pushes = lock(&rec.0);
+        assert_eq!(pushes.last(), Some(&false));
+        assert!(
+            pushes.windows(2).all(|w| w[0] != w[1]),
+            "one pusher at a time: pushes alternate"
+        );
+    }
+}
+
+/// Model checks of the push protocol (`RUSTFLAGS="--cfg loom" cargo test -p vmirq --lib
+/// loom`; CI runs it): whatever the interleaving, one thread pushes at a time, and when every
+/// thread has returned the last level pushed matches the count and every edge asked for on a
+/// low line was given.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::{Arc, Mutex};
+    use loom::thread;
+
+    #[derive(Default)]
+    struct Chip {
+        pushes: Mutex<Vec<bool>>,
+        busy: AtomicBool,
+    }
+
+    impl Chip {
+        fn push(&self, level: bool) {
+            assert!(
+                !self.busy.swap(true, Ordering::SeqCst),
+                "two pushers at once"
+            );
+            self.pushes.lock().unwrap().push(level);
+            self.busy.store(false, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn loom_last_push_matches_the_count() {
+        loom::model(|| {
+            let p = Arc::new(LevelPush::new());
+            let chip = Arc::new(Chip::default());
+            let t = {
+                let (p, chip) = (p.clone(), chip.clone());
+                thread::spawn(move || {
+                    if p.raise() {
+                        p.sync(|l| chip.push(l));
+                    }
+                    if p.lower() {
+                        p.sync(|l| chip.push(l));
+                    }
+                })
+            };
+            if p.raise() {
+                p.sync(|l| chip.push(l));
+            }
+            t.join().unwrap();
+            let pushes = chip.pushes.lock().unwrap();
+            assert_eq!(pushes.last(), Some(&true), "{pushes:?}");
+            assert!(pushes.windows(2).all(|w| w[0] != w[1]), "{pushes:?}");
+        });
+    }
+
+    #[test]
+    fn loom_a_pulse_on_a_low_line_is_given() {
+        loom::model(|| {
+            let p = Arc::new(LevelPush::new());
+            let chip = Arc::new(Chip::default());
+            let t = {
+                let (p, chip) = (p.clone(), chip.clone());
+                thread::spawn(move || {
+                    p.request_pulse();
+                    p.sync(|l| chip.push(l));
+                })
+            };
+            if p.raise() {
+                p.sync(|l| chip.push(l));
+            }
+            if p.lower() {
+                p.sync(|l| chip.push(l));
+            }
+            t.join().unwrap();
+            let pushes = chip.pushes.lock().unwrap();
+            // The line was high at some point either way: an edge reached the chip.
+            assert!(pushes.contains(&true), "{pushes:?}");
+            assert_eq!(pushes.last(), Some(&false), "{pushes:?}");
+        });
     }
 }

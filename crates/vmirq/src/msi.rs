@@ -26,10 +26,13 @@ pub const MAX_DEST_ID: u32 = 0x7fff;
 /// Errors decoding an MSI message.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum MsiError {
+    /// The destination ID exceeds [`MAX_DEST_ID`] and cannot be encoded.
     #[error("destination ID {0:#x} does not fit in 15 bits")]
     DestinationTooLarge(u32),
+    /// The address is not in the 0xFEExxxxx window, so it is a memory write, not an interrupt.
     #[error("MSI address {0:#x} is outside the 0xFEExxxxx interrupt window")]
     NotInterruptWindow(u64),
+    /// The address has the interrupt-remapping format bit (address bit 4) set.
     #[error("MSI address {0:#x} uses the remappable format, which needs an IOMMU")]
     Remappable(u64),
 }
@@ -39,18 +42,22 @@ pub enum MsiError {
 pub struct MsiMessage {
     /// Full 64-bit address (address_hi in bits 63:32).
     pub address: u64,
+    /// Message data: vector, delivery mode and trigger bits.
     pub data: u32,
 }
 
 impl MsiMessage {
+    /// A message with the full 64-bit `address` and `data`.
     pub const fn new(address: u64, data: u32) -> Self {
         Self { address, data }
     }
 
+    /// Address bits 31:0 (the capability's Message Address register).
     pub const fn address_lo(&self) -> u32 {
         self.address as u32
     }
 
+    /// Address bits 63:32 (the capability's Message Upper Address register).
     pub const fn address_hi(&self) -> u32 {
         (self.address >> 32) as u32
     }
@@ -71,13 +78,21 @@ impl MsiMessage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum DeliveryMode {
+    /// Deliver `vector` to every destination.
     Fixed = 0,
+    /// Deliver `vector` to the lowest-priority processor among the destinations.
     LowestPriority = 1,
+    /// System management interrupt; the vector is ignored.
     Smi = 2,
+    /// Reserved encoding 3.
     Reserved3 = 3,
+    /// Non-maskable interrupt; the vector is ignored.
     Nmi = 4,
+    /// INIT signal; the vector is ignored.
     Init = 5,
+    /// Reserved encoding 6.
     Reserved6 = 6,
+    /// External interrupt: the vector comes from an 8259A-compatible PIC's acknowledge cycle.
     ExtInt = 7,
 }
 
@@ -102,9 +117,13 @@ impl DeliveryMode {
 pub struct X86Msi {
     /// Destination APIC ID (physical mode) or logical mask; up to 15 bits with the extended ID.
     pub dest_id: u32,
+    /// Address bit 3 (RH): with logical mode, lowest-priority redirection among the destinations.
     pub redirection_hint: bool,
+    /// Address bit 2 (DM): `dest_id` is a logical destination; else a physical APIC ID.
     pub dest_logical: bool,
+    /// Data bits 7:0: the interrupt vector.
     pub vector: u8,
+    /// Data bits 10:8.
     pub delivery_mode: DeliveryMode,
     /// Data bit 14 (assert). Edge messages ignore it; KVM treats it as the level for level ones.
     pub level_assert: bool,

@@ -21,6 +21,7 @@ use crate::route::Gsi;
 
 /// Something a resampler notifies: a resamplefd (or a test's counter).
 pub trait Notify: Send + Sync {
+    /// The guest acknowledged the line.
     fn notify(&self);
 }
 

@@ -20,8 +20,25 @@ pub const DEFAULT_IOAPIC_PINS: u32 = 24;
 pub const PIC_PINS: u32 = 8;
 
 /// A global system interrupt number: the index into the routing table.
+///
+/// A `Gsi` names a routing-table slot; it confers no ownership. The core's API never takes a
+/// bare `Gsi` to route or bind: callers hold a [`crate::GsiRoute`] (a GSI they allocated) or an
+/// [`crate::IoapicPin`] (a pin's fixed GSI). Backends receive `Gsi`s in [`crate::KernelRoute`]s
+/// and irqfd calls, and [`Gsi::from_raw`] exists for them and their tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Gsi(pub u32);
+pub struct Gsi(pub(crate) u32);
+
+impl Gsi {
+    /// A GSI number as a backend or the hypervisor spells it. Holding the result owns nothing.
+    pub const fn from_raw(gsi: u32) -> Self {
+        Gsi(gsi)
+    }
+
+    /// The GSI number (the index the hypervisor's routing table uses).
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+}
 
 impl fmt::Display for Gsi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -32,8 +49,11 @@ impl fmt::Display for Gsi {
 /// Which interrupt controller an IRQCHIP route drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IrqChip {
+    /// The master 8259 PIC (pins 0-7).
     PicMaster,
+    /// The slave 8259 PIC (pins 0-7, GSIs 8-15).
     PicSlave,
+    /// The IOAPIC.
     Ioapic,
 }
 
@@ -41,14 +61,32 @@ pub enum IrqChip {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Route {
     /// A pin of an interrupt controller.
-    Irqchip { chip: IrqChip, pin: u32 },
+    Irqchip {
+        /// The controller.
+        chip: IrqChip,
+        /// Its input pin.
+        pin: u32,
+    },
     /// An MSI message; `devid` is the requester ID for platforms that need it.
-    Msi { msg: MsiMessage, devid: Option<u32> },
+    Msi {
+        /// Address and data.
+        msg: MsiMessage,
+        /// Requester ID (KVM_MSI_VALID_DEVID), if the platform needs one.
+        devid: Option<u32>,
+    },
     /// A Xen event channel port (KVM_IRQ_ROUTING_XEN_EVTCHN).
-    XenEvtchn { port: u32, vcpu: u32, priority: u32 },
+    XenEvtchn {
+        /// The guest's event channel port.
+        port: u32,
+        /// The vCPU the port is bound to.
+        vcpu: u32,
+        /// FIFO priority (0 highest .. 15); the 2-level ABI ignores it.
+        priority: u32,
+    },
 }
 
 impl Route {
+    /// A route to IOAPIC pin `pin`.
     pub const fn ioapic(pin: u32) -> Self {
         Route::Irqchip {
             chip: IrqChip::Ioapic,
@@ -56,6 +94,7 @@ impl Route {
         }
     }
 
+    /// A route to the MSI `msg`, with no requester ID.
     pub const fn msi(msg: MsiMessage) -> Self {
         Route::Msi { msg, devid: None }
     }
@@ -74,15 +113,36 @@ impl Route {
 
 /// Errors from building or validating a routing table.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RouteError {
+    /// KVM's sharing rule: only IRQCHIP routes of different chips may share a GSI.
     #[error("{gsi} already has a {existing:?} route; only IRQCHIP routes for different chips may share a GSI")]
-    Conflict { gsi: Gsi, existing: Route },
+    Conflict {
+        /// The GSI.
+        gsi: Gsi,
+        /// The route it already has.
+        existing: Route,
+    },
+    /// The GSI is past the table's end.
     #[error("{0} is beyond the {MAX_GSIS}-entry routing table")]
     GsiOutOfRange(Gsi),
+    /// Split irqchip: the GSI carries an IOAPIC pin's kernel route.
     #[error("{gsi} is reserved for IOAPIC pin {} in split irqchip mode", gsi.0)]
-    GsiReserved { gsi: Gsi },
+    GsiReserved {
+        /// The GSI.
+        gsi: Gsi,
+    },
+    /// The controller has no such pin.
     #[error("{chip:?} has no pin {pin} (it has {pins})")]
-    PinOutOfRange { chip: IrqChip, pin: u32, pins: u32 },
+    PinOutOfRange {
+        /// The controller.
+        chip: IrqChip,
+        /// The pin asked for.
+        pin: u32,
+        /// Pins it has.
+        pins: u32,
+    },
+    /// Xen priorities are 0..=15.
     #[error("Xen event channel priority {0} is not 0..=15")]
     XenPriority(u32),
 }
@@ -98,6 +158,7 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
+    /// An empty table for an irqchip with `ioapic_pins` IOAPIC pins.
     pub fn new(ioapic_pins: u32) -> Self {
         Self {
             entries: BTreeMap::new(),
@@ -122,6 +183,7 @@ impl RoutingTable {
         self.entries.values().map(Vec::len).sum()
     }
 
+    /// Whether no GSI has a route.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -5,11 +5,23 @@
 //! commit it with exactly one backend call; the table is published only after the backend took
 //! it, so the kernel and userspace views never disagree about a committed table.
 //!
-//! GSIs are handed out as RAII [`GsiHandle`]s. Dropping one never blocks: the GSI is queued,
-//! its routes are removed at the next commit, and only then can it be handed out again (so a
-//! new owner never inherits a stale kernel route).
+//! GSIs are leased ([`GsiLease`]): the owning [`crate::GsiRoute`] holds one, and so does every
+//! irqfd bound to it while it is bound. When the last lease goes, the GSI is queued; the next
+//! commit removes its routes, and only after that commit can it be handed out again. So a GSI
+//! is never reused while an irqfd still points at it, and a new owner never inherits a stale
+//! kernel route (REFERENCE §7).
+//!
+//! # Locks
+//!
+//! `writer` serializes route *configuration*: allocation, batches, and the backend commit a
+//! batch ends with (`KVM_SET_GSI_ROUTING`; commits must reach the hypervisor in the order they
+//! were built, and a refused one must roll back only its own batch). No delivery path takes it:
+//! triggers, EOIs and level changes read the published table lock-free. `released` is a leaf
+//! lock (a lease's drop takes only it). Lock order: `writer`, then `released`; the IOAPIC's
+//! lock may be taken briefly inside `writer` to read the pins' current messages, never the
+//! other way round.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Guard};
@@ -17,17 +29,30 @@ use thiserror::Error;
 
 use crate::backend::{Backend, BackendError, IrqchipMode, KernelRoute};
 use crate::msi::MsiMessage;
-use crate::route::{Gsi, Route, RouteError, RoutingTable, MAX_GSIS};
+use crate::route::{Gsi, IrqChip, Route, RouteError, RoutingTable, MAX_GSIS};
 
 /// Errors from changing routes or allocating GSIs.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum RouterError {
+    /// The hypervisor refused the table; nothing was published.
     #[error("the hypervisor refused the routing table: {0}")]
     Backend(#[from] BackendError),
+    /// Every allocatable GSI is leased.
     #[error("all {0} allocatable GSIs are in use")]
     GsiExhausted(u32),
+    /// A kernel irqfd serves the GSI, and the hypervisor could not deliver the new route.
     #[error("{gsi} has a kernel irqfd, and its new route {route:?} is one the hypervisor cannot deliver; deassign the irqfd first")]
-    KernelIrqfdCannotDeliver { gsi: Gsi, route: Route },
+    KernelIrqfdCannotDeliver {
+        /// The GSI.
+        gsi: Gsi,
+        /// The refused route.
+        route: Route,
+    },
+    /// The route object belongs to another VM's interrupts.
+    #[error("{0} belongs to another VM's interrupts")]
+    ForeignRoute(Gsi),
+    /// The route breaks KVM's table rules.
     #[error(transparent)]
     Route(#[from] RouteError),
 }
@@ -39,22 +64,19 @@ struct Writer {
     free: BTreeSet<u32>,
     /// Split irqchip: the MSI each IOAPIC pin's redirection entry produces (its kernel route).
     pin_msis: Vec<Option<MsiMessage>>,
-    /// GSIs served by a kernel irqfd: their routes must stay deliverable by the hypervisor.
-    kernel_irqfd_gsis: Vec<u32>,
+    /// GSIs served by kernel irqfds, with how many: their routes must stay deliverable by the
+    /// hypervisor.
+    kernel_irqfds: HashMap<u32, u32>,
 }
 
-/// GSIs whose handles were dropped; reclaimed at the next commit. A separate lock so that
-/// dropping a handle never waits for (or deadlocks with) an open batch.
-#[derive(Default)]
-struct Released(Mutex<Vec<u32>>);
-
 /// Owns the routing table of one VM.
-pub struct Router {
+pub(crate) struct Router {
     backend: Arc<dyn Backend>,
     mode: IrqchipMode,
     published: ArcSwap<RoutingTable>,
     writer: Mutex<Writer>,
-    released: Arc<Released>,
+    /// GSIs whose last lease went; reclaimed (routes removed, then free) at the next commit.
+    released: Arc<Mutex<Vec<u32>>>,
     allocatable: u32,
 }
 
@@ -62,7 +84,7 @@ impl Router {
     /// A router whose allocator hands out GSIs `first_dynamic..limit` (`limit` ≤ 4096). In the
     /// kernel irqchip mode the table starts as KVM's default (GSI n → IOAPIC pin n, GSIs 0-15
     /// also to the PICs); in split mode GSIs below the pin count belong to the IOAPIC.
-    pub fn new(
+    pub(crate) fn new(
         backend: Arc<dyn Backend>,
         first_dynamic: u32,
         limit: u32,
@@ -72,7 +94,6 @@ impl Router {
         let mut table = RoutingTable::new(pins);
         // Linux arch/x86/kvm/irq_comm.c default_routing: GSI n → IOAPIC pin n, and GSIs 0-15
         // also to the PICs (kernel irqchip only: a split irqchip has no PIC).
-        use crate::route::IrqChip;
         for gsi in 0..pins {
             if mode == IrqchipMode::Kernel && gsi < 16 {
                 let chip = if gsi < 8 {
@@ -86,18 +107,15 @@ impl Router {
         }
         let limit = limit.min(MAX_GSIS);
         let first = first_dynamic.max(pins).min(limit);
+        let pin_msis = match mode {
+            IrqchipMode::Kernel => Vec::new(),
+            IrqchipMode::Split { .. } => vec![None; pins as usize],
+        };
         let writer = Writer {
             table: table.clone(),
             free: (first..limit).collect(),
-            pin_msis: vec![
-                None;
-                if mode == IrqchipMode::Kernel {
-                    0
-                } else {
-                    pins as usize
-                }
-            ],
-            kernel_irqfd_gsis: Vec::new(),
+            pin_msis,
+            kernel_irqfds: HashMap::new(),
         };
         let router = Self {
             backend,
@@ -112,13 +130,13 @@ impl Router {
     }
 
     /// The current table; lock-free, never half-written.
-    pub fn load(&self) -> Guard<Arc<RoutingTable>> {
+    pub(crate) fn load(&self) -> Guard<Arc<RoutingTable>> {
         self.published.load()
     }
 
     /// Starts a batch of route changes; nothing reaches the backend until [`RouteBatch::commit`].
     /// Other writers wait until the batch is committed or dropped.
-    pub fn batch(&self) -> RouteBatch<'_> {
+    pub(crate) fn batch(&self) -> RouteBatch<'_> {
         let writer = lock(&self.writer);
         let table = writer.table.clone();
         RouteBatch {
@@ -129,84 +147,94 @@ impl Router {
         }
     }
 
-    /// Hands out the lowest free GSI. If only released-but-unreclaimed GSIs remain, commits once
-    /// to reclaim them.
-    pub fn allocate(&self) -> Result<GsiHandle, RouterError> {
-        let mut batch = self.batch();
-        if batch.writer.free.is_empty() && !lock(&self.released.0).is_empty() {
+    /// Leases the lowest free GSI. O(log n): the table is not touched. If only released but not
+    /// yet reclaimed GSIs remain, commits once to reclaim them.
+    pub(crate) fn allocate(&self) -> Result<GsiLease, RouterError> {
+        let mut writer = lock(&self.writer);
+        if writer.free.is_empty() && !lock(&self.released).is_empty() {
+            drop(writer);
+            let mut batch = self.batch();
             batch.dirty = true;
-            batch = batch.commit_and_continue()?;
+            batch.publish()?;
+            writer = batch.writer;
         }
-        let gsi = batch
-            .writer
+        let gsi = writer
             .free
             .pop_first()
             .ok_or(RouterError::GsiExhausted(self.allocatable))?;
-        Ok(GsiHandle {
+        Ok(GsiLease {
             gsi: Gsi(gsi),
             released: Arc::clone(&self.released),
         })
     }
 
-    /// Commits pending releases (routes of dropped handles) now.
-    pub fn flush(&self) -> Result<(), RouterError> {
-        let mut batch = self.batch();
-        batch.dirty = !lock(&self.released.0).is_empty();
-        batch.commit()
-    }
-
     /// GSIs the allocator can still hand out (excluding released-but-unreclaimed ones).
-    pub fn free_gsis(&self) -> usize {
+    pub(crate) fn free_gsis(&self) -> usize {
         lock(&self.writer).free.len()
     }
 
-    /// Split irqchip: records the MSI an IOAPIC pin now produces (its kernel route, which tells
-    /// KVM which vectors are level and need an EOI exit), committing if it changed.
-    pub fn set_pin_msi(&self, pin: u32, msi: Option<MsiMessage>) -> Result<(), RouterError> {
+    /// Split irqchip: republishes the kernel routes of `pins` from `current` (the IOAPIC's
+    /// message for a pin, read now, under the writer lock), committing if any changed. Reading
+    /// the current message here, not the one the caller saw, keeps two racing redirection-entry
+    /// writes from committing in the wrong order.
+    pub(crate) fn refresh_pin_msis(
+        &self,
+        pins: &[u32],
+        current: impl Fn(u32) -> Option<MsiMessage>,
+    ) -> Result<(), RouterError> {
         let mut batch = self.batch();
-        if let Some(slot) = batch.writer.pin_msis.get_mut(pin as usize) {
-            if *slot != msi {
-                *slot = msi;
-                batch.dirty = true;
+        for &pin in pins {
+            let msi = current(pin);
+            if let Some(slot) = batch.writer.pin_msis.get_mut(pin as usize) {
+                if *slot != msi {
+                    *slot = msi;
+                    batch.dirty = true;
+                }
             }
         }
         batch.commit()
     }
 
-    /// Runs `assign` with the routes of `gsi`, holding off commits meanwhile, so the irqfd
-    /// path it picks matches the routes in force. A kernel-path result pins the GSI's routes to
-    /// ones the hypervisor can deliver until [`Router::forget_kernel_irqfd`].
-    pub(crate) fn with_routes<T, E>(
-        &self,
-        gsi: Gsi,
-        assign: impl FnOnce(&[Route]) -> Result<(crate::irqfd::IrqfdPath, T), E>,
-    ) -> Result<(crate::irqfd::IrqfdPath, T), E> {
+    /// A kernel irqfd now serves `gsi`, assigned when its routes were `expected`. Records it
+    /// (pinning the GSI's routes to deliverable ones) if the routes are unchanged; returns
+    /// false if they changed meanwhile and the caller must undo and decide again.
+    pub(crate) fn register_kernel_irqfd(&self, gsi: Gsi, expected: &[Route]) -> bool {
         let mut w = lock(&self.writer);
-        let result = assign(w.table.get(gsi))?;
-        if result.0 == crate::irqfd::IrqfdPath::Kernel {
-            w.kernel_irqfd_gsis.push(gsi.0);
+        if w.table.get(gsi) != expected {
+            return false;
         }
-        Ok(result)
+        *w.kernel_irqfds.entry(gsi.0).or_default() += 1;
+        true
     }
 
     /// A kernel irqfd on `gsi` is going away.
     pub(crate) fn forget_kernel_irqfd(&self, gsi: Gsi) {
         let mut w = lock(&self.writer);
-        if let Some(i) = w.kernel_irqfd_gsis.iter().position(|g| *g == gsi.0) {
-            w.kernel_irqfd_gsis.swap_remove(i);
+        if let Some(n) = w.kernel_irqfds.get_mut(&gsi.0) {
+            *n -= 1;
+            if *n == 0 {
+                w.kernel_irqfds.remove(&gsi.0);
+            }
         }
     }
 
-    pub fn mode(&self) -> IrqchipMode {
+    pub(crate) fn mode(&self) -> IrqchipMode {
         self.mode
     }
 
-    pub fn backend(&self) -> &Arc<dyn Backend> {
+    pub(crate) fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    /// Identifies this router (route objects check they belong to it).
+    pub(crate) fn released_queue(&self) -> &Arc<Mutex<Vec<u32>>> {
+        &self.released
     }
 }
 
-/// A set of route changes committed with one backend call.
+/// A set of route changes committed with one backend call. Obtain from
+/// [`crate::Interrupts::routes`]; it changes only GSIs the caller owns ([`crate::GsiRoute`]).
+/// Other writers wait until it is committed or dropped; delivery never does.
 pub struct RouteBatch<'a> {
     router: &'a Router,
     writer: MutexGuard<'a, Writer>,
@@ -215,25 +243,17 @@ pub struct RouteBatch<'a> {
 }
 
 impl RouteBatch<'_> {
-    /// Adds a route to `gsi` (KVM's sharing rules apply).
-    pub fn add(&mut self, gsi: Gsi, route: Route) -> Result<(), RouterError> {
-        self.check_reserved(gsi, &route)?;
-        self.table.add(gsi, route)?;
-        self.dirty = true;
-        Ok(())
+    /// Makes `to` the only route of `route`'s GSI.
+    pub fn set(&mut self, route: &crate::GsiRoute, to: Route) -> Result<(), RouterError> {
+        let gsi = self.owned(route)?;
+        self.set_gsi(gsi, to)
     }
 
-    /// Makes `route` the only route of `gsi`.
-    pub fn set(&mut self, gsi: Gsi, route: Route) -> Result<(), RouterError> {
-        self.check_reserved(gsi, &route)?;
-        self.table.set(gsi, route)?;
-        self.dirty = true;
-        Ok(())
-    }
-
-    /// Removes every route of `gsi`.
-    pub fn remove(&mut self, gsi: Gsi) {
+    /// Removes every route of `route`'s GSI (it stays allocated).
+    pub fn clear(&mut self, route: &crate::GsiRoute) -> Result<(), RouterError> {
+        let gsi = self.owned(route)?;
         self.dirty |= self.table.remove(gsi);
+        Ok(())
     }
 
     /// The table as this batch would commit it.
@@ -243,17 +263,31 @@ impl RouteBatch<'_> {
 
     /// Validates, commits to the backend (once) and publishes. A batch with no change commits
     /// nothing. On error nothing is published and the previous table stays in force.
-    pub fn commit(self) -> Result<(), RouterError> {
-        if self.dirty || !lock(&self.router.released.0).is_empty() {
-            self.commit_always()
+    pub fn commit(mut self) -> Result<(), RouterError> {
+        if self.dirty || !lock(&self.router.released).is_empty() {
+            self.publish()
         } else {
             Ok(())
         }
     }
 
-    fn commit_and_continue(mut self) -> Result<Self, RouterError> {
-        self.publish()?;
-        Ok(self)
+    fn owned(&self, route: &crate::GsiRoute) -> Result<Gsi, RouterError> {
+        if route.belongs_to(self.router) {
+            Ok(route.gsi())
+        } else {
+            Err(RouterError::ForeignRoute(route.gsi()))
+        }
+    }
+
+    pub(crate) fn set_gsi(&mut self, gsi: Gsi, route: Route) -> Result<(), RouterError> {
+        self.check_reserved(gsi, &route)?;
+        self.table.set(gsi, route)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    pub(crate) fn remove_gsi(&mut self, gsi: Gsi) {
+        self.dirty |= self.table.remove(gsi);
     }
 
     fn commit_always(mut self) -> Result<(), RouterError> {
@@ -261,7 +295,7 @@ impl RouteBatch<'_> {
     }
 
     fn publish(&mut self) -> Result<(), RouterError> {
-        let released = std::mem::take(&mut *lock(&self.router.released.0));
+        let released = std::mem::take(&mut *lock(&self.router.released));
         for gsi in &released {
             self.table.remove(Gsi(*gsi));
         }
@@ -273,7 +307,7 @@ impl RouteBatch<'_> {
         });
         if let Err(e) = result {
             // Keep the releases for the next successful commit.
-            lock(&self.router.released.0).extend(released);
+            lock(&self.router.released).extend(released);
             return Err(e);
         }
         self.writer.free.extend(released);
@@ -286,7 +320,7 @@ impl RouteBatch<'_> {
     /// Checks the batch against the irqfds in force and builds the hypervisor's view.
     fn validate(&self) -> Result<Vec<KernelRoute>, RouterError> {
         let backend = &self.router.backend;
-        for gsi in &self.writer.kernel_irqfd_gsis {
+        for gsi in self.writer.kernel_irqfds.keys() {
             if let Some(route) = self
                 .table
                 .get(Gsi(*gsi))
@@ -319,15 +353,10 @@ impl RouteBatch<'_> {
     /// Split irqchip: GSIs below the pin count carry the pins' kernel MSI routes, so the table
     /// may give them only (userspace) IOAPIC routes.
     fn check_reserved(&self, gsi: Gsi, route: &Route) -> Result<(), RouterError> {
-        let is_ioapic = matches!(
-            route,
-            Route::Irqchip {
-                chip: crate::route::IrqChip::Ioapic,
-                ..
-            }
-        );
         match self.router.mode {
-            IrqchipMode::Split { ioapic_pins } if gsi.0 < ioapic_pins && !is_ioapic => {
+            IrqchipMode::Split { ioapic_pins }
+                if gsi.0 < ioapic_pins && route.ioapic_pin().is_none() =>
+            {
                 Err(RouteError::GsiReserved { gsi }.into())
             }
             _ => Ok(()),
@@ -335,28 +364,28 @@ impl RouteBatch<'_> {
     }
 }
 
-/// An allocated GSI. Dropping it frees the GSI and (at the next commit) its routes.
+/// One lease on an allocated GSI. The GSI is reclaimed (its routes removed at the next commit,
+/// then reusable) only when its last lease drops: the owning route holds one, and so does each
+/// irqfd while it is bound to the GSI.
 #[derive(Debug)]
-pub struct GsiHandle {
+pub(crate) struct GsiLease {
     gsi: Gsi,
-    released: Arc<Released>,
+    released: Arc<Mutex<Vec<u32>>>,
 }
 
-impl GsiHandle {
-    pub fn gsi(&self) -> Gsi {
+impl GsiLease {
+    pub(crate) fn gsi(&self) -> Gsi {
         self.gsi
     }
-}
 
-impl Drop for GsiHandle {
-    fn drop(&mut self) {
-        lock(&self.released.0).push(self.gsi.0);
+    pub(crate) fn same_router(&self, router: &Router) -> bool {
+        Arc::ptr_eq(&self.released, router.released_queue())
     }
 }
 
-impl std::fmt::Debug for Released {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Released")
+impl Drop for GsiLease {
+    fn drop(&mut self) {
+        lock(&self.released).push(self.gsi.0);
     }
 }
 

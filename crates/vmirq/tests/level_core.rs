@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vmirq::ioapic::IOAPIC_BASE;
-use vmirq::{Config, Gsi, Interrupts, IrqchipMode, IrqfdPath, SimBackend};
+use vmirq::{Config, Interrupts, IrqchipMode, IrqfdPath, SimBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const PIN: u32 = 18;
@@ -27,7 +27,7 @@ fn split_vm() -> (std::sync::Arc<SimBackend>, std::sync::Arc<Interrupts>) {
 #[test]
 fn a_level_storm_is_deferred_after_ten_thousand_redeliveries() {
     let (sim, irq) = split_vm();
-    let source = irq.irq_source(Gsi(PIN));
+    let source = irq.pin(PIN).unwrap().source();
     source.assert();
     sim.run_until_idle();
     // The first delivery plus 9,999 EOI re-deliveries; the 10,000th waits ~10 ms.
@@ -70,7 +70,7 @@ fn eoi_deasserts_once_and_signals_every_resamplefd_of_the_gsi() {
         .collect();
     let irqfds: Vec<_> = fds
         .iter()
-        .map(|(t, r)| irq.assign_irqfd_with_resample(t, r, Gsi(PIN)).unwrap())
+        .map(|(t, r)| irq.pin(PIN).unwrap().assign_level_irqfd(t, r).unwrap())
         .collect();
     assert!(irqfds.iter().all(|i| i.path() == IrqfdPath::User));
     // Two devices assert; the line is their OR: one interrupt. The simulated vCPU takes
@@ -108,9 +108,17 @@ fn deassigning_the_last_level_irqfd_leaves_the_line_low() {
         IOAPIC_BASE + 0x10,
         &(u32::from(VECTOR) | 1 << 15 | 1 << 16).to_le_bytes(),
     );
-    let irqfd = irq.assign_irqfd_with_resample(&t, &r, Gsi(PIN)).unwrap();
+    let irqfd = irq.pin(PIN).unwrap().assign_level_irqfd(&t, &r).unwrap();
     t.write(1).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    // The dispatcher asserted the line (masked: pending, not delivered) before the deassign.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while irq.stats().user_injections.load(Ordering::Relaxed) < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trigger was never served"
+        );
+        std::thread::yield_now();
+    }
     irqfd.deassign().unwrap();
     // Unmask: nothing is delivered, because no source asserts the line any more.
     irq.mmio_write(

@@ -20,15 +20,16 @@ fn msi(vector: u8) -> Route {
 fn a_batch_of_many_routes_costs_one_commit() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
-    let handles: Vec<_> = (0..500).map(|_| irq.allocate_gsi().unwrap()).collect();
     let before = sim.commits();
+    let handles: Vec<_> = (0..500).map(|_| irq.allocate_route().unwrap()).collect();
+    assert_eq!(sim.commits(), before, "allocating a GSI commits nothing");
     let mut batch = irq.routes();
     for (i, h) in handles.iter().enumerate() {
-        batch.set(h.gsi(), msi(0x20 + (i % 200) as u8)).unwrap();
+        batch.set(h, msi(0x20 + (i % 200) as u8)).unwrap();
     }
     batch.commit().unwrap();
     assert_eq!(sim.commits() - before, 1);
-    assert_eq!(irq.router().load().get(handles[7].gsi()), &[msi(0x27)]);
+    assert_eq!(irq.routing_table().get(handles[7].gsi()), &[msi(0x27)]);
     // A batch that changes nothing commits nothing.
     irq.routes().commit().unwrap();
     assert_eq!(sim.commits() - before, 1);
@@ -38,13 +39,13 @@ fn a_batch_of_many_routes_costs_one_commit() {
 fn a_refused_commit_publishes_nothing() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
-    let gsi = irq.allocate_gsi().unwrap();
+    let gsi = irq.allocate_route().unwrap();
     sim.refuse_next_commits(1);
     let mut batch = irq.routes();
-    batch.set(gsi.gsi(), msi(0x30)).unwrap();
+    batch.set(&gsi, msi(0x30)).unwrap();
     let err = batch.commit().unwrap_err();
     assert!(matches!(err, RouterError::Backend(_)), "{err}");
-    assert!(irq.router().load().get(gsi.gsi()).is_empty());
+    assert!(irq.routing_table().get(gsi.gsi()).is_empty());
     // The next batch starts from the published table, not the refused one.
     let batch = irq.routes();
     assert!(batch.table().get(gsi.gsi()).is_empty());
@@ -54,7 +55,7 @@ fn a_refused_commit_publishes_nothing() {
 fn readers_never_see_half_a_batch() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let irq = Interrupts::new(sim, Config::default()).unwrap();
-    let gsis: Vec<_> = (0..64).map(|_| irq.allocate_gsi().unwrap()).collect();
+    let gsis: Vec<_> = (0..64).map(|_| irq.allocate_route().unwrap()).collect();
     let ids: Vec<Gsi> = gsis.iter().map(|h| h.gsi()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -62,7 +63,7 @@ fn readers_never_see_half_a_batch() {
         std::thread::spawn(move || {
             let mut seen = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let table = irq.router().load();
+                let table = irq.routing_table();
                 let first = table.get(ids[0]).first().copied();
                 for gsi in &ids {
                     assert_eq!(table.get(*gsi).first().copied(), first, "torn table");
@@ -74,8 +75,8 @@ fn readers_never_see_half_a_batch() {
     };
     for round in 0..300u32 {
         let mut batch = irq.routes();
-        for gsi in &ids {
-            batch.set(*gsi, msi(0x20 + (round % 200) as u8)).unwrap();
+        for gsi in &gsis {
+            batch.set(gsi, msi(0x20 + (round % 200) as u8)).unwrap();
         }
         batch.commit().unwrap();
     }
@@ -84,48 +85,44 @@ fn readers_never_see_half_a_batch() {
 }
 
 #[test]
-fn gsi_exhaustion_is_an_error_and_dropped_handles_are_reused() {
+fn gsi_exhaustion_is_an_error_and_dropped_routes_are_reused() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let config = Config {
         first_dynamic_gsi: 24,
         gsi_limit: 28,
+        ..Config::default()
     };
     let irq = Interrupts::new(sim, config).unwrap();
-    let mut handles: Vec<_> = (0..4).map(|_| irq.allocate_gsi().unwrap()).collect();
+    let mut handles: Vec<_> = (0..4).map(|_| irq.allocate_route().unwrap()).collect();
     assert_eq!(
-        handles.iter().map(|h| h.gsi().0).collect::<Vec<_>>(),
+        handles.iter().map(|h| h.gsi().raw()).collect::<Vec<_>>(),
         [24, 25, 26, 27],
         "lowest free first"
     );
-    match irq.allocate_gsi() {
+    match irq.allocate_route() {
         Err(Error::Router(RouterError::GsiExhausted(4))) => {}
         other => panic!("expected exhaustion, got {other:?}"),
     }
-    let mut batch = irq.routes();
-    batch.set(Gsi(25), msi(0x40)).unwrap();
-    batch.commit().unwrap();
+    handles[1].set(msi(0x40)).unwrap();
     handles.remove(1);
-    // The dropped GSI comes back only after its route is gone from the committed table.
-    let again = irq.allocate_gsi().unwrap();
-    assert_eq!(again.gsi(), Gsi(25));
-    assert!(irq.router().load().get(Gsi(25)).is_empty());
+    // Dropping the route removed it in a commit and gave the GSI back.
+    assert!(irq.routing_table().get(Gsi::from_raw(25)).is_empty());
+    let again = irq.allocate_route().unwrap();
+    assert_eq!(again.gsi().raw(), 25);
 }
 
 #[test]
 fn hot_plug_loop_leaks_no_gsi() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let irq = Interrupts::new(sim, Config::default()).unwrap();
-    let free = irq.router().free_gsis();
+    let free = irq.free_gsis();
     for i in 0..10_000u32 {
-        let h = irq.allocate_gsi().unwrap();
-        let mut batch = irq.routes();
-        batch.set(h.gsi(), msi(0x20 + (i % 200) as u8)).unwrap();
-        batch.commit().unwrap();
+        let h = irq.allocate_route().unwrap();
+        h.set(msi(0x20 + (i % 200) as u8)).unwrap();
     }
-    irq.router().flush().unwrap();
-    assert_eq!(irq.router().free_gsis(), free);
+    assert_eq!(irq.free_gsis(), free);
     assert_eq!(
-        irq.router().load().len(),
+        irq.routing_table().len(),
         24 + 16,
         "only the default routes remain"
     );
@@ -135,57 +132,95 @@ fn hot_plug_loop_leaks_no_gsi() {
 fn split_irqchip_reserves_pin_gsis_for_the_ioapic() {
     let sim = SimBackend::new(1, split());
     let irq = Interrupts::new(sim, Config::default()).unwrap();
-    assert_eq!(irq.allocate_gsi().unwrap().gsi(), Gsi(24));
-    let mut batch = irq.routes();
-    let err = batch.set(Gsi(3), msi(0x33)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            RouterError::Route(RouteError::GsiReserved { gsi: Gsi(3) })
-        ),
-        "{err}"
-    );
-    batch.set(Gsi(3), Route::ioapic(3)).unwrap();
+    let first = irq.allocate_route().unwrap();
+    assert_eq!(first.gsi().raw(), 24);
+    // Pins are reached through their own handle; their GSIs are never handed out.
     assert!(matches!(
-        batch.set(Gsi(3), Route::ioapic(24)),
-        Err(RouterError::Route(RouteError::PinOutOfRange { .. }))
+        irq.pin(24),
+        Err(Error::NoSuchPin { pin: 24, pins: 24 })
     ));
-    batch.commit().unwrap();
+    assert!(matches!(
+        first.set(Route::ioapic(24)),
+        Err(Error::Router(RouterError::Route(
+            RouteError::PinOutOfRange { .. }
+        )))
+    ));
+    first.set(Route::ioapic(3)).unwrap();
+}
+
+#[test]
+fn a_route_of_another_vm_is_refused() {
+    let a = Interrupts::new(SimBackend::new(1, IrqchipMode::Kernel), Config::default()).unwrap();
+    let b = Interrupts::new(SimBackend::new(1, IrqchipMode::Kernel), Config::default()).unwrap();
+    let route_a = a.allocate_route().unwrap();
+    let mut batch = b.routes();
+    assert!(matches!(
+        batch.set(&route_a, msi(0x21)),
+        Err(RouterError::ForeignRoute(_))
+    ));
+    drop(batch);
+    assert!(matches!(
+        b.release_routes([route_a]),
+        Err(Error::Router(RouterError::ForeignRoute(_)))
+    ));
 }
 
 #[test]
 fn a_kernel_irqfd_pins_its_gsi_to_deliverable_routes() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let irq = Interrupts::new(sim, Config::default()).unwrap();
-    let gsi = irq.allocate_gsi().unwrap();
-    let mut batch = irq.routes();
-    batch.set(gsi.gsi(), msi(0x44)).unwrap();
-    batch.commit().unwrap();
+    let gsi = irq.new_route(msi(0x44)).unwrap();
     let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-    let irqfd = irq.assign_irqfd(&fd, gsi.gsi()).unwrap();
+    let irqfd = gsi.assign_irqfd(&fd).unwrap();
     let xen = Route::XenEvtchn {
         port: 1,
         vcpu: 0,
         priority: 7,
     };
-    let mut batch = irq.routes();
-    batch.set(gsi.gsi(), xen).unwrap();
     assert!(matches!(
-        batch.commit(),
-        Err(RouterError::KernelIrqfdCannotDeliver { .. })
+        gsi.set(xen),
+        Err(Error::Router(RouterError::KernelIrqfdCannotDeliver { .. }))
     ));
     irqfd.deassign().unwrap();
-    let mut batch = irq.routes();
-    batch.set(gsi.gsi(), xen).unwrap();
-    batch.commit().unwrap();
+    gsi.set(xen).unwrap();
 }
 
 #[test]
-fn user_injection_of_an_unroutable_or_unknown_gsi_is_a_typed_error() {
+fn user_injection_without_a_route_is_a_typed_error() {
     let sim = SimBackend::new(1, split());
     let irq = Interrupts::new(sim, Config::default()).unwrap();
-    assert!(matches!(
-        irq.inject_edge(Gsi(100)),
-        Err(Error::NoRoute(Gsi(100)))
-    ));
+    let unrouted = irq.allocate_route().unwrap();
+    assert!(matches!(unrouted.inject(), Err(Error::NoRoute(_))));
+}
+
+/// The leak bug: a line (and a userspace pin irqfd's pulse) kept the delivery state alive
+/// through an `Arc` cycle, so the router, the backend and, on KVM, the VM and guest RAM were
+/// never freed. After the last handle goes, the backend must be gone.
+#[test]
+fn dropping_every_handle_frees_the_backend() {
+    for mode in [IrqchipMode::Kernel, split()] {
+        let sim = SimBackend::new(1, mode);
+        let weak = Arc::downgrade(&sim);
+        let irq = Interrupts::new(sim, Config::default()).unwrap();
+        let pin = irq.pin(5).unwrap();
+        let source = pin.source();
+        source.assert();
+        source.deassert();
+        pin.inject().unwrap();
+        let route = irq.new_route(msi(0x30)).unwrap();
+        let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let user = route
+            .assign_irqfd_on(&fd, Some(vmirq::IrqfdPath::User))
+            .unwrap();
+        let pin_fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let pin_irqfd = pin.assign_irqfd(&pin_fd).unwrap();
+        pin_fd.write(1).unwrap();
+        fd.write(1).unwrap();
+        let line = pin.line();
+        drop((source, line, user, pin_irqfd, route, pin, irq));
+        assert!(
+            weak.upgrade().is_none(),
+            "{mode:?}: the backend outlived every handle"
+        );
+    }
 }

@@ -50,6 +50,7 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// Empties every list, keeping the allocations for the next operation.
     pub fn clear(&mut self) {
         let Self {
             routes_changed,
@@ -63,6 +64,7 @@ impl Effects {
         deferred.clear();
     }
 
+    /// True when the operation left the caller nothing to do.
     pub fn is_empty(&self) -> bool {
         let Self {
             routes_changed,
@@ -142,6 +144,7 @@ impl Ioapic {
         }
     }
 
+    /// Number of pins (redirection entries).
     pub fn pins(&self) -> u32 {
         self.pins.len() as u32
     }

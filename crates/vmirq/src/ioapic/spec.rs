@@ -27,6 +27,7 @@ pub const VERSION: u32 = 0x11;
 pub const VERSION_MAX_ENTRY_SHIFT: u32 = 16;
 /// ID and arbitration registers: the 4-bit ID sits in bits 27:24.
 pub const ID_SHIFT: u32 = 24;
+/// The ID's 4 bits, after shifting right by [`ID_SHIFT`].
 pub const ID_MASK: u32 = 0xf;
 
 /// Most pins an IOAPIC can expose: IOREGSEL is 8 bits wide, so the last reachable redirection
@@ -91,10 +92,12 @@ impl RedirectionEntry {
         | EXT_DEST_MASK
         | DEST_MASK;
 
+    /// The entry with raw 64-bit value `bits`, reserved and read-only bits included.
     pub const fn from_bits(bits: u64) -> Self {
         Self(bits)
     }
 
+    /// The raw 64-bit value.
     pub const fn bits(self) -> u64 {
         self.0
     }
@@ -120,14 +123,17 @@ impl RedirectionEntry {
         Self((written & Self::GUEST_WRITABLE) | (self.0 & !Self::GUEST_WRITABLE))
     }
 
+    /// Vector (bits 7:0).
     pub const fn vector(self) -> u8 {
         (self.0 & VECTOR_MASK) as u8
     }
 
+    /// Delivery mode (bits 10:8).
     pub const fn delivery_mode(self) -> DeliveryMode {
         DeliveryMode::from_bits(((self.0 & DELIVERY_MODE_MASK) >> DELIVERY_MODE_SHIFT) as u32)
     }
 
+    /// Destination mode (bit 11): true for logical, false for physical.
     pub const fn dest_logical(self) -> bool {
         self.0 & DEST_LOGICAL != 0
     }
@@ -152,6 +158,7 @@ impl RedirectionEntry {
         self.0 & TRIGGER_LEVEL != 0
     }
 
+    /// Mask (bit 16): a masked pin delivers nothing.
     pub const fn masked(self) -> bool {
         self.0 & MASKED != 0
     }
@@ -201,34 +208,42 @@ impl RedirectionEntry {
         .unwrap_or_default()
     }
 
+    /// The entry with its vector replaced.
     pub const fn with_vector(self, vector: u8) -> Self {
         Self((self.0 & !VECTOR_MASK) | vector as u64)
     }
 
+    /// The entry with its delivery mode replaced.
     pub const fn with_delivery_mode(self, mode: DeliveryMode) -> Self {
         Self((self.0 & !DELIVERY_MODE_MASK) | (mode as u64) << DELIVERY_MODE_SHIFT)
     }
 
+    /// The entry with its destination mode bit set to `logical`.
     pub const fn with_dest_logical(self, logical: bool) -> Self {
         self.with_bit(DEST_LOGICAL, logical)
     }
 
+    /// The entry with its polarity bit set to `active_low`.
     pub const fn with_active_low(self, active_low: bool) -> Self {
         self.with_bit(ACTIVE_LOW, active_low)
     }
 
+    /// The entry with its trigger mode bit set to `level`.
     pub const fn with_trigger_level(self, level: bool) -> Self {
         self.with_bit(TRIGGER_LEVEL, level)
     }
 
+    /// The entry with its mask bit set to `masked`.
     pub const fn with_masked(self, masked: bool) -> Self {
         self.with_bit(MASKED, masked)
     }
 
+    /// The entry with its destination field (bits 63:56) replaced.
     pub const fn with_destination(self, dest: u8) -> Self {
         Self((self.0 & !DEST_MASK) | (dest as u64) << DEST_SHIFT)
     }
 
+    /// The entry with its extended destination ID (bits 55:49) replaced; `ext` bit 7 is dropped.
     pub const fn with_extended_destination(self, ext: u8) -> Self {
         Self((self.0 & !EXT_DEST_MASK) | ((ext as u64) << EXT_DEST_SHIFT & EXT_DEST_MASK))
     }

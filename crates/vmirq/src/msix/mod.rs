@@ -22,4 +22,6 @@ pub use msi::MsiCapability;
 pub use table::{MsixTable, VectorEffects, ENTRY_SIZE, MAX_VECTORS};
 
 mod vectors;
-pub use vectors::{MsiVectors, MsixError, MsixEvent, MsixVectors, VectorTable, Vectors};
+pub use vectors::{
+    MsiVectors, MsixError, MsixEvent, MsixLayout, MsixVectors, VectorTable, Vectors,
+};

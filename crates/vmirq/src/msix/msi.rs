@@ -88,6 +88,7 @@ impl MsiCapability {
         1 << self.log2_capable
     }
 
+    /// Message control bit 0: MSI enable.
     pub fn is_enabled(&self) -> bool {
         self.enabled
     }

@@ -26,6 +26,7 @@ pub struct VectorEffects {
 }
 
 impl VectorEffects {
+    /// Empties the lists and clears `disabled`, keeping the allocations for the next operation.
     pub fn clear(&mut self) {
         let Self {
             unmasked,
@@ -39,6 +40,7 @@ impl VectorEffects {
         *disabled = false;
     }
 
+    /// True when the operation left the manager nothing to do.
     pub fn is_empty(&self) -> bool {
         let Self {
             unmasked,
@@ -153,6 +155,7 @@ impl MsixTable {
         }
     }
 
+    /// Number of vectors (table entries): the table size N.
     pub fn vectors(&self) -> u16 {
         self.entries.len() as u16
     }
@@ -211,10 +214,12 @@ impl MsixTable {
         );
     }
 
+    /// Message control bit 15: MSI-X enable.
     pub fn is_enabled(&self) -> bool {
         self.enabled
     }
 
+    /// Message control bit 14: the function mask.
     pub fn function_masked(&self) -> bool {
         self.function_mask
     }
@@ -298,6 +303,7 @@ impl MsixTable {
         self.entries.get(usize::from(vector)).map(Entry::message)
     }
 
+    /// The vector's pending bit in the PBA; false out of range.
     pub fn is_pending(&self, vector: u16) -> bool {
         vector < self.vectors() && self.pba[usize::from(vector / 64)] & (1 << (vector % 64)) != 0
     }

@@ -19,29 +19,39 @@
 //! Host failures (GSI exhaustion, a refused commit or irqfd) leave the vector pending and are
 //! returned as [`MsixEvent`]s for the VMM: defined, visible, never a silent loss.
 //!
-//! Locking: one mutex per device guards the model and the vectors; backend calls happen under
-//! it, so a device's MMIO is handled one access at a time.
+//! Locking: the device's config lock (`inner`) guards the model and the vectors' routes and
+//! irqfds, so the guest's accesses to one device's table are handled one at a time, as its
+//! config space is; a guest's table write holds it across the route commit and `KVM_IRQFD`.
+//! The trigger side never takes it: each vector's eventfd lives outside it, so a device's
+//! `fire` or a producer's write never waits behind a table write or a commit. Lock order:
+//! `inner`, then the router's writer.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{MsiCapability, MsixTable, VectorEffects};
-use crate::interrupts::{Error, Interrupts, Irqfd};
+use crate::gsi::GsiRoute;
+use crate::interrupts::{Error, Interrupts};
+use crate::irqfd::{eventfd_id, EdgeIrqfd, EventfdId};
 use crate::msi::MsiMessage;
 use crate::route::Route;
-use crate::router::{lock, GsiHandle};
+use crate::router::lock;
 
 /// The part of a capability model the vector manager needs.
 pub trait VectorTable: Send {
     /// How many vectors the device has (capacity, enabled or not).
     fn capacity(&self) -> u16;
+    /// The vector's message as programmed, if the vector exists (and is enabled, for MSI).
     fn message(&self, vector: u16) -> Option<MsiMessage>;
     /// Not deliverable now (masked, function-masked or disabled).
     fn is_masked(&self, vector: u16) -> bool;
+    /// The vector's pending bit.
     fn is_pending(&self, vector: u16) -> bool;
+    /// Sets or clears the vector's pending bit.
     fn set_pending(&mut self, vector: u16, pending: bool);
 }
 
@@ -74,15 +84,29 @@ vector_table!(MsiCapability, |_: &MsiCapability| 32);
 
 /// Errors from the device-facing API.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum MsixError {
+    /// A vector's eventfd could not be created or used.
     #[error("cannot create the eventfd for vector {vector}: {source}")]
     Eventfd {
+        /// The vector.
         vector: u16,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The table and the PBA the device declares overlap.
+    #[error("the MSI-X table (offset {table:#x}) and PBA (offset {pba:#x}) overlap")]
+    Layout {
+        /// Table offset in the BAR.
+        table: u64,
+        /// PBA offset in the BAR.
+        pba: u64,
+    },
+    /// The device has no such vector.
     #[error("the device has no vector {0}")]
     NoSuchVector(u16),
+    /// Tags change only while masked.
     #[error("vector {0} is unmasked: its tag may change only while it is masked")]
     TagWhileUnmasked(u16),
 }
@@ -91,22 +115,39 @@ pub enum MsixError {
 /// it needs. The vector stays pending (its eventfd keeps counting, its PBA bit shows it) until
 /// it is unmasked again or [`Vectors::retry`] succeeds.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum MsixEvent {
     /// No GSI, a refused route commit, or a refused irqfd.
-    AllocationFailed { vector: u16, error: Error },
+    AllocationFailed {
+        /// The vector.
+        vector: u16,
+        /// What the host refused.
+        error: Error,
+    },
     /// The guest unmasked a vector whose message is not an x86 interrupt message.
-    InvalidMessage { vector: u16, message: MsiMessage },
+    InvalidMessage {
+        /// The vector.
+        vector: u16,
+        /// Its message.
+        message: MsiMessage,
+    },
 }
 
+/// The producer side of a vector: the device (or VFIO, vhost) signals it to raise the vector.
+struct Trigger {
+    fd: EventFd,
+    /// The eventfd's identity, read once (at first bind).
+    id: OnceLock<EventfdId>,
+}
+
+#[derive(Default)]
 struct Vector {
-    /// The producer side: the device (or VFIO, vhost) signals it to raise the vector.
-    trigger: EventFd,
     /// Opaque per-vector tag (IMS-style PASID), settable only while masked.
     tag: Option<u64>,
-    /// GSI and the route's message, from first deliverable use until release.
-    route: Option<(GsiHandle, MsiMessage)>,
+    /// The GSI and its route's message, from first deliverable use until release.
+    route: Option<(GsiRoute, MsiMessage)>,
     /// Present exactly while the vector is deliverable and routed.
-    irqfd: Option<Irqfd>,
+    irqfd: Option<EdgeIrqfd>,
 }
 
 struct Inner<T> {
@@ -114,10 +155,23 @@ struct Inner<T> {
     vectors: Vec<Vector>,
 }
 
+/// Where the MSI-X table and PBA sit in the device's BAR (PCI 3.0 §6.8.2.4-5: the device
+/// declares both offsets; they may be anywhere that does not overlap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsixLayout {
+    /// Offset of the table in the BAR.
+    pub table: u64,
+    /// Offset of the PBA in the BAR.
+    pub pba: u64,
+}
+
 /// A device's vectors on the interrupt path. See the module docs.
 pub struct Vectors<T: VectorTable> {
     interrupts: Arc<Interrupts>,
+    /// Immutable after construction: the trigger side takes no lock.
+    triggers: Box<[Trigger]>,
     inner: Mutex<Inner<T>>,
+    layout: Option<MsixLayout>,
 }
 
 /// MSI-X vectors.
@@ -128,20 +182,21 @@ pub type MsiVectors = Vectors<MsiCapability>;
 impl<T: VectorTable> Vectors<T> {
     /// Wraps `table` (in its reset state); creates one eventfd per vector, nothing else.
     pub fn new(interrupts: Arc<Interrupts>, table: T) -> Result<Self, MsixError> {
-        let vectors = (0..table.capacity())
+        let triggers = (0..table.capacity())
             .map(|vector| {
-                Ok(Vector {
-                    trigger: EventFd::new(EFD_NONBLOCK)
+                Ok(Trigger {
+                    fd: EventFd::new(EFD_NONBLOCK)
                         .map_err(|source| MsixError::Eventfd { vector, source })?,
-                    tag: None,
-                    route: None,
-                    irqfd: None,
+                    id: OnceLock::new(),
                 })
             })
             .collect::<Result<_, MsixError>>()?;
+        let vectors = (0..table.capacity()).map(|_| Vector::default()).collect();
         Ok(Self {
             interrupts,
+            triggers,
             inner: Mutex::new(Inner { table, vectors }),
+            layout: None,
         })
     }
 
@@ -150,7 +205,8 @@ impl<T: VectorTable> Vectors<T> {
         self.on_trigger(vector, EventFd::try_clone)
     }
 
-    /// Raises vector `vector` (as the device would through its eventfd).
+    /// Raises vector `vector` (as the device would through its eventfd). Lock-free: never waits
+    /// behind a guest's table write or a route commit.
     pub fn fire(&self, vector: u16) -> Result<(), MsixError> {
         self.on_trigger(vector, |fd| fd.write(1))
     }
@@ -161,12 +217,11 @@ impl<T: VectorTable> Vectors<T> {
         vector: u16,
         op: impl FnOnce(&EventFd) -> std::io::Result<R>,
     ) -> Result<R, MsixError> {
-        let inner = lock(&self.inner);
-        let v = inner
-            .vectors
+        let t = self
+            .triggers
             .get(usize::from(vector))
             .ok_or(MsixError::NoSuchVector(vector))?;
-        op(&v.trigger).map_err(|source| MsixError::Eventfd { vector, source })
+        op(&t.fd).map_err(|source| MsixError::Eventfd { vector, source })
     }
 
     /// Sets the opaque tag of a masked vector (refused while it is deliverable).
@@ -221,7 +276,7 @@ impl<T: VectorTable> Vectors<T> {
     /// reads them).
     pub fn latch(&self, range: Range<u16>) {
         let mut inner = lock(&self.inner);
-        Self::latch_locked(&mut inner, range);
+        self.latch_locked(&mut inner, range);
     }
 
     /// Tries again to give deliverable but unrouted vectors (after an [`MsixEvent`]) their
@@ -238,12 +293,12 @@ impl<T: VectorTable> Vectors<T> {
         self.apply(&mut inner, fx)
     }
 
-    fn latch_locked(inner: &mut Inner<T>, range: Range<u16>) {
+    fn latch_locked(&self, inner: &mut Inner<T>, range: Range<u16>) {
         let end = range.end.min(inner.table.capacity());
         for v in range.start..end {
             let vector = &inner.vectors[usize::from(v)];
             // A count left in an eventfd nobody injects from is a pending interrupt.
-            if vector.irqfd.is_none() && vector.trigger.read().is_ok() {
+            if vector.irqfd.is_none() && self.triggers[usize::from(v)].fd.read().is_ok() {
                 inner.table.set_pending(v, true);
             }
         }
@@ -266,7 +321,7 @@ impl<T: VectorTable> Vectors<T> {
         wanted.dedup();
         wanted.retain(|&v| v < inner.table.capacity() && !inner.table.is_masked(v));
         // Allocate GSIs for first use, then one batch for every route that must change.
-        let mut fresh: Vec<(u16, GsiHandle, MsiMessage)> = Vec::new();
+        let mut fresh: Vec<(u16, GsiRoute, MsiMessage)> = Vec::new();
         let mut changed: Vec<(u16, MsiMessage)> = Vec::new();
         for &v in &wanted {
             let Some(message) = inner.table.message(v) else {
@@ -280,7 +335,7 @@ impl<T: VectorTable> Vectors<T> {
             match &inner.vectors[usize::from(v)].route {
                 Some((_, m)) if *m == message => {}
                 Some(_) => changed.push((v, message)),
-                None => match self.interrupts.allocate_gsi() {
+                None => match self.interrupts.allocate_route() {
                     Ok(gsi) => fresh.push((v, gsi, message)),
                     Err(error) => {
                         inner.table.set_pending(v, true);
@@ -324,16 +379,16 @@ impl<T: VectorTable> Vectors<T> {
     fn commit_routes(
         &self,
         inner: &Inner<T>,
-        fresh: &[(u16, GsiHandle, MsiMessage)],
+        fresh: &[(u16, GsiRoute, MsiMessage)],
         changed: &[(u16, MsiMessage)],
     ) -> Result<(), Error> {
         let mut batch = self.interrupts.routes();
-        for (_, gsi, message) in fresh {
-            batch.set(gsi.gsi(), Route::msi(*message))?;
+        for (_, route, message) in fresh {
+            batch.set(route, Route::msi(*message))?;
         }
         for (v, message) in changed {
-            if let Some((gsi, _)) = &inner.vectors[usize::from(*v)].route {
-                batch.set(gsi.gsi(), Route::msi(*message))?;
+            if let Some((route, _)) = &inner.vectors[usize::from(*v)].route {
+                batch.set(route, Route::msi(*message))?;
             }
         }
         batch.commit()?;
@@ -350,17 +405,27 @@ impl<T: VectorTable> Vectors<T> {
             // Unmasked and masked again within one batch.
             return Ok(());
         }
-        let (Some((gsi, message)), None) = (&vector.route, &vector.irqfd) else {
+        let (Some((_, message)), None) = (&vector.route, &vector.irqfd) else {
             return Ok(());
         };
-        let (gsi, message) = (gsi.gsi(), *message);
-        Self::latch_locked(inner, v..v + 1);
+        let message = *message;
+        self.latch_locked(inner, v..v + 1);
         if inner.table.is_pending(v) {
             self.interrupts.signal_msi(message)?;
             inner.table.set_pending(v, false);
         }
+        let trigger = &self.triggers[usize::from(v)];
+        let id = match trigger.id.get() {
+            Some(id) => *id,
+            None => {
+                let id = eventfd_id(trigger.fd.as_raw_fd())?;
+                *trigger.id.get_or_init(|| id)
+            }
+        };
         let vector = &mut inner.vectors[usize::from(v)];
-        vector.irqfd = Some(self.interrupts.assign_irqfd(&vector.trigger, gsi)?);
+        if let Some((route, _)) = &vector.route {
+            vector.irqfd = Some(route.assign_known(&trigger.fd, id)?);
+        }
         Ok(())
     }
 
@@ -368,76 +433,134 @@ impl<T: VectorTable> Vectors<T> {
     /// the eventfds become pending bits, which survive a disable as in QEMU (msix.c treats
     /// disabled as one more mask) and are delivered when the vector is deliverable again.
     fn release_all(&self, inner: &mut Inner<T>) {
-        for vector in &mut inner.vectors {
-            vector.irqfd = None;
-            vector.route = None;
-        }
+        release(&self.interrupts, &mut inner.vectors);
         let all = 0..inner.table.capacity();
-        Self::latch_locked(inner, all);
-        if let Err(e) = self.interrupts.router().flush() {
-            tracing::warn!("MSI vectors: releasing routes failed: {e}");
-        }
+        self.latch_locked(inner, all);
+    }
+}
+
+/// Drops every vector's irqfd, then releases all their routes in one commit.
+fn release(interrupts: &Interrupts, vectors: &mut [Vector]) {
+    for vector in vectors.iter_mut() {
+        vector.irqfd = None;
+    }
+    let routes = vectors
+        .iter_mut()
+        .filter_map(|v| v.route.take())
+        .map(|(route, _)| route);
+    if let Err(e) = interrupts.release_routes(routes) {
+        tracing::warn!("MSI vectors: releasing routes failed: {e}");
     }
 }
 
 impl<T: VectorTable> Drop for Vectors<T> {
     fn drop(&mut self) {
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
-        for vector in &mut inner.vectors {
-            vector.irqfd = None;
-            vector.route = None;
-        }
-        if let Err(e) = self.interrupts.router().flush() {
-            tracing::warn!("MSI vectors: releasing routes failed: {e}");
-        }
+        release(&self.interrupts, &mut inner.vectors);
     }
 }
 
-/// The MSI-X BAR as a device embeds it: the table at offset 0, the PBA at the next 4 KiB
-/// boundary after it.
+/// The MSI-X BAR as a device embeds it: by default the table at offset 0 and the PBA at the
+/// next 4 KiB boundary after it; [`MsixVectors::with_layout`] takes any placement the device
+/// declares. Devices that put the table and the PBA in different BARs call the `table_*` and
+/// `pba_read` accessors with offsets relative to each structure.
 impl MsixVectors {
+    /// Vectors of `table` with the table and PBA where the device declares them (offsets in
+    /// one BAR). Refused if they overlap.
+    pub fn with_layout(
+        interrupts: Arc<Interrupts>,
+        table: MsixTable,
+        layout: MsixLayout,
+    ) -> Result<Self, MsixError> {
+        let (t, p) = (
+            layout.table..layout.table.saturating_add(table.table_bytes()),
+            layout.pba..layout.pba.saturating_add(table.pba_bytes()),
+        );
+        if t.start < p.end && p.start < t.end {
+            return Err(MsixError::Layout {
+                table: layout.table,
+                pba: layout.pba,
+            });
+        }
+        let mut vectors = Self::new(interrupts, table)?;
+        vectors.layout = Some(layout);
+        Ok(vectors)
+    }
+
+    /// Where the table and the PBA sit in the BAR.
+    pub fn layout(&self) -> MsixLayout {
+        self.layout.unwrap_or_else(|| MsixLayout {
+            table: 0,
+            pba: self.read(|t| t.table_bytes().next_multiple_of(4096)),
+        })
+    }
+
     /// Offset of the PBA in the BAR.
     pub fn pba_offset(&self) -> u64 {
-        self.read(|t| t.table_bytes().next_multiple_of(4096))
+        self.layout().pba
     }
 
-    /// Bytes the BAR must decode.
+    /// Bytes the BAR must decode (both structures, each rounded up to 4 KiB).
     pub fn bar_size(&self) -> u64 {
-        self.read(|t| t.table_bytes().next_multiple_of(4096) + t.pba_bytes().next_multiple_of(4096))
+        let l = self.layout();
+        let (table, pba) = self.read(|t| (t.table_bytes(), t.pba_bytes()));
+        (l.table + table)
+            .next_multiple_of(4096)
+            .max((l.pba + pba).next_multiple_of(4096))
     }
 
-    /// A guest read in the BAR. PBA reads first latch the counts of the vectors they cover.
+    /// A guest read in the BAR. PBA reads first latch the counts of the vectors they cover;
+    /// bytes that are neither table nor PBA read as zero.
     pub fn bar_read(&self, offset: u64, data: &mut [u8]) {
-        let pba = self.pba_offset();
-        if offset < pba {
-            self.read(|t| t.table_read(offset, data));
+        let l = self.layout();
+        let table = self.read(|t| t.table_bytes());
+        if let Some(off) = offset.checked_sub(l.table).filter(|o| *o < table) {
+            self.table_read(off, data);
+        } else if let Some(off) = offset.checked_sub(l.pba) {
+            self.pba_read(off, data);
         } else {
-            let first = ((offset - pba) / 8)
-                .saturating_mul(64)
-                .min(u64::from(u16::MAX)) as u16;
-            let mut inner = lock(&self.inner);
-            Self::latch_locked(&mut inner, first..first.saturating_add(64));
-            inner.table.pba_read(offset - pba, data);
+            data.fill(0);
         }
     }
 
     /// A guest write in the BAR (the PBA is read-only).
     pub fn bar_write(&self, offset: u64, data: &[u8]) -> Vec<MsixEvent> {
-        if offset < self.pba_offset() {
-            self.update(|t, fx| t.table_write(offset, data, fx)).1
-        } else {
-            Vec::new()
+        let l = self.layout();
+        let table = self.read(|t| t.table_bytes());
+        match offset.checked_sub(l.table).filter(|o| *o < table) {
+            Some(off) => self.table_write(off, data),
+            None => Vec::new(),
         }
     }
 
+    /// A guest read of the table, `offset` relative to the table's start.
+    pub fn table_read(&self, offset: u64, data: &mut [u8]) {
+        self.read(|t| t.table_read(offset, data));
+    }
+
+    /// A guest write of the table, `offset` relative to the table's start.
+    pub fn table_write(&self, offset: u64, data: &[u8]) -> Vec<MsixEvent> {
+        self.update(|t, fx| t.table_write(offset, data, fx)).1
+    }
+
+    /// A guest read of the PBA, `offset` relative to the PBA's start. Latches the counts of the
+    /// vectors it covers first.
+    pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
+        let first = (offset / 8).saturating_mul(64).min(u64::from(u16::MAX)) as u16;
+        let mut inner = lock(&self.inner);
+        self.latch_locked(&mut inner, first..first.saturating_add(64));
+        inner.table.pba_read(offset, data);
+    }
+
     /// Several table writes carried out as one batch (a VMM draining coalesced MMIO, or
-    /// restoring a device): one route commit for all of them.
+    /// restoring a device): one route commit for all of them. Offsets are in the BAR.
     pub fn bar_write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<MsixEvent> {
-        let pba = self.pba_offset();
+        let l = self.layout();
         self.update(|t, fx| {
+            let table = t.table_bytes();
             for (offset, data) in writes {
-                if *offset < pba {
-                    t.table_write(*offset, data, fx);
+                if let Some(off) = offset.checked_sub(l.table).filter(|o| *o < table) {
+                    t.table_write(off, data, fx);
                 }
             }
         })

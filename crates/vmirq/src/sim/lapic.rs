@@ -77,10 +77,12 @@ impl Lapic {
         Some((v, self.tmr.get(v)))
     }
 
+    /// Whether `vector` is set in IRR (accepted, not yet taken).
     pub fn is_pending(&self, vector: u8) -> bool {
         self.irr.get(vector)
     }
 
+    /// Fixed interrupts dropped because their vector was below 16 (a real LAPIC's illegal vector).
     pub fn illegal_vectors(&self) -> u64 {
         self.illegal_vectors
     }

@@ -15,16 +15,16 @@ mod lapic;
 pub use lapic::Lapic;
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
 use crate::ioapic::{Effects, Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
-use crate::irqfd::is_open;
+use crate::irqfd::{eventfd_id, is_open, EventfdId};
 use crate::msi::{DeliveryMode, MsiMessage, X86Msi};
 use crate::route::{Gsi, Route};
 use crate::router::lock;
@@ -45,8 +45,9 @@ const SOURCE_USER: u8 = 1 << 0;
 const SOURCE_IRQFD_EDGE: u8 = 1 << 1;
 
 struct SimIrqfd {
-    /// The caller's descriptor number, to refuse a second irqfd on the same eventfd.
-    key: RawFd,
+    /// The eventfd's identity: KVM refuses a second irqfd on the same eventfd file (EBUSY)
+    /// and matches a deassign by file, whatever descriptor names it.
+    key: EventfdId,
     fd: EventFd,
     gsi: Gsi,
     resample: Option<EventFd>,
@@ -79,9 +80,14 @@ pub struct SimBackend {
     commits: AtomicU64,
     /// Test hook: refuse the next N route commits, as a hypervisor out of memory would.
     refuse_commits: AtomicU64,
+    /// Test hook: while set, route commits wait (a slow `KVM_SET_GSI_ROUTING`).
+    hold_commits: Mutex<bool>,
+    commit_released: Condvar,
+    commits_held: AtomicU64,
 }
 
 impl SimBackend {
+    /// A simulated VM with `vcpus` vCPUs (at least 1) and its irqchip in `mode`.
     pub fn new(vcpus: usize, mode: IrqchipMode) -> Arc<Self> {
         let vcpus = (0..vcpus.max(1))
             .map(|_| SimVcpu {
@@ -105,9 +111,13 @@ impl SimBackend {
             observer: Mutex::new(None),
             commits: AtomicU64::new(0),
             refuse_commits: AtomicU64::new(0),
+            hold_commits: Mutex::new(false),
+            commit_released: Condvar::new(),
+            commits_held: AtomicU64::new(0),
         })
     }
 
+    /// vCPUs of the VM.
     pub fn vcpus(&self) -> usize {
         lock(&self.state).vcpus.len()
     }
@@ -148,6 +158,19 @@ impl SimBackend {
         self.refuse_commits.store(n, Ordering::Relaxed);
     }
 
+    /// While `hold` is set, route commits wait inside the backend, as a slow
+    /// `KVM_SET_GSI_ROUTING` would (for tests that check who waits behind a commit).
+    pub fn hold_commits(&self, hold: bool) {
+        *lock(&self.hold_commits) = hold;
+        self.commit_released.notify_all();
+    }
+
+    /// Route commits waiting on [`SimBackend::hold_commits`] now.
+    pub fn commits_held(&self) -> u64 {
+        self.commits_held.load(Ordering::SeqCst)
+    }
+
+    /// Calls `observer` for every interrupt a simulated vCPU takes.
     pub fn set_isr_observer(&self, observer: IsrObserver) {
         *lock(&self.observer) = Some(observer);
     }
@@ -394,6 +417,10 @@ impl SimState {
     }
 }
 
+fn identity(fd: &EventFd) -> Result<EventfdId, BackendError> {
+    eventfd_id(fd.as_raw_fd()).map_err(|_| BackendError::BadEventFd)
+}
+
 /// Non-blocking readiness check, so a caller's blocking eventfd never stalls the simulation.
 fn readable(fd: &EventFd) -> bool {
     let mut pfd = libc::pollfd {
@@ -427,6 +454,19 @@ impl Backend for SimBackend {
     }
 
     fn commit_routes(&self, routes: &[KernelRoute]) -> Result<(), BackendError> {
+        {
+            let mut held = lock(&self.hold_commits);
+            if *held {
+                self.commits_held.fetch_add(1, Ordering::SeqCst);
+                while *held {
+                    held = self
+                        .commit_released
+                        .wait(held)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                self.commits_held.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let refuse = self
             .refuse_commits
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -484,13 +524,14 @@ impl Backend for SimBackend {
                 "resample irqfds on a split irqchip",
             ));
         }
+        let key = identity(fd)?;
         let mut st = lock(&self.state);
-        if st.irqfds.iter().any(|i| i.key == fd.as_raw_fd()) {
+        if st.irqfds.iter().any(|i| i.key == key) {
             return Err(BackendError::IrqfdBusy);
         }
         let dup = |f: &EventFd| f.try_clone().map_err(|_| BackendError::BadEventFd);
         let irqfd = SimIrqfd {
-            key: fd.as_raw_fd(),
+            key,
             fd: dup(fd)?,
             gsi,
             resample: resample.map(dup).transpose()?,
@@ -500,8 +541,8 @@ impl Backend for SimBackend {
     }
 
     fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> Result<(), BackendError> {
+        let key = identity(fd)?;
         let mut st = lock(&self.state);
-        let key = fd.as_raw_fd();
         let idx = st
             .irqfds
             .iter()

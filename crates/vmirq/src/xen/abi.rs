@@ -13,42 +13,71 @@ compile_error!("the Xen ABI structs are read in host byte order, which must be l
 
 /// `EVTCHNOP_*` command numbers (event_channel.h).
 pub mod op {
+    /// `EVTCHNOP_bind_interdomain`: connects a new local port to a remote domain's unbound port.
     pub const BIND_INTERDOMAIN: u32 = 0;
+    /// `EVTCHNOP_bind_virq`: binds a virtual IRQ on a vCPU to a new port.
     pub const BIND_VIRQ: u32 = 1;
+    /// `EVTCHNOP_bind_pirq`: binds a physical IRQ to a new port.
     pub const BIND_PIRQ: u32 = 2;
+    /// `EVTCHNOP_close`: closes a port.
     pub const CLOSE: u32 = 3;
+    /// `EVTCHNOP_send`: notifies the other end of a port.
     pub const SEND: u32 = 4;
+    /// `EVTCHNOP_status`: reports a port's binding.
     pub const STATUS: u32 = 5;
+    /// `EVTCHNOP_alloc_unbound`: allocates a port that a remote domain may bind later.
     pub const ALLOC_UNBOUND: u32 = 6;
+    /// `EVTCHNOP_bind_ipi`: allocates a port whose sends notify a vCPU of the same domain.
     pub const BIND_IPI: u32 = 7;
+    /// `EVTCHNOP_bind_vcpu`: changes the vCPU a port notifies.
     pub const BIND_VCPU: u32 = 8;
+    /// `EVTCHNOP_unmask`: clears a port's mask bit, raising the upcall if it is pending.
     pub const UNMASK: u32 = 9;
+    /// `EVTCHNOP_reset`: closes every port of a domain.
     pub const RESET: u32 = 10;
+    /// `EVTCHNOP_init_control`: registers a vCPU's FIFO control block (FIFO ABI).
     pub const INIT_CONTROL: u32 = 11;
+    /// `EVTCHNOP_expand_array`: adds a page to the FIFO event array (FIFO ABI).
     pub const EXPAND_ARRAY: u32 = 12;
+    /// `EVTCHNOP_set_priority`: sets a port's FIFO priority (FIFO ABI).
     pub const SET_PRIORITY: u32 = 13;
 }
 
 /// `EVTCHNSTAT_*` values returned by `EVTCHNOP_status`.
 pub mod stat {
+    /// `EVTCHNSTAT_closed`: the port is not in use.
     pub const CLOSED: u32 = 0;
+    /// `EVTCHNSTAT_unbound`: the port waits for a remote domain to bind it.
     pub const UNBOUND: u32 = 1;
+    /// `EVTCHNSTAT_interdomain`: the port is connected to a remote port.
     pub const INTERDOMAIN: u32 = 2;
+    /// `EVTCHNSTAT_pirq`: the port is bound to a physical IRQ.
     pub const PIRQ: u32 = 3;
+    /// `EVTCHNSTAT_virq`: the port is bound to a virtual IRQ.
     pub const VIRQ: u32 = 4;
+    /// `EVTCHNSTAT_ipi`: the port is bound to a vCPU for IPIs.
     pub const IPI: u32 = 5;
 }
 
 /// Xen errno values (xen/include/public/errno.h); hypercalls return their negation.
 pub mod errno {
+    /// Operation not permitted.
     pub const EPERM: i64 = 1;
+    /// No such entry (vCPU, backend port).
     pub const ENOENT: i64 = 2;
+    /// No such domain.
     pub const ESRCH: i64 = 3;
+    /// Bad guest address.
     pub const EFAULT: i64 = 14;
+    /// Resource busy.
     pub const EBUSY: i64 = 16;
+    /// Already exists (already bound).
     pub const EEXIST: i64 = 17;
+    /// Invalid argument.
     pub const EINVAL: i64 = 22;
+    /// No space left (no free port).
     pub const ENOSPC: i64 = 28;
+    /// Function not implemented.
     pub const ENOSYS: i64 = 38;
 }
 
@@ -60,10 +89,15 @@ pub const DOMID_BACKEND: u16 = 0;
 
 /// `NR_VIRQS` (xen.h).
 pub const NR_VIRQS: u32 = 24;
+/// `VIRQ_TIMER`: per-vCPU timer (timebase update or requested timeout).
 pub const VIRQ_TIMER: u32 = 0;
+/// `VIRQ_DEBUG`: per-vCPU request to dump debug information.
 pub const VIRQ_DEBUG: u32 = 1;
+/// `VIRQ_CONSOLE`: global, bytes received on the emergency console.
 pub const VIRQ_CONSOLE: u32 = 2;
+/// `VIRQ_XENOPROF`: per-vCPU, a new Xenoprofile sample is available.
 pub const VIRQ_XENOPROF: u32 = 7;
+/// `VIRQ_XENPMU`: per-vCPU PMC interrupt.
 pub const VIRQ_XENPMU: u32 = 13;
 
 /// Per-vCPU VIRQs are bound on the vCPU they name; all others are global: bound on vCPU 0 and
@@ -79,29 +113,56 @@ pub enum XenError {
     /// The port exists but is closed, or is being closed right now.
     #[error("port is closed")]
     Closed,
+    /// An argument or guest structure lies outside guest memory or is misaligned (-EFAULT).
     #[error("an argument lies outside guest memory")]
     Fault,
+    /// The resource is already in use, e.g. a backend port already connected (-EBUSY).
     #[error("already in use")]
     Busy,
+    /// The VIRQ is already bound on that vCPU (-EEXIST).
     #[error("already bound")]
     Exists,
+    /// A bad port, VIRQ or address, or a port in the wrong state for the operation (-EINVAL).
     #[error("invalid argument")]
     Invalid,
+    /// Creating an eventfd failed with this OS errno; not produced by hypercalls.
     #[error("creating an eventfd failed (os error {0})")]
     Io(i32),
+    /// No such vCPU or backend port (-ENOENT).
     #[error("no such vCPU or backend port")]
     NoEntry,
+    /// Every port (or backend port) is in use (-ENOSPC).
     #[error("no free port")]
     NoSpace,
+    /// The operation is not implemented (-ENOSYS), e.g. the FIFO ABI.
     #[error("operation not implemented")]
     NoSys,
+    /// The domain is neither this guest nor the backend domain where one is accepted (-ESRCH).
     #[error("no such domain")]
     NoSuchDomain,
+    /// The operation is not allowed for that domain (-EPERM).
     #[error("operation not permitted")]
     Permission,
 }
 
 impl XenError {
+    /// The error a hypercall's negative result `-errno` stands for (EINVAL reads as
+    /// [`XenError::Invalid`]); `None` for a result that is not one of Xen's errnos.
+    pub fn from_result(result: i64) -> Option<Self> {
+        Some(match result.checked_neg()? {
+            errno::EINVAL => XenError::Invalid,
+            errno::EFAULT => XenError::Fault,
+            errno::EBUSY => XenError::Busy,
+            errno::EEXIST => XenError::Exists,
+            errno::ENOENT => XenError::NoEntry,
+            errno::ENOSPC => XenError::NoSpace,
+            errno::ENOSYS => XenError::NoSys,
+            errno::ESRCH => XenError::NoSuchDomain,
+            errno::EPERM => XenError::Permission,
+            _ => return None,
+        })
+    }
+
     /// The positive Xen errno a hypercall reports for this error.
     pub fn errno(self) -> i64 {
         match self {
@@ -124,8 +185,11 @@ impl XenError {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllocUnbound {
+    /// IN: the allocating domain; must be [`DOMID_SELF`] or the guest's own id.
     pub dom: u16,
+    /// IN: the domain allowed to bind the other end.
     pub remote_dom: u16,
+    /// OUT: the allocated port.
     pub port: u32,
 }
 
@@ -133,9 +197,13 @@ pub struct AllocUnbound {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindInterdomain {
+    /// IN: the domain owning the remote port.
     pub remote_dom: u16,
+    /// Padding; aligns `remote_port`.
     pub _pad: u16,
+    /// IN: the remote domain's unbound port.
     pub remote_port: u32,
+    /// OUT: the new local port.
     pub local_port: u32,
 }
 
@@ -143,8 +211,11 @@ pub struct BindInterdomain {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindVirq {
+    /// IN: the VIRQ number, below [`NR_VIRQS`].
     pub virq: u32,
+    /// IN: the vCPU to notify; 0 for global VIRQs.
     pub vcpu: u32,
+    /// OUT: the new port.
     pub port: u32,
 }
 
@@ -152,8 +223,11 @@ pub struct BindVirq {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindPirq {
+    /// IN: the physical IRQ.
     pub pirq: u32,
+    /// IN: `BIND_PIRQ__WILL_SHARE` or 0.
     pub flags: u32,
+    /// OUT: the new port.
     pub port: u32,
 }
 
@@ -161,7 +235,9 @@ pub struct BindPirq {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindIpi {
+    /// IN: the vCPU to notify.
     pub vcpu: u32,
+    /// OUT: the new port.
     pub port: u32,
 }
 
@@ -169,6 +245,7 @@ pub struct BindIpi {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortArg {
+    /// IN: the port.
     pub port: u32,
 }
 
@@ -177,13 +254,19 @@ pub struct PortArg {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Status {
+    /// IN: the domain owning the port; must be [`DOMID_SELF`] or the guest's own id.
     pub dom: u16,
+    /// Padding; aligns `port`.
     pub _pad: u16,
+    /// IN: the port queried.
     pub port: u32,
+    /// OUT: an `EVTCHNSTAT_*` value ([`stat`]).
     pub status: u32,
+    /// OUT: the vCPU the port notifies.
     pub vcpu: u32,
     /// `u.unbound.dom`, `u.interdomain.dom`, or the low half of `u.pirq` / `u.virq`.
     pub u_dom: u16,
+    /// The high half of `u.pirq` / `u.virq`; padding otherwise.
     pub u_pad: u16,
     /// `u.interdomain.port`.
     pub u_port: u32,
@@ -201,7 +284,9 @@ impl Status {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindVcpu {
+    /// IN: the port.
     pub port: u32,
+    /// IN: the vCPU to notify from now on.
     pub vcpu: u32,
 }
 
@@ -209,6 +294,7 @@ pub struct BindVcpu {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reset {
+    /// IN: the domain whose ports to close; must be [`DOMID_SELF`] or the guest's own id.
     pub dom: u16,
 }
 

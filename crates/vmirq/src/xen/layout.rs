@@ -22,8 +22,11 @@ use super::abi::XenError;
 
 /// `XEN_LEGACY_MAX_VCPUS`: vCPUs whose `vcpu_info` sits in `shared_info`.
 pub const LEGACY_MAX_VCPUS: u32 = 32;
+/// Bytes of one `struct vcpu_info`, in `shared_info` or wherever the guest placed it.
 pub const VCPU_INFO_SIZE: u64 = 64;
+/// Offset of the `evtchn_upcall_pending` byte in `vcpu_info`.
 pub const UPCALL_PENDING: u64 = 0;
+/// Offset of the `evtchn_upcall_mask` byte in `vcpu_info`.
 pub const UPCALL_MASK: u64 = 1;
 
 /// The 2-level layout of one guest word size.
@@ -44,6 +47,7 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// A 64-bit guest: 64-bit words, 4096 ports.
     pub const LONG_MODE: Layout = Layout {
         word_bytes: 8,
         ports: 4096,
@@ -52,6 +56,7 @@ impl Layout {
         pending_sel: 8,
         wallclock: 0xC00,
     };
+    /// A 32-bit compat guest: 32-bit words, 1024 ports.
     pub const COMPAT: Layout = Layout {
         word_bytes: 4,
         ports: 1024,
@@ -61,6 +66,7 @@ impl Layout {
         wallclock: 0x900,
     };
 
+    /// [`Self::LONG_MODE`] for a 64-bit guest, else [`Self::COMPAT`].
     pub fn new(long_mode: bool) -> Self {
         if long_mode {
             Self::LONG_MODE
@@ -69,6 +75,7 @@ impl Layout {
         }
     }
 
+    /// Bits of one `xen_ulong_t` word: 64, or 32 for compat guests.
     pub fn word_bits(&self) -> u32 {
         (self.word_bytes * 8) as u32
     }
@@ -79,6 +86,7 @@ impl Layout {
         (port / self.word_bits(), port % self.word_bits())
     }
 
+    /// Offset of `vcpu`'s legacy `vcpu_info` slot in `shared_info`.
     pub fn vcpu_info(&self, vcpu: u32) -> u64 {
         u64::from(vcpu) * VCPU_INFO_SIZE
     }
@@ -95,6 +103,7 @@ pub struct SharedInfo<'a> {
     /// Per vCPU: the guest physical address of a `vcpu_info` the guest placed itself
     /// (VCPUOP_register_vcpu_info), or 0 for the legacy slot in shared_info.
     placed: &'a [AtomicU64],
+    /// The layout of the guest's word size.
     pub layout: Layout,
 }
 
@@ -104,6 +113,9 @@ const SHARED_INFO_SIZE: usize = 0x1000;
 type Slice<'a> = vm_memory::VolatileSlice<'a, ()>;
 
 impl<'a> SharedInfo<'a> {
+    /// The bits of the `shared_info` page at guest physical address `base`, with `vcpu_info`s
+    /// placed as `placed` says (one entry per vCPU, 0 for the legacy slot). Never fails: a page
+    /// not wholly in guest RAM makes the accesses to it return `XenError::Fault`.
     pub fn new(
         memory: &'a GuestMemoryMmap,
         base: u64,
@@ -181,15 +193,18 @@ impl<'a> SharedInfo<'a> {
         self.port_op(self.layout.pending, port, Rmw::Or)
     }
 
+    /// The port's pending bit.
     pub fn test_pending(&self, port: u32) -> Result<bool, XenError> {
         self.port_op(self.layout.pending, port, Rmw::Load)
     }
 
+    /// Clears the port's pending bit.
     pub fn clear_pending(&self, port: u32) -> Result<(), XenError> {
         self.port_op(self.layout.pending, port, Rmw::AndNot)
             .map(drop)
     }
 
+    /// The port's mask bit.
     pub fn test_mask(&self, port: u32) -> Result<bool, XenError> {
         self.port_op(self.layout.mask, port, Rmw::Load)
     }
@@ -232,6 +247,7 @@ impl<'a> SharedInfo<'a> {
         self.upcall_byte(vcpu, |b| b.fetch_or(1, Ordering::SeqCst) & 1 != 0)
     }
 
+    /// Bit 0 of the vCPU's `evtchn_upcall_pending`.
     pub fn upcall_pending(&self, vcpu: u32) -> Result<bool, XenError> {
         self.upcall_byte(vcpu, |b| b.load(Ordering::SeqCst) & 1 != 0)
     }

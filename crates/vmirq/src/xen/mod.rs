@@ -89,6 +89,7 @@ pub struct XenConfig {
 /// Raises upcalls; implemented by the core (per-vCPU vector or callback GSI). Called when a
 /// vCPU's `evtchn_upcall_pending` goes 0→1 (see the module doc).
 pub trait UpcallSink: Send + Sync {
+    /// Raise `vcpu`'s upcall.
     fn upcall(&self, vcpu: u32);
 }
 
@@ -135,6 +136,7 @@ pub struct EventChannels {
 }
 
 impl EventChannels {
+    /// Event channels for the guest whose RAM is `memory`, raising upcalls through `upcall`.
     pub fn new(memory: GuestMemoryMmap, config: XenConfig, upcall: Arc<dyn UpcallSink>) -> Self {
         let config = XenConfig {
             vcpus: config.vcpus.clamp(1, LEGACY_MAX_VCPUS),
@@ -155,10 +157,12 @@ impl EventChannels {
         }
     }
 
+    /// The setup (vCPUs clamped).
     pub fn config(&self) -> XenConfig {
         self.config
     }
 
+    /// The ABI width's shared_info layout.
     pub fn layout(&self) -> Layout {
         self.layout
     }
@@ -371,6 +375,7 @@ impl EventChannels {
         vcpu < self.config.vcpus && self.shared().upcall_pending(vcpu).unwrap_or(false)
     }
 
+    /// What EVTCHNOP_status would say of `port`.
     pub fn port_status(&self, port: u32) -> PortStatus {
         let t = self.lock();
         let valid = self.check_port(port).is_ok();

@@ -36,15 +36,32 @@ pub enum Remote {
 /// A port's binding, as `EVTCHNOP_status` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PortState {
+    /// `EVTCHNSTAT_closed`: free.
     Closed,
-    Unbound { remote: Remote },
-    Interdomain { remote: Remote, remote_port: u32 },
+    /// `EVTCHNSTAT_unbound`: open, waiting for `remote` to bind the other end
+    /// (`EVTCHNOP_alloc_unbound`, or a peer that went away).
+    Unbound {
+        /// Who may bind the other end.
+        remote: Remote,
+    },
+    /// `EVTCHNSTAT_interdomain`: connected to `remote_port` of `remote`.
+    Interdomain {
+        /// Where the other end lives.
+        remote: Remote,
+        /// The other end's port: a guest port for [`Remote::Guest`], a backend port for
+        /// [`Remote::Backend`].
+        remote_port: u32,
+    },
+    /// `EVTCHNSTAT_pirq`: bound to this physical IRQ.
     Pirq(u32),
+    /// `EVTCHNSTAT_virq`: bound to this VIRQ by `EVTCHNOP_bind_virq`.
     Virq(u32),
+    /// `EVTCHNSTAT_ipi`: bound by `EVTCHNOP_bind_ipi`; a send notifies the port's own vCPU.
     Ipi,
 }
 
 impl PortState {
+    /// The `EVTCHNSTAT_*` value for this state.
     pub fn stat(self) -> u32 {
         match self {
             PortState::Closed => stat::CLOSED,
@@ -60,10 +77,13 @@ impl PortState {
 /// What [`crate::xen::EventChannels::port_status`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortStatus {
+    /// The port's binding.
     pub state: PortState,
+    /// The vCPU the port notifies.
     pub vcpu: u32,
     /// The port's bits in `shared_info` (false when shared_info is outside guest RAM).
     pub pending: bool,
+    /// The port's mask bit in `shared_info` (false when shared_info is outside guest RAM).
     pub masked: bool,
 }
 
@@ -80,13 +100,18 @@ const READER: u64 = 1 << 32;
 /// The delivery half of a binding, as packed into a [`PortSlot`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Binding {
+    /// The port's `EVTCHNSTAT_*` value (3 bits).
     pub stat: u32,
+    /// FIFO priority (4 bits); always [`DEFAULT_PRIORITY`] for now.
     pub priority: u8,
+    /// The VIRQ number for a VIRQ port, else 0.
     pub virq: u8,
+    /// The vCPU the port notifies.
     pub vcpu: u16,
 }
 
 impl Binding {
+    /// The delivery half of `state` bound to `vcpu`, at the default priority.
     pub fn new(state: PortState, vcpu: u32) -> Self {
         let virq = match state {
             PortState::Virq(v) => v as u8,
@@ -134,6 +159,7 @@ impl Default for PortSlot {
 /// A read hold on an open port: while it lives, the port cannot finish closing.
 pub struct ReadGuard<'a> {
     slot: &'a PortSlot,
+    /// The binding when the hold was taken; the port cannot finish closing while it is held.
     pub binding: Binding,
 }
 
@@ -160,6 +186,7 @@ impl PortSlot {
         })
     }
 
+    /// The current binding, without taking a hold.
     pub fn binding(&self) -> Binding {
         Binding::decode(self.word.load(Ordering::Acquire))
     }
@@ -216,6 +243,7 @@ pub struct Table {
 }
 
 impl Table {
+    /// A table of `ports` closed ports and no backend endpoints.
     pub fn new(ports: u32) -> Self {
         Self {
             ports: vec![(PortState::Closed, 0); ports as usize],
@@ -237,12 +265,14 @@ impl Table {
             .map(|p| p as u32)
     }
 
+    /// The port's state; out-of-range ports read closed.
     pub fn state(&self, port: u32) -> PortState {
         self.ports
             .get(port as usize)
             .map_or(PortState::Closed, |p| p.0)
     }
 
+    /// The vCPU the port notifies; 0 out of range.
     pub fn vcpu(&self, port: u32) -> u32 {
         self.ports.get(port as usize).map_or(0, |p| p.1)
     }

@@ -16,10 +16,10 @@ use arc_swap::ArcSwap;
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{EventChannels, UpcallSink};
-use crate::interrupts::{Error, Interrupts, Irqfd};
+use super::{EventChannels, UpcallSink, XenError};
+use crate::interrupts::{Error, Interrupts, Watch};
+use crate::irqfd::LevelIrqfd;
 use crate::msi::X86Msi;
-use crate::route::Gsi;
 use crate::router::lock;
 
 /// Where upcalls go when a vCPU has no per-vCPU vector (HVM_PARAM_CALLBACK_IRQ).
@@ -30,21 +30,27 @@ pub enum Callback {
     None,
     /// A vector injected into the vCPU whose upcall_pending went up.
     Vector(u8),
-    /// A level GSI asserted while vCPU 0's upcall_pending is set.
-    Gsi(Gsi),
+    /// A level GSI asserted while vCPU 0's upcall_pending is set: the GSI number the guest
+    /// names (HVM_PARAM_CALLBACK_IRQ type 0), an IOAPIC pin.
+    Gsi(u32),
 }
 
 /// Errors configuring upcalls.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum UpcallError {
-    #[error("vCPU {0} does not exist")]
-    NoSuchVcpu(u32),
+    /// Xen refuses vectors below 0x10 (EINVAL).
     #[error("upcall vector {0:#x} is below 0x10 (Xen refuses it with EINVAL)")]
     BadVector(u8),
-    #[error("cannot wire the callback GSI: {0}")]
-    Gsi(#[from] Error),
+    /// The callback GSI's eventfds could not be created.
     #[error("cannot create the callback GSI's eventfds: {0}")]
     Eventfd(#[source] std::io::Error),
+    /// The callback GSI could not be wired.
+    #[error("cannot wire the callback GSI: {0}")]
+    Gsi(#[from] Error),
+    /// No such vCPU.
+    #[error("vCPU {0} does not exist")]
+    NoSuchVcpu(u32),
 }
 
 #[derive(Clone, Default)]
@@ -54,11 +60,12 @@ struct Config {
 }
 
 /// The callback GSI's level irqfd: its trigger, and the watch on its resamplefd.
+/// Field order is drop order: the watch stops before the irqfd unbinds.
 struct CallbackGsi {
+    _watch: Watch,
+    _irqfd: LevelIrqfd,
     trigger: Arc<EventFd>,
     _resample: EventFd,
-    _irqfd: Irqfd,
-    watch: u64,
 }
 
 /// Delivers upcalls for [`EventChannels`]. See the module docs.
@@ -72,6 +79,7 @@ pub struct Upcalls {
 }
 
 impl Upcalls {
+    /// Upcalls for a guest with `vcpus` vCPUs, delivered through `interrupts`; none configured.
     pub fn new(interrupts: Arc<Interrupts>, vcpus: u32) -> Arc<Self> {
         Arc::new(Self {
             interrupts,
@@ -109,9 +117,8 @@ impl Upcalls {
             }
         }
         let mut gsi = lock(&self.gsi);
-        if let Some(old) = gsi.take() {
+        if gsi.take().is_some() {
             self.gsi_trigger.store(Arc::new(None));
-            self.interrupts.unwatch(old.watch);
         }
         if let Callback::Gsi(g) = callback {
             let wired = self.wire_gsi(g)?;
@@ -131,12 +138,13 @@ impl Upcalls {
         Ok(())
     }
 
-    fn wire_gsi(self: &Arc<Self>, gsi: Gsi) -> Result<CallbackGsi, UpcallError> {
+    fn wire_gsi(self: &Arc<Self>, gsi: u32) -> Result<CallbackGsi, UpcallError> {
         let trigger = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(UpcallError::Eventfd)?);
         let resample = EventFd::new(EFD_NONBLOCK).map_err(UpcallError::Eventfd)?;
         let irqfd = self
             .interrupts
-            .assign_irqfd_with_resample(&trigger, &resample, gsi)?;
+            .pin(gsi)?
+            .assign_level_irqfd(&trigger, &resample)?;
         let me = Arc::downgrade(self);
         let again = Arc::clone(&trigger);
         // At each EOI the line dropped: assert it again while vCPU 0 still has an upcall.
@@ -153,10 +161,10 @@ impl Upcalls {
             }),
         )?;
         Ok(CallbackGsi {
+            _watch: watch,
+            _irqfd: irqfd,
             trigger,
             _resample: resample,
-            _irqfd: irqfd,
-            watch,
         })
     }
 
@@ -200,24 +208,14 @@ impl UpcallSink for Upcalls {
     }
 }
 
-impl Drop for Upcalls {
-    fn drop(&mut self) {
-        if let Some(old) = lock(&self.gsi).take() {
-            self.interrupts.unwatch(old.watch);
-        }
-    }
-}
-
 /// Routes of kind [`crate::Route::XenEvtchn`] deliver here: the lock-free 2-level marking.
 struct RouteSink(Weak<EventChannels>);
 
 impl crate::EventChannelSink for RouteSink {
-    fn set_pending(&self, port: u32, vcpu: u32) -> Result<(), String> {
-        let channels = self.0.upgrade().ok_or("the event channels are gone")?;
-        channels
-            .set_pending(port, vcpu)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn set_pending(&self, port: u32, vcpu: u32) -> Result<(), XenError> {
+        // Gone channels are closed ports: the event is dropped as Xen drops a send to one.
+        let channels = self.0.upgrade().ok_or(XenError::Closed)?;
+        channels.set_pending(port, vcpu).map(|_| ())
     }
 }
 

@@ -1,0 +1,207 @@
+//! A device-facing interrupt group, for device models that keep their own capability model
+//! (Cloud Hypervisor's `InterruptSourceGroup` shape): `trigger(i)`, `notifier(i)`,
+//! `update(i, config, masked)`, `enable` / `disable`.
+//!
+//! Each source has an eventfd (its notifier, which a vhost-user backend or VFIO may write
+//! directly) and, once configured, a [`GsiRoute`]. Masking keeps the route and unbinds the
+//! irqfd: signals keep counting in the eventfd, and unmasking binds it again, which delivers
+//! what counted meanwhile once (KVM polls an irqfd's eventfd at assign; vmirq's dispatcher
+//! sees the count at once). Nothing is lost while masked or disabled.
+//!
+//! Locks: one mutex per source, held while that source is reconfigured (routes commit, irqfd
+//! binds); `trigger` takes none.
+
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::gsi::GsiRoute;
+use crate::interrupts::{Error, Interrupts};
+use crate::irqfd::{duplicate, eventfd_id, EdgeIrqfd, EventfdId};
+use crate::msi::MsiMessage;
+use crate::route::Route;
+use crate::router::lock;
+
+/// Where one source of a group goes (Cloud Hypervisor's `InterruptSourceConfig`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptSourceConfig {
+    /// An MSI message.
+    Msi {
+        /// Address and data.
+        msg: MsiMessage,
+        /// Requester ID, if the platform needs one.
+        devid: Option<u32>,
+    },
+    /// An IOAPIC pin (edge: each trigger is one edge on the pin).
+    Pin(u32),
+}
+
+impl InterruptSourceConfig {
+    fn route(self) -> Route {
+        match self {
+            InterruptSourceConfig::Msi { msg, devid } => Route::Msi { msg, devid },
+            InterruptSourceConfig::Pin(pin) => Route::ioapic(pin),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    route: Option<GsiRoute>,
+    config: Option<InterruptSourceConfig>,
+    masked: bool,
+    irqfd: Option<EdgeIrqfd>,
+}
+
+struct Source {
+    notifier: EventFd,
+    id: EventfdId,
+    state: Mutex<State>,
+}
+
+/// A group of interrupt sources of one device. See the module docs.
+///
+/// ```
+/// use vmirq::{InterruptGroup, InterruptSourceConfig, Interrupts, IrqchipMode, SimBackend, X86Msi};
+///
+/// let sim = SimBackend::new(1, IrqchipMode::Kernel);
+/// let irq = Interrupts::new(sim.clone(), Default::default())?;
+/// let group = InterruptGroup::new(&irq, 4)?;
+/// let msg = X86Msi::fixed(0, 0x50).encode()?;
+/// group.update(2, InterruptSourceConfig::Msi { msg, devid: None }, true)?;   // masked
+/// group.enable()?;
+/// group.trigger(2)?;                    // counted, not delivered
+/// sim.run_until_idle();
+/// assert_eq!(sim.count(0, 0x50), 0);
+/// group.update(2, InterruptSourceConfig::Msi { msg, devid: None }, false)?;  // unmask
+/// sim.run_until_idle();
+/// assert_eq!(sim.count(0, 0x50), 1);    // the masked trigger, once
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct InterruptGroup {
+    interrupts: Arc<Interrupts>,
+    sources: Box<[Source]>,
+    enabled: Mutex<bool>,
+}
+
+impl InterruptGroup {
+    /// A group of `count` sources, each with its eventfd; nothing routed, disabled.
+    pub fn new(interrupts: &Arc<Interrupts>, count: usize) -> Result<Self, Error> {
+        let sources = (0..count)
+            .map(|_| {
+                let notifier = EventFd::new(EFD_NONBLOCK).map_err(|e| {
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        Error::FdExhausted(e)
+                    } else {
+                        Error::Dispatcher(e)
+                    }
+                })?;
+                let id = eventfd_id(std::os::fd::AsRawFd::as_raw_fd(&notifier))?;
+                Ok(Source {
+                    notifier,
+                    id,
+                    state: Mutex::new(State {
+                        masked: true,
+                        ..State::default()
+                    }),
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(Self {
+            interrupts: Arc::clone(interrupts),
+            sources,
+            enabled: Mutex::new(false),
+        })
+    }
+
+    /// Sources in the group.
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Whether the group has no source.
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    fn source(&self, index: usize) -> Result<&Source, Error> {
+        self.sources.get(index).ok_or(Error::Unsupported(
+            "trigger a source the group does not have",
+        ))
+    }
+
+    /// Raises source `index` (its eventfd counts; lock-free).
+    pub fn trigger(&self, index: usize) -> Result<(), Error> {
+        self.source(index)?
+            .notifier
+            .write(1)
+            .map_err(Error::Dispatcher)
+    }
+
+    /// A handle on source `index`'s eventfd, for a producer in another thread or process.
+    pub fn notifier(&self, index: usize) -> Option<EventFd> {
+        self.sources
+            .get(index)
+            .and_then(|s| duplicate(&s.notifier).ok())
+    }
+
+    /// Configures source `index`: its route (allocated on first use, changed in one commit)
+    /// and whether it is masked. Unmasking (with the group enabled) binds the irqfd, which
+    /// delivers anything counted while masked, once.
+    pub fn update(
+        &self,
+        index: usize,
+        config: InterruptSourceConfig,
+        masked: bool,
+    ) -> Result<(), Error> {
+        let source = self.source(index)?;
+        let enabled = *lock(&self.enabled);
+        let mut st = lock(&source.state);
+        // Masking: the irqfd goes before the route changes (Cloud Hypervisor #3827).
+        if masked || st.config != Some(config) {
+            st.irqfd = None;
+        }
+        if st.config != Some(config) {
+            match &st.route {
+                Some(route) => route.set(config.route())?,
+                None => st.route = Some(self.interrupts.new_route(config.route())?),
+            }
+            st.config = Some(config);
+        }
+        st.masked = masked;
+        if enabled {
+            Self::bind(source, &mut st)?;
+        }
+        Ok(())
+    }
+
+    /// Binds every configured, unmasked source.
+    pub fn enable(&self) -> Result<(), Error> {
+        let mut enabled = lock(&self.enabled);
+        *enabled = true;
+        for source in self.sources.iter() {
+            Self::bind(source, &mut lock(&source.state))?;
+        }
+        Ok(())
+    }
+
+    /// Unbinds every source; routes stay and triggers keep counting.
+    pub fn disable(&self) -> Result<(), Error> {
+        let mut enabled = lock(&self.enabled);
+        *enabled = false;
+        for source in self.sources.iter() {
+            lock(&source.state).irqfd = None;
+        }
+        Ok(())
+    }
+
+    fn bind(source: &Source, st: &mut State) -> Result<(), Error> {
+        if st.masked || st.irqfd.is_some() {
+            return Ok(());
+        }
+        if let Some(route) = &st.route {
+            st.irqfd = Some(route.assign_known(&source.notifier, source.id)?);
+        }
+        Ok(())
+    }
+}
