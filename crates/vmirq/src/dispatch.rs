@@ -177,6 +177,11 @@ impl Dispatcher {
         lock(&self.entries).len()
     }
 
+    /// Threads this dispatcher runs now (0 or 1).
+    pub(crate) fn threads(&self) -> usize {
+        usize::from(lock(&self.thread).is_some())
+    }
+
     /// The epoll descriptor: readable while any entry has an event.
     pub(crate) fn event_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the epoll fd is owned by `self.epoll` and outlives the borrow of `self`.

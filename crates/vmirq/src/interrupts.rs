@@ -106,14 +106,17 @@ impl Default for Config {
 ///
 /// let sim = SimBackend::new(1, IrqchipMode::Split { ioapic_pins: 24 });
 /// let irq = Interrupts::new(sim.clone(), Default::default())?;
-/// // The guest programs pin 5 (level, vector 0x31, APIC 0) through IOAPIC MMIO.
-/// for (off, value) in [(0x00, 0x1a), (0x10, 0x0000_8031)] {
+/// // The guest programs pin 5 (edge, vector 0x31, APIC 0) through IOAPIC MMIO.
+/// for (off, value) in [(0x00, 0x1a), (0x10, 0x31)] {
 ///     irq.mmio_write(0xFEC0_0000 + off, &u32::to_le_bytes(value));
 /// }
-/// let source = irq.pin(5)?.source();
-/// source.assert();
+/// let pin = irq.pin(5)?;
+/// pin.inject()?;                       // one edge, through vmirq's IOAPIC
+/// sim.run_until_idle();                // the simulated vCPU takes it
+/// let source = pin.source();           // a level source on the same line
+/// source.assert();                     // a rising edge: one more interrupt
 /// sim.run_until_idle();
-/// assert_eq!(sim.count(0, 0x31), 1);
+/// assert_eq!(sim.count(0, 0x31), 2);
 /// # Ok::<(), vmirq::Error>(())
 /// ```
 pub struct Interrupts {
@@ -261,6 +264,13 @@ impl Interrupts {
     /// `service_irq_event`); returns whether it acted.
     pub fn service_irq_event(&self, token: u64) -> bool {
         self.dispatcher.serve(token)
+    }
+
+    /// Threads vmirq runs for this VM now: the dispatcher's, once a userspace irqfd exists in
+    /// [`Dispatch::Thread`] mode; never any in [`Dispatch::EventLoop`] mode. (The storm guard
+    /// uses one timer descriptor, no thread.)
+    pub fn threads(&self) -> usize {
+        self.dispatcher.threads()
     }
 
     /// Who serves userspace irqfds.
