@@ -1,6 +1,6 @@
 //! The shared resampler of one GSI: "on ack, de-assert and notify" in userspace.
 //!
-//! Every level irqfd with a resamplefd on a GSI joins the GSI's one [`Resampler`] (as in Linux
+//! Every level irqfd with a resamplefd on a GSI joins the GSI's one `Resampler` (as in Linux
 //! `virt/kvm/eventfd.c` since the fix for two ack notifiers racing on one GSI). The level the
 //! irqfds assert is the IOAPIC's *resampled input* of the GSI's pin, one input shared by all of
 //! them; the IOAPIC model drops it on the guest's EOI, and the resampler then signals every

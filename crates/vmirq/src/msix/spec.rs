@@ -2,7 +2,7 @@
 //! Linux `include/uapi/linux/pci_regs.h` lay them out.
 //!
 //! Only layout lives here: offsets, bit masks and sizes. What the functions do with them is in
-//! [`super::table`] (MSI-X) and [`super::msi`] (MSI).
+//! [`super::MsixTable`] (MSI-X) and [`super::MsiCapability`] (MSI).
 
 // ---------------------------------------------------------------------------------------------
 // MSI-X (§6.8.2)
