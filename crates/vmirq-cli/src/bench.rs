@@ -2,7 +2,8 @@
 //! Samples of the paths are interleaved in a random order each round, so drift and the state
 //! a previous sample left behind hit every path alike.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -114,50 +115,264 @@ fn line_assert_deassert_ns(m: &dyn Machine) -> f64 {
     ns
 }
 
-/// MSI-X figures on `m`: (ns to unmask 2048 vectors as one batch, ns to unmask them one
-/// commit per vector, heap bytes per enabled and routed vector).
-fn msix_unmask_2048(m: &dyn Machine) -> Result<(f64, f64, f64), vmirq::Error> {
+/// Threads in this process now.
+fn process_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Threads vmirq owns for a VM with `n` idle userspace irqfds: (thread mode on `m`'s VM,
+/// event-loop mode on a fresh VM of the same backend, counted as the process's new threads).
+fn dispatcher_threads(
+    m: &dyn Machine,
+    kind: BackendKind,
+    n: usize,
+) -> Result<(f64, f64), vmirq::Error> {
+    let irq = m.interrupts();
+    let msg = X86Msi::fixed(0, 0x7c).encode().expect("fits");
+    let route = irq.new_route(Route::msi(msg))?;
+    let fds = eventfds(n)?;
+    let _irqfds: Vec<_> = fds
+        .iter()
+        .map(|fd| route.assign_irqfd_on(fd, Some(IrqfdPath::User)))
+        .collect::<Result<_, _>>()?;
+    let thread_mode = irq.threads() as f64;
+    // Event-loop mode: a VM of its own (nothing of the machine's), its irqfds served by
+    // `service()` from this thread.
+    let backend: Arc<dyn vmirq::Backend> = match kind {
+        BackendKind::Kvm => {
+            let vm = vmirq_kvm::KvmVm::new(vmirq_kvm::KvmVmConfig {
+                vcpus: 1,
+                mem_size: 1 << 16,
+                irqchip: vmirq::IrqchipMode::Kernel,
+                halt_poll_ns: None,
+            })
+            .map_err(|_| vmirq::Error::Unsupported("create the event-loop bench VM"))?;
+            vm.backend()
+        }
+        BackendKind::Sim => vmirq::SimBackend::new(1, vmirq::IrqchipMode::Kernel),
+    };
+    let before = process_threads();
+    let config = vmirq::Config {
+        dispatch: vmirq::Dispatch::EventLoop,
+        ..vmirq::Config::default()
+    };
+    let el = vmirq::Interrupts::new(backend, config)?;
+    let route = el.new_route(Route::msi(msg))?;
+    let fds = eventfds(n)?;
+    let irqfds: Vec<_> = fds
+        .iter()
+        .map(|fd| route.assign_irqfd_on(fd, Some(IrqfdPath::User)))
+        .collect::<Result<_, _>>()?;
+    // Positive evidence the loop serves them: one event, one service.
+    fds[n / 2].write(1).map_err(|_| vmirq::Error::BadEventFd)?;
+    if el.service().map_err(vmirq::Error::Dispatcher)? != 1 {
+        return Err(vmirq::Error::Unsupported(
+            "serve an irqfd from the event loop",
+        ));
+    }
+    let event_loop = (process_threads() - before) as f64;
+    drop(irqfds);
+    Ok((thread_mode, event_loop))
+}
+
+fn eventfds(n: usize) -> Result<Vec<EventFd>, vmirq::Error> {
+    (0..n)
+        .map(|_| EventFd::new(0).map_err(|_| vmirq::Error::BadEventFd))
+        .collect()
+}
+
+/// A background load, switched on only around the samples measured under it.
+struct Load {
+    state: Arc<(Mutex<(bool, bool)>, Condvar)>,
+    units: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Runs `unit` in a loop on its own thread while switched on.
+    fn start(unit: impl Fn() + Send + 'static) -> Self {
+        // (on, running): `running` is true while the thread is inside a unit.
+        let state = Arc::new((Mutex::new((false, false)), Condvar::new()));
+        let units = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, u, st) = (state.clone(), units.clone(), stop.clone());
+        let thread = std::thread::spawn(move || loop {
+            {
+                let (lock, cv) = &*s;
+                let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                g.1 = false;
+                cv.notify_all();
+                while !g.0 && !st.load(Ordering::SeqCst) {
+                    g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                g.1 = true;
+            }
+            unit();
+            u.fetch_add(1, Ordering::SeqCst);
+        });
+        Self {
+            state,
+            units,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// On: returns once a unit has completed under it. Off: returns once the thread is idle.
+    fn set(&self, on: bool) {
+        let (lock, cv) = &*self.state;
+        let start = self.units.load(Ordering::SeqCst);
+        {
+            let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+            g.0 = on;
+            cv.notify_all();
+            if !on {
+                while g.1 {
+                    g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                return;
+            }
+        }
+        while self.units.load(Ordering::SeqCst) < start + 1 {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.state.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// p50 round trips of path `name` on `m`, idle and under `load`, interleaved in a random order
+/// each round.
+fn loaded_latency(
+    m: &dyn Machine,
+    name: &str,
+    load: &Load,
+    samples: usize,
+) -> Result<(f64, f64), DemoError> {
+    let rig = paths::rig(m, name).map_err(bench_err)?;
+    let (mut idle, mut loaded) = (Vec::new(), Vec::new());
+    let mut rng = paths::XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut lost = 0;
+    for round in 0..samples + WARM_UP {
+        let mut order = [false, true];
+        rng.shuffle(&mut order);
+        for under in order {
+            load.set(under);
+            let trip = paths::round_trip(m, &rig).map_err(bench_err)?;
+            load.set(false);
+            match trip {
+                Some(t) if round >= WARM_UP => {
+                    if under { &mut loaded } else { &mut idle }.push(t.round_trip)
+                }
+                Some(_) => {}
+                None => lost += 1,
+            }
+        }
+    }
+    if let Some(e) = DemoError::lost([(name, lost)]) {
+        return Err(e);
+    }
+    let p50 = |l: &mut Vec<Duration>| quantile(l, 0.5).as_nanos() as f64;
+    Ok((p50(&mut idle), p50(&mut loaded)))
+}
+
+const MSIX_N: u16 = 2048;
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+
+/// A 2048-vector MSI-X device whose first `unmasked` entries the guest has programmed and
+/// unmasked, behind the function mask (nothing routed yet).
+fn msix_device(m: &dyn Machine, unmasked: u16) -> Result<vmirq::msix::MsixVectors, vmirq::Error> {
     use vmirq::msix::{MsixTable, MsixVectors};
-    const N: u16 = 2048;
-    const ENABLE: u16 = 1 << 15;
-    const FUNCTION_MASK: u16 = 1 << 14;
     let fail = |_| vmirq::Error::Unsupported("create 2048 MSI-X vectors");
-    let live0 = crate::alloc::live_bytes();
-    let vectors = MsixVectors::new(Arc::clone(m.interrupts()), MsixTable::new(N)).map_err(fail)?;
+    let vectors =
+        MsixVectors::new(Arc::clone(m.interrupts()), MsixTable::new(MSIX_N)).map_err(fail)?;
     let msg = X86Msi::fixed(paths::TARGET_VCPU as u32, 0x90)
         .encode()
         .expect("fits");
-    let set_ctrl = |v: u16, masked: bool| {
-        vectors.bar_write(u64::from(v) * 16 + 12, &u32::from(masked).to_le_bytes())
-    };
-    for v in 0..N {
+    for v in 0..unmasked {
         let off = u64::from(v) * 16;
         vectors.bar_write(off, &msg.address_lo().to_le_bytes());
         vectors.bar_write(off + 8, &msg.data.to_le_bytes());
-        set_ctrl(v, false);
+        vectors.bar_write(off + 12, &0u32.to_le_bytes());
     }
-    // Batched: every entry unmasked behind the function mask, then the mask lifts.
-    vectors.write_message_control(ENABLE | FUNCTION_MASK);
+    vectors.write_message_control(MSIX_ENABLE | MSIX_FUNCTION_MASK);
+    Ok(vectors)
+}
+
+/// ns for the guest lifting the function mask of `vectors`: every unmasked vector gets its
+/// GSI, route (one commit) and kernel irqfd. Leaves the device enabled.
+fn msix_enable(vectors: &vmirq::msix::MsixVectors, expect: u16) -> Result<f64, vmirq::Error> {
     let t0 = Instant::now();
-    let events = vectors.write_message_control(ENABLE);
-    let batched = t0.elapsed().as_nanos() as f64;
-    let per_vector_bytes = (crate::alloc::live_bytes() - live0) as f64 / f64::from(N);
-    if !events.is_empty() || vectors.routed_vectors() != usize::from(N) {
+    let events = vectors.write_message_control(MSIX_ENABLE);
+    let ns = t0.elapsed().as_nanos() as f64;
+    if !events.is_empty() || vectors.routed_vectors() != usize::from(expect) {
         return Err(vmirq::Error::Unsupported("route 2048 MSI-X vectors"));
     }
-    // One at a time: the guest unmasks entry after entry, one commit each.
+    Ok(ns)
+}
+
+/// The median of `reps` enables of `vectors` (disabled and function-masked between them).
+fn msix_enable_median(
+    vectors: &vmirq::msix::MsixVectors,
+    expect: u16,
+    reps: usize,
+) -> Result<f64, vmirq::Error> {
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        vectors.write_message_control(MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        times.push(msix_enable(vectors, expect)?);
+        vectors.write_message_control(0);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// MSI-X figures on `m`, in ns unless said: the guest enabling 2048 vectors as one batch;
+/// unmasking them one commit per vector; heap bytes per enabled and routed vector; and
+/// enabling 2048 vectors while another device's 2000 routes are in the table (2048 + 2000 +
+/// the 40 default pin routes is as close to KVM's 4096-route table as two such devices fit).
+fn msix_figures(m: &dyn Machine) -> Result<(f64, f64, f64, f64), vmirq::Error> {
+    const REPS: usize = 5;
+    const OTHER: u16 = 2000;
+    let live0 = crate::alloc::live_bytes();
+    let vectors = msix_device(m, MSIX_N)?;
+    msix_enable(&vectors, MSIX_N)?;
+    let per_vector_bytes = (crate::alloc::live_bytes() - live0) as f64 / f64::from(MSIX_N);
     vectors.write_message_control(0);
-    for v in 0..N {
+    let batched = msix_enable_median(&vectors, MSIX_N, REPS)?;
+    // One at a time: the guest unmasks entry after entry, one commit each.
+    let set_ctrl = |v: u16, masked: bool| {
+        vectors.bar_write(u64::from(v) * 16 + 12, &u32::from(masked).to_le_bytes())
+    };
+    for v in 0..MSIX_N {
         set_ctrl(v, true);
     }
-    vectors.write_message_control(ENABLE);
+    vectors.write_message_control(MSIX_ENABLE);
     let t0 = Instant::now();
-    for v in 0..N {
+    for v in 0..MSIX_N {
         set_ctrl(v, false);
     }
     let one_by_one = t0.elapsed().as_nanos() as f64;
     vectors.write_message_control(0);
-    Ok((batched, one_by_one, per_vector_bytes))
+    // Next to another device whose routes stay in the table.
+    let other = msix_device(m, OTHER)?;
+    msix_enable(&other, OTHER)?;
+    let next_to = msix_enable_median(&vectors, MSIX_N, REPS)?;
+    drop(other);
+    Ok((batched, one_by_one, per_vector_bytes, next_to))
 }
 
 /// ns per fast-path event (`EventChannels::set_pending` on a bound, unmasked port whose
@@ -323,6 +538,77 @@ fn latency_phase(
     Ok(results)
 }
 
+/// Run-time paths under configuration load, each against itself idle in the same phase: a
+/// user-path trigger while another thread commits route changes in a loop, and a split level
+/// round trip on one pin while the guest rewrites another pin's redirection entry in a loop.
+fn loaded_figures(
+    kernel: &dyn Machine,
+    split: &Arc<dyn Machine>,
+    samples: usize,
+) -> Result<Vec<Result_>, DemoError> {
+    let mut results = Vec::new();
+    let interrupts = Arc::clone(kernel.interrupts());
+    let (a, b) = (
+        X86Msi::fixed(0, 0x7a).encode().expect("fits"),
+        X86Msi::fixed(0, 0x7b).encode().expect("fits"),
+    );
+    let churn = interrupts.new_route(Route::msi(a)).map_err(bench_err)?;
+    let flip = AtomicBool::new(false);
+    let commits = Load::start(move || {
+        let msg = if flip.fetch_xor(true, Ordering::Relaxed) {
+            a
+        } else {
+            b
+        };
+        if let Err(e) = churn.set(Route::msi(msg)) {
+            eprintln!("vmirq bench: route commit failed: {e}");
+        }
+    });
+    let (idle, loaded) = loaded_latency(kernel, "msi-irqfd-user", &commits, samples)?;
+    drop(commits);
+    results.push(result(
+        "latency.msi-irqfd-user.interleaved",
+        idle,
+        "ns",
+        None,
+    ));
+    results.push(result(
+        "latency.msi-irqfd-user.under-commits",
+        loaded,
+        "ns",
+        Some(("latency.msi-irqfd-user.interleaved", idle)),
+    ));
+    // The guest (vCPU 0) rewrites pin 7's entry (masked; its vector alternates, so every write
+    // changes the pin's kernel route and commits) while the path under test uses pin 18 on
+    // vCPU 1.
+    let rte = |vector: u32| {
+        let base = vmirq::ioapic::IOAPIC_BASE as u32;
+        [(base, 0x10 + 2 * 7), (base + 0x10, vector | 1 << 16)]
+    };
+    let script: Vec<(u32, u32)> = (0..8).flat_map(|i| rte(0x77 + i % 2)).collect();
+    let guest = Arc::clone(split);
+    let rewrites = Load::start(move || {
+        if let Err(e) = guest.guest_mmio(&script) {
+            eprintln!("vmirq bench: guest RTE writes failed: {e}");
+        }
+    });
+    let (idle, loaded) = loaded_latency(&**split, "level-ioapic-split", &rewrites, samples)?;
+    drop(rewrites);
+    results.push(result(
+        "latency.level-ioapic-split.interleaved",
+        idle,
+        "ns",
+        None,
+    ));
+    results.push(result(
+        "latency.level-ioapic-split.under-rte-writes",
+        loaded,
+        "ns",
+        Some(("latency.level-ioapic-split.interleaved", idle)),
+    ));
+    Ok(results)
+}
+
 pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoError> {
     let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
     let edge: Vec<_> = EDGE_LATENCY
@@ -343,7 +629,8 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
             boot(kind, &paths::machine_config(mode.irqchip()))
         })
     };
-    let (level_kernel, split) = (level_vm(Mode::Kernel)?, level_vm(Mode::Split)?);
+    let level_kernel = level_vm(Mode::Kernel)?;
+    let split: Arc<dyn Machine> = level_vm(Mode::Split)?.into();
     let level: Vec<_> = LEVEL_LATENCY
         .iter()
         .map(|(name, mode, base)| {
@@ -356,6 +643,7 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         .collect();
     results.extend(latency_phase(&level, samples)?);
     drop(level_kernel);
+    results.extend(loaded_figures(&*kernel, &split, samples)?);
     results.push(result(
         "line.assert-deassert",
         line_assert_deassert_ns(&*split),
@@ -371,7 +659,7 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         "ns",
         Some(("atomic.floor-3-rmw", floor)),
     ));
-    let (batched, one_by_one, per_vector) = msix_unmask_2048(m).map_err(bench_err)?;
+    let (batched, one_by_one, per_vector, next_to) = msix_figures(m).map_err(bench_err)?;
     results.push(result(
         "msix.unmask-2048.per-vector",
         one_by_one,
@@ -383,6 +671,12 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         batched,
         "ns",
         Some(("msix.unmask-2048.per-vector", one_by_one)),
+    ));
+    results.push(result(
+        "msix.enable-2048-next-to-2048",
+        next_to,
+        "ns",
+        Some(("msix.unmask-2048", batched)),
     ));
     results.push(result("msix.bytes-per-vector", per_vector, "bytes", None));
     let per_irqfd = bytes_per_user_irqfd(m).map_err(bench_err)?;
@@ -399,6 +693,9 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         "cpu-ms/s",
         None,
     ));
+    let (threads, event_loop) = dispatcher_threads(m, kind, 1000).map_err(bench_err)?;
+    results.push(result("dispatcher.threads-idle", threads, "threads", None));
+    results.push(result("eventloop.threads", event_loop, "threads", None));
     if json {
         let report = Report {
             backend: m.kind(),
