@@ -253,28 +253,33 @@ impl Drop for Load {
     }
 }
 
-/// p50 round trips of path `name` on `m`, idle and under `load`, interleaved in a random order
-/// each round.
+/// p50 round trips of path `name` on `m` under `control` and under `load`: samples alternate
+/// in a random order each round, one of the two loads running during each. The control keeps
+/// the host as busy as the load without doing the thing under test, so the ratio isolates it:
+/// on these 2-core hosts any busy thread moves a halted vCPU's wake-up time by ±40% (a busy
+/// CPU never idles deeply), which would otherwise swamp the figure.
 fn loaded_latency(
     m: &dyn Machine,
     name: &str,
+    control: &Load,
     load: &Load,
     samples: usize,
 ) -> Result<(f64, f64), DemoError> {
     let rig = paths::rig(m, name).map_err(bench_err)?;
-    let (mut idle, mut loaded) = (Vec::new(), Vec::new());
+    let (mut controlled, mut loaded) = (Vec::new(), Vec::new());
     let mut rng = paths::XorShift(0x9E37_79B9_7F4A_7C15);
     let mut lost = 0;
     for round in 0..samples + WARM_UP {
         let mut order = [false, true];
         rng.shuffle(&mut order);
         for under in order {
-            load.set(under);
+            let running = if under { load } else { control };
+            running.set(true);
             let trip = paths::round_trip(m, &rig).map_err(bench_err)?;
-            load.set(false);
+            running.set(false);
             match trip {
                 Some(t) if round >= WARM_UP => {
-                    if under { &mut loaded } else { &mut idle }.push(t.round_trip)
+                    if under { &mut loaded } else { &mut controlled }.push(t.round_trip)
                 }
                 Some(_) => {}
                 None => lost += 1,
@@ -285,7 +290,15 @@ fn loaded_latency(
         return Err(e);
     }
     let p50 = |l: &mut Vec<Duration>| quantile(l, 0.5).as_nanos() as f64;
-    Ok((p50(&mut idle), p50(&mut loaded)))
+    Ok((p50(&mut controlled), p50(&mut loaded)))
+}
+
+/// Busy-waits `d`: a control load's unit.
+fn spin(d: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        std::hint::spin_loop();
+    }
 }
 
 const MSIX_N: u16 = 2048;
@@ -335,6 +348,9 @@ fn msix_enable_median(
         vectors.write_message_control(MSIX_ENABLE | MSIX_FUNCTION_MASK);
         times.push(msix_enable(vectors, expect)?);
         vectors.write_message_control(0);
+        // Disabling deassigns 2048 kernel irqfds, whose teardown KVM finishes on a workqueue:
+        // let it finish before the next timed enable, which would otherwise share a CPU with it.
+        std::thread::sleep(Duration::from_millis(100));
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
@@ -345,7 +361,7 @@ fn msix_enable_median(
 /// enabling 2048 vectors while another device's 2000 routes are in the table (2048 + 2000 +
 /// the 40 default pin routes is as close to KVM's 4096-route table as two such devices fit).
 fn msix_figures(m: &dyn Machine) -> Result<(f64, f64, f64, f64), vmirq::Error> {
-    const REPS: usize = 5;
+    const REPS: usize = 7;
     const OTHER: u16 = 2000;
     let live0 = crate::alloc::live_bytes();
     let vectors = msix_device(m, MSIX_N)?;
@@ -538,21 +554,31 @@ fn latency_phase(
     Ok(results)
 }
 
-/// Run-time paths under configuration load, each against itself idle in the same phase: a
-/// user-path trigger while another thread commits route changes in a loop, and a split level
-/// round trip on one pin while the guest rewrites another pin's redirection entry in a loop.
+/// Run-time paths under configuration load, each against itself idle in the same phase (samples
+/// alternate in a random order): a user-path trigger while another thread commits route
+/// changes in a loop, and a split level round trip on one pin while the guest rewrites another
+/// pin's redirection entry in a loop. Both VMs have halt polling off.
 fn loaded_figures(
     kernel: &dyn Machine,
     split: &Arc<dyn Machine>,
     samples: usize,
 ) -> Result<Vec<Result_>, DemoError> {
     let mut results = Vec::new();
+    // Route commits in a loop on the VM under test; the control spins as long as a commit
+    // takes (calibrated on 32 commits).
     let interrupts = Arc::clone(kernel.interrupts());
     let (a, b) = (
         X86Msi::fixed(0, 0x7a).encode().expect("fits"),
         X86Msi::fixed(0, 0x7b).encode().expect("fits"),
     );
     let churn = interrupts.new_route(Route::msi(a)).map_err(bench_err)?;
+    let t0 = Instant::now();
+    for i in 0..32 {
+        churn
+            .set(Route::msi(if i % 2 == 0 { b } else { a }))
+            .map_err(bench_err)?;
+    }
+    let per_commit = t0.elapsed() / 32;
     let flip = AtomicBool::new(false);
     let commits = Load::start(move || {
         let msg = if flip.fetch_xor(true, Ordering::Relaxed) {
@@ -564,11 +590,12 @@ fn loaded_figures(
             eprintln!("vmirq bench: route commit failed: {e}");
         }
     });
-    let (idle, loaded) = loaded_latency(kernel, "msi-irqfd-user", &commits, samples)?;
-    drop(commits);
+    let busy = Load::start(move || spin(per_commit));
+    let (control, loaded) = loaded_latency(kernel, "msi-irqfd-user", &busy, &commits, samples)?;
+    drop((commits, busy));
     results.push(result(
-        "latency.msi-irqfd-user.interleaved",
-        idle,
+        "latency.msi-irqfd-user.under-spin",
+        control,
         "ns",
         None,
     ));
@@ -576,27 +603,34 @@ fn loaded_figures(
         "latency.msi-irqfd-user.under-commits",
         loaded,
         "ns",
-        Some(("latency.msi-irqfd-user.interleaved", idle)),
+        Some(("latency.msi-irqfd-user.under-spin", control)),
     ));
-    // The guest (vCPU 0) rewrites pin 7's entry (masked; its vector alternates, so every write
-    // changes the pin's kernel route and commits) while the path under test uses pin 18 on
-    // vCPU 1.
-    let rte = |vector: u32| {
+    // The guest (vCPU 0) rewrites pin 7's entry while the path under test uses pin 18 on
+    // vCPU 1. Under load the entry's vector alternates, so every write changes the pin's
+    // kernel route and commits; the control makes the same writes with the mask bit
+    // alternating instead (same exits, same IOAPIC work, no route change, no commit).
+    let rte = |low: u32| {
         let base = vmirq::ioapic::IOAPIC_BASE as u32;
-        [(base, 0x10 + 2 * 7), (base + 0x10, vector | 1 << 16)]
+        [(base, 0x10 + 2 * 7), (base + 0x10, low)]
     };
-    let script: Vec<(u32, u32)> = (0..8).flat_map(|i| rte(0x77 + i % 2)).collect();
-    let guest = Arc::clone(split);
-    let rewrites = Load::start(move || {
-        if let Err(e) = guest.guest_mmio(&script) {
-            eprintln!("vmirq bench: guest RTE writes failed: {e}");
-        }
-    });
-    let (idle, loaded) = loaded_latency(&**split, "level-ioapic-split", &rewrites, samples)?;
-    drop(rewrites);
+    let masked = 1 << 16;
+    let rewrite: Vec<(u32, u32)> = (0..8).flat_map(|i| rte((0x77 + i % 2) | masked)).collect();
+    let remask: Vec<(u32, u32)> = (0..8).flat_map(|i| rte(0x77 | (i % 2) << 16)).collect();
+    let guest_load = |script: Vec<(u32, u32)>| {
+        let guest = Arc::clone(split);
+        Load::start(move || {
+            if let Err(e) = guest.guest_mmio(&script) {
+                eprintln!("vmirq bench: guest RTE writes failed: {e}");
+            }
+        })
+    };
+    let (rewrites, remasks) = (guest_load(rewrite), guest_load(remask));
+    let (control, loaded) =
+        loaded_latency(&**split, "level-ioapic-split", &remasks, &rewrites, samples)?;
+    drop((rewrites, remasks));
     results.push(result(
-        "latency.level-ioapic-split.interleaved",
-        idle,
+        "latency.level-ioapic-split.under-rte-masking",
+        control,
         "ns",
         None,
     ));
@@ -604,7 +638,7 @@ fn loaded_figures(
         "latency.level-ioapic-split.under-rte-writes",
         loaded,
         "ns",
-        Some(("latency.level-ioapic-split.interleaved", idle)),
+        Some(("latency.level-ioapic-split.under-rte-masking", control)),
     ));
     Ok(results)
 }
@@ -642,8 +676,10 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         })
         .collect();
     results.extend(latency_phase(&level, samples)?);
+    // Under load, on the two VMs with halt polling off: how fast an idle vCPU wakes must not
+    // depend on what the host's adaptive polling learnt from the previous phase.
+    results.extend(loaded_figures(&*level_kernel, &split, samples)?);
     drop(level_kernel);
-    results.extend(loaded_figures(&*kernel, &split, samples)?);
     results.push(result(
         "line.assert-deassert",
         line_assert_deassert_ns(&*split),
