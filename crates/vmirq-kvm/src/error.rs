@@ -6,6 +6,7 @@ use thiserror::Error;
 
 /// Why a [`crate::KvmVm`] could not be created or started.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum KvmError {
     /// `start` was called while the vCPU threads run; `stop` them first.
     #[error("the vCPUs are already running")]

@@ -25,6 +25,7 @@ pub const MAX_DEST_ID: u32 = 0x7fff;
 
 /// Errors decoding an MSI message.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MsiError {
     /// The destination ID exceeds [`MAX_DEST_ID`] and cannot be encoded.
     #[error("destination ID {0:#x} does not fit in 15 bits")]

@@ -110,9 +110,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Model checks of the resampler protocol against every interleaving of trigger, guest EOI,
 /// assign and deassign (`RUSTFLAGS="--cfg loom" cargo test -p vmirq --lib loom`; CI runs it).
-/// The dispatcher's per-irqfd `live` lock and the IOAPIC's resampled input are modelled as the
-/// core uses them: a trigger asserts only while its irqfd is live; the EOI drops the input under
-/// the IOAPIC lock, then the resampler notifies.
+/// The dispatcher entry's `busy` lock (held while its event is acted on; removal marks the entry
+/// dead, then takes it) and the IOAPIC's resampled input are modelled as the core uses them: a
+/// trigger asserts only while its irqfd is live; the EOI drops the input under the IOAPIC lock,
+/// then the resampler notifies.
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;

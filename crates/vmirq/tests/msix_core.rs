@@ -205,3 +205,52 @@ fn bar_accesses_anywhere_never_panic() {
         }
     }
 }
+
+#[test]
+fn the_table_and_pba_sit_where_the_device_declares_them() {
+    use vmirq::msix::{MsixError, MsixLayout};
+    let (sim, irq) = vm();
+    // Overlapping structures are refused.
+    let overlap = MsixLayout { table: 0, pba: 8 };
+    assert!(matches!(
+        MsixVectors::with_layout(irq.clone(), MsixTable::new(4), overlap),
+        Err(MsixError::Layout { table: 0, pba: 8 })
+    ));
+    // PBA first, table after it.
+    let layout = MsixLayout {
+        table: 0x800,
+        pba: 0,
+    };
+    let vectors = MsixVectors::with_layout(irq, MsixTable::new(4), layout).unwrap();
+    assert_eq!(vectors.layout(), layout);
+    assert_eq!(vectors.pba_offset(), 0);
+    vectors.write_message_control(ENABLE);
+    let msg = X86Msi::fixed(0, 0x41).encode().unwrap();
+    let entry = 0x800 + 16;
+    vectors.bar_write(entry, &msg.address_lo().to_le_bytes());
+    vectors.bar_write(entry + 8, &msg.data.to_le_bytes());
+    // A write where the default layout's table would be lands nowhere.
+    vectors.bar_write(16 + 12, &0u32.to_le_bytes());
+    assert_eq!(
+        vectors.routed_vectors(),
+        0,
+        "a write outside the table routed a vector"
+    );
+    let mut data = [0u8; 4];
+    vectors.bar_read(entry + 8, &mut data);
+    assert_eq!(
+        u32::from_le_bytes(data),
+        msg.data,
+        "the table reads back at its offset"
+    );
+    // Vector 1 fires while masked: its pending bit shows in the PBA at offset 0.
+    vectors.fire(1).unwrap();
+    let mut pba = [0u8; 8];
+    vectors.bar_read(0, &mut pba);
+    assert_eq!(u64::from_le_bytes(pba), 1 << 1);
+    // Unmasked at its declared offset: routed, and the pending interrupt delivered once.
+    vectors.bar_write(entry + 12, &0u32.to_le_bytes());
+    assert_eq!(vectors.routed_vectors(), 1);
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x41), 1);
+}

@@ -224,3 +224,34 @@ fn dropping_every_handle_frees_the_backend() {
         );
     }
 }
+
+/// A userspace injection that fails reaches the irqfd's owner, not only a counter.
+#[test]
+fn a_failed_user_injection_reaches_the_irqfds_owner() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    // A Xen route, and no event channels attached: every injection fails.
+    let route = irq
+        .new_route(Route::XenEvtchn {
+            port: 3,
+            vcpu: 0,
+            priority: 7,
+        })
+        .unwrap();
+    let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let irqfd = route.assign_irqfd(&fd).unwrap();
+    assert_eq!(irqfd.path(), vmirq::IrqfdPath::User);
+    assert!(irqfd.take_error().is_none());
+    fd.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while irqfd.failures() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure never reached the owner"
+        );
+        std::thread::yield_now();
+    }
+    assert!(matches!(irqfd.take_error(), Some(Error::Unsupported(_))));
+    assert!(irqfd.take_error().is_none(), "taken once");
+    assert_eq!(irq.stats().user_inject_errors.load(Ordering::Relaxed), 1);
+}

@@ -109,6 +109,7 @@ pub fn virq_is_global(virq: u32) -> bool {
 
 /// An error with a Xen errno. Variants sorted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum XenError {
     /// The port exists but is closed, or is being closed right now.
     #[error("port is closed")]
