@@ -13,16 +13,22 @@
 //!
 //! # Locks
 //!
-//! `writer` serializes route *configuration*: allocation, batches, and the backend commit a
-//! batch ends with (`KVM_SET_GSI_ROUTING`; commits must reach the hypervisor in the order they
-//! were built, and a refused one must roll back only its own batch). No delivery path takes it:
-//! triggers, EOIs and level changes read the published table lock-free. `released` is a leaf
-//! lock (a lease's drop takes only it). Lock order: `writer`, then `released`; the IOAPIC's
-//! lock may be taken briefly inside `writer` to read the pins' current messages, never the
-//! other way round.
+//! `writer` guards the allocator and the table being built; it is never held across a
+//! backend call. A batch is built under it and given a generation; the thread that finds no
+//! commit in flight becomes the committer: it releases the lock, hands the newest built table
+//! to the backend (`KVM_SET_GSI_ROUTING`), re-takes the lock, publishes, and repeats while
+//! newer tables were built meanwhile. Other committers wait on a condition variable (holding
+//! no lock) for their generation's outcome, so tables reach the hypervisor in the order they
+//! were built, concurrent batches combine into one call, and nothing that only needs the lock
+//! (allocation, an irqfd's bookkeeping) waits behind a hypervisor call. A refused table fails
+//! every generation built on it and the table reverts to the one in force. No delivery path
+//! takes `writer`: triggers, EOIs and level changes read the published table lock-free.
+//! `released` is a leaf lock (a lease's drop takes only it). Lock order: `writer`, then
+//! `released`; the IOAPIC's lock may be taken briefly inside `writer` to read the pins'
+//! current messages, never the other way round.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Guard};
 use thiserror::Error;
@@ -67,6 +73,23 @@ struct Writer {
     /// GSIs served by kernel irqfds, with how many: their routes must stay deliverable by the
     /// hypervisor.
     kernel_irqfds: HashMap<u32, u32>,
+    /// Generation of `table` (one per built batch).
+    built: u64,
+    /// The newest built table not yet handed to the backend.
+    pending: Option<Pending>,
+    /// Whether a thread is committing (in the backend, or about to be).
+    committing: bool,
+    /// Waiting committers' generations and, once known, their outcomes.
+    waiting: HashMap<u64, Option<Result<(), RouterError>>>,
+}
+
+/// A built table waiting for the backend.
+struct Pending {
+    generation: u64,
+    kernel: Vec<KernelRoute>,
+    table: RoutingTable,
+    /// GSIs whose routes this table removes: free once it is in force.
+    reclaimed: Vec<u32>,
 }
 
 /// Owns the routing table of one VM.
@@ -75,6 +98,8 @@ pub(crate) struct Router {
     mode: IrqchipMode,
     published: ArcSwap<RoutingTable>,
     writer: Mutex<Writer>,
+    /// Signalled when a commit's outcome is known.
+    committed: Condvar,
     /// GSIs whose last lease went; reclaimed (routes removed, then free) at the next commit.
     released: Arc<Mutex<Vec<u32>>>,
     allocatable: u32,
@@ -116,16 +141,23 @@ impl Router {
             free: (first..limit).collect(),
             pin_msis,
             kernel_irqfds: HashMap::new(),
+            built: 0,
+            pending: None,
+            committing: false,
+            waiting: HashMap::new(),
         };
         let router = Self {
             backend,
             mode,
             published: ArcSwap::from_pointee(table),
             writer: Mutex::new(writer),
+            committed: Condvar::new(),
             released: Arc::default(),
             allocatable: limit - first,
         };
-        router.batch().commit_always()?;
+        let mut batch = router.batch();
+        batch.dirty = true;
+        batch.commit()?;
         Ok(router)
     }
 
@@ -155,8 +187,8 @@ impl Router {
             drop(writer);
             let mut batch = self.batch();
             batch.dirty = true;
-            batch.publish()?;
-            writer = batch.writer;
+            batch.commit()?;
+            writer = lock(&self.writer);
         }
         let gsi = writer
             .free
@@ -166,6 +198,84 @@ impl Router {
             gsi: Gsi(gsi),
             released: Arc::clone(&self.released),
         })
+    }
+
+    /// Commits `table` (built under `w`): see the module docs. Returns when this batch's
+    /// table, or a newer one containing it, is in force, or was refused.
+    fn commit<'a>(
+        &'a self,
+        mut w: MutexGuard<'a, Writer>,
+        mut table: RoutingTable,
+    ) -> Result<(), RouterError> {
+        let mut reclaimed = std::mem::take(&mut *lock(&self.released));
+        for gsi in &reclaimed {
+            table.remove(Gsi(*gsi));
+        }
+        let kernel = match validate(&w, &table, &*self.backend) {
+            Ok(kernel) => kernel,
+            Err(e) => {
+                lock(&self.released).extend(reclaimed);
+                return Err(e);
+            }
+        };
+        w.built += 1;
+        let generation = w.built;
+        w.table = table.clone();
+        if let Some(superseded) = w.pending.take() {
+            reclaimed.extend(superseded.reclaimed);
+        }
+        w.pending = Some(Pending {
+            generation,
+            kernel,
+            table,
+            reclaimed,
+        });
+        if w.committing {
+            // The committer hands the newest table to the backend when its call returns.
+            w.waiting.insert(generation, None);
+            loop {
+                w = self.committed.wait(w).unwrap_or_else(|e| e.into_inner());
+                if let Some(Some(_)) = w.waiting.get(&generation) {
+                    let outcome = w.waiting.remove(&generation).flatten();
+                    return outcome.unwrap_or(Ok(()));
+                }
+            }
+        }
+        w.committing = true;
+        let mut own = None;
+        while let Some(p) = w.pending.take() {
+            drop(w);
+            let result = self.backend.commit_routes(&p.kernel);
+            w = lock(&self.writer);
+            let (resolved, outcome) = match result {
+                Ok(()) => {
+                    w.free.extend(p.reclaimed);
+                    self.published.store(Arc::new(p.table));
+                    (p.generation, Ok(()))
+                }
+                Err(e) => {
+                    // Every table built so far contains the refused one's changes.
+                    let mut back = p.reclaimed;
+                    if let Some(newer) = w.pending.take() {
+                        back.extend(newer.reclaimed);
+                    }
+                    lock(&self.released).extend(back);
+                    w.table = RoutingTable::clone(&self.published.load());
+                    (w.built, Err(RouterError::from(e)))
+                }
+            };
+            for (g, slot) in w.waiting.iter_mut() {
+                if *g <= resolved && slot.is_none() {
+                    *slot = Some(outcome.as_ref().map(|_| ()).map_err(RouterError::duplicate));
+                }
+            }
+            if own.is_none() && generation <= resolved {
+                own = Some(outcome);
+            }
+            self.committed.notify_all();
+        }
+        w.committing = false;
+        own.unwrap_or(Ok(()))
     }
 
     /// GSIs the allocator can still hand out (excluding released-but-unreclaimed ones).
@@ -262,10 +372,11 @@ impl RouteBatch<'_> {
     }
 
     /// Validates, commits to the backend (once) and publishes. A batch with no change commits
-    /// nothing. On error nothing is published and the previous table stays in force.
-    pub fn commit(mut self) -> Result<(), RouterError> {
+    /// nothing. On error nothing is published and the previous table stays in force. The
+    /// writer lock is released for the backend call (see the module docs).
+    pub fn commit(self) -> Result<(), RouterError> {
         if self.dirty || !lock(&self.router.released).is_empty() {
-            self.publish()
+            self.router.commit(self.writer, self.table)
         } else {
             Ok(())
         }
@@ -290,66 +401,6 @@ impl RouteBatch<'_> {
         self.dirty |= self.table.remove(gsi);
     }
 
-    fn commit_always(mut self) -> Result<(), RouterError> {
-        self.publish()
-    }
-
-    fn publish(&mut self) -> Result<(), RouterError> {
-        let released = std::mem::take(&mut *lock(&self.router.released));
-        for gsi in &released {
-            self.table.remove(Gsi(*gsi));
-        }
-        let result = self.validate().and_then(|kernel| {
-            self.router
-                .backend
-                .commit_routes(&kernel)
-                .map_err(RouterError::from)
-        });
-        if let Err(e) = result {
-            // Keep the releases for the next successful commit.
-            lock(&self.router.released).extend(released);
-            return Err(e);
-        }
-        self.writer.free.extend(released);
-        self.writer.table = self.table.clone();
-        self.router.published.store(Arc::new(self.table.clone()));
-        self.dirty = false;
-        Ok(())
-    }
-
-    /// Checks the batch against the irqfds in force and builds the hypervisor's view.
-    fn validate(&self) -> Result<Vec<KernelRoute>, RouterError> {
-        let backend = &self.router.backend;
-        for gsi in self.writer.kernel_irqfds.keys() {
-            if let Some(route) = self
-                .table
-                .get(Gsi(*gsi))
-                .iter()
-                .find(|r| !backend.delivers(r))
-            {
-                return Err(RouterError::KernelIrqfdCannotDeliver {
-                    gsi: Gsi(*gsi),
-                    route: *route,
-                });
-            }
-        }
-        let mut kernel: Vec<KernelRoute> = self
-            .table
-            .iter()
-            .filter(|(_, r)| backend.delivers(r))
-            .map(|(gsi, route)| KernelRoute { gsi, route: *route })
-            .collect();
-        for (pin, msi) in self.writer.pin_msis.iter().enumerate() {
-            if let Some(msg) = msi {
-                kernel.push(KernelRoute {
-                    gsi: Gsi(pin as u32),
-                    route: Route::msi(*msg),
-                });
-            }
-        }
-        Ok(kernel)
-    }
-
     /// Split irqchip: GSIs below the pin count carry the pins' kernel MSI routes, so the table
     /// may give them only (userspace) IOAPIC routes.
     fn check_reserved(&self, gsi: Gsi, route: &Route) -> Result<(), RouterError> {
@@ -360,6 +411,66 @@ impl RouteBatch<'_> {
                 Err(RouteError::GsiReserved { gsi }.into())
             }
             _ => Ok(()),
+        }
+    }
+}
+
+/// Checks `table` against the irqfds in force and builds the hypervisor's view.
+fn validate(
+    w: &Writer,
+    table: &RoutingTable,
+    backend: &dyn Backend,
+) -> Result<Vec<KernelRoute>, RouterError> {
+    for gsi in w.kernel_irqfds.keys() {
+        if let Some(route) = table.get(Gsi(*gsi)).iter().find(|r| !backend.delivers(r)) {
+            return Err(RouterError::KernelIrqfdCannotDeliver {
+                gsi: Gsi(*gsi),
+                route: *route,
+            });
+        }
+    }
+    let mut kernel: Vec<KernelRoute> = table
+        .iter()
+        .filter(|(_, r)| backend.delivers(r))
+        .map(|(gsi, route)| KernelRoute { gsi, route: *route })
+        .collect();
+    for (pin, msi) in w.pin_msis.iter().enumerate() {
+        if let Some(msg) = msi {
+            kernel.push(KernelRoute {
+                gsi: Gsi(pin as u32),
+                route: Route::msi(*msg),
+            });
+        }
+    }
+    Ok(kernel)
+}
+
+impl RouterError {
+    /// The same error for another waiter of a combined commit.
+    fn duplicate(&self) -> Self {
+        match self {
+            RouterError::Backend(e) => RouterError::Backend(match e {
+                BackendError::BadEventFd => BackendError::BadEventFd,
+                BackendError::Hypervisor { op, source } => BackendError::Hypervisor {
+                    op,
+                    source: match source.raw_os_error() {
+                        Some(errno) => std::io::Error::from_raw_os_error(errno),
+                        None => std::io::Error::new(source.kind(), source.to_string()),
+                    },
+                },
+                BackendError::IrqfdBusy => BackendError::IrqfdBusy,
+                BackendError::IrqfdNotFound(g) => BackendError::IrqfdNotFound(*g),
+                BackendError::Unsupported(what) => BackendError::Unsupported(what),
+            }),
+            RouterError::GsiExhausted(n) => RouterError::GsiExhausted(*n),
+            RouterError::KernelIrqfdCannotDeliver { gsi, route } => {
+                RouterError::KernelIrqfdCannotDeliver {
+                    gsi: *gsi,
+                    route: *route,
+                }
+            }
+            RouterError::ForeignRoute(g) => RouterError::ForeignRoute(*g),
+            RouterError::Route(e) => RouterError::Route(e.clone()),
         }
     }
 }

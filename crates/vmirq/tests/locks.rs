@@ -160,3 +160,92 @@ fn a_redirection_entry_write_stalls_no_eoi_or_assert_on_other_pins() {
         "pin B was never delivered after its commit"
     );
 }
+
+#[test]
+fn allocation_and_irqfd_bookkeeping_never_wait_behind_a_commit() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let kernel_route = irq.new_route(msi(0x43)).unwrap();
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kernel_irqfd = kernel_route.assign_irqfd(&fd).unwrap();
+    let other = Arc::clone(&irq);
+    let mut unrouted = None;
+    while_a_commit_is_parked(
+        &sim,
+        move || drop(other.new_route(msi(0x44)).unwrap()),
+        || {
+            let free = irq.free_gsis();
+            unrouted = Some(irq.allocate_route().unwrap());
+            assert_eq!(irq.free_gsis(), free - 1);
+            // A kernel irqfd's unbinding updates the router's bookkeeping, then KVM_IRQFD.
+            kernel_irqfd.deassign().unwrap();
+            assert!(!kernel_route.routes().is_empty());
+        },
+    );
+    // (Dropping a route commits its removal: that one waits for the commit in flight.)
+    drop(unrouted);
+}
+
+#[test]
+fn concurrent_batches_combine_and_a_refused_table_fails_every_batch_built_on_it() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let (a, b) = (irq.allocate_route().unwrap(), irq.allocate_route().unwrap());
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    // A's commit parks in the backend; B is built meanwhile and waits for A's committer.
+    sim.hold_commits(true);
+    let ta = {
+        let a = Arc::clone(&a);
+        std::thread::spawn(move || a.set(msi(0x45)))
+    };
+    wait_until("A's commit to park", || sim.commits_held() == 1);
+    let tb = {
+        let b = Arc::clone(&b);
+        std::thread::spawn(move || b.set(msi(0x46)))
+    };
+    // B's table is built (it holds A's change too) before A's call returns.
+    wait_until("B's batch to be built", || {
+        irq.routes().table().get(b.gsi()) == [msi(0x46)]
+    });
+    sim.refuse_next_commits(1);
+    let before = sim.commits();
+    sim.hold_commits(false);
+    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    assert!(ra.is_err(), "A's table was refused");
+    assert!(rb.is_err(), "B was built on A's refused table");
+    assert_eq!(
+        sim.commits(),
+        before,
+        "nothing reached the backend after the refusal"
+    );
+    assert!(irq.routing_table().get(a.gsi()).is_empty());
+    assert!(irq.routing_table().get(b.gsi()).is_empty());
+    assert!(
+        irq.routes().table().get(b.gsi()).is_empty(),
+        "the built table reverted"
+    );
+    // Both succeed when tried again, and in-force tables combine concurrent batches.
+    sim.hold_commits(true);
+    let ta = {
+        let a = Arc::clone(&a);
+        std::thread::spawn(move || a.set(msi(0x45)))
+    };
+    wait_until("A's commit to park", || sim.commits_held() == 1);
+    let tb = {
+        let b = Arc::clone(&b);
+        std::thread::spawn(move || b.set(msi(0x46)))
+    };
+    wait_until("B's batch to be built", || {
+        irq.routes().table().get(b.gsi()) == [msi(0x46)]
+    });
+    sim.hold_commits(false);
+    ta.join().unwrap().unwrap();
+    tb.join().unwrap().unwrap();
+    assert_eq!(
+        sim.commits() - before,
+        2,
+        "B waited for A's call and went in one more"
+    );
+    assert_eq!(irq.routing_table().get(a.gsi()), [msi(0x45)]);
+    assert_eq!(irq.routing_table().get(b.gsi()), [msi(0x46)]);
+}
