@@ -250,8 +250,10 @@ impl Drop for KvmVm {
     }
 }
 
-/// Puts `vcpu` in real mode at 0:`ip` with SS:SP = 0:`sp`, unreal data segments, runnable.
-fn set_real_mode(vcpu: &VcpuFd, ip: u16, sp: u16) -> Result<(), KvmError> {
+/// Puts `vcpu` in real mode at 0:`ip` with SS:SP = 0:`sp`, unreal data segments (base 0,
+/// 4 GiB limit, so 32-bit addresses reach the LAPIC and IOAPIC), runnable (APs skip
+/// INIT/SIPI): the CPU state vmirq's real-mode test guests start in, for any VMM that runs one.
+pub fn set_real_mode(vcpu: &VcpuFd, ip: u16, sp: u16) -> Result<(), KvmError> {
     let mut sregs = vcpu
         .get_sregs()
         .map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;

@@ -47,10 +47,11 @@ impl InterruptSourceConfig {
 
 #[derive(Default)]
 struct State {
+    /// Present exactly while the source is configured, unmasked and the group enabled.
+    irqfd: Option<EdgeIrqfd>,
     route: Option<GsiRoute>,
     config: Option<InterruptSourceConfig>,
     masked: bool,
-    irqfd: Option<EdgeIrqfd>,
 }
 
 struct Source {
@@ -195,6 +196,12 @@ impl InterruptGroup {
         Ok(())
     }
 
+    /// Which path source `index` is delivered on now (`None` while unbound).
+    pub fn path(&self, index: usize) -> Option<crate::IrqfdPath> {
+        let source = self.sources.get(index)?;
+        lock(&source.state).irqfd.as_ref().map(EdgeIrqfd::path)
+    }
+
     fn bind(source: &Source, st: &mut State) -> Result<(), Error> {
         if st.masked || st.irqfd.is_some() {
             return Ok(());
@@ -203,5 +210,23 @@ impl InterruptGroup {
             st.irqfd = Some(route.assign_known(&source.notifier, source.id)?);
         }
         Ok(())
+    }
+}
+
+impl Drop for InterruptGroup {
+    /// Unbinds every source, then releases all their routes in one commit.
+    fn drop(&mut self) {
+        let routes: Vec<GsiRoute> = self
+            .sources
+            .iter_mut()
+            .filter_map(|s| {
+                let st = s.state.get_mut().unwrap_or_else(|e| e.into_inner());
+                st.irqfd = None;
+                st.route.take()
+            })
+            .collect();
+        if let Err(e) = self.interrupts.release_routes(routes) {
+            tracing::warn!("interrupt group: releasing routes failed: {e}");
+        }
     }
 }

@@ -95,11 +95,7 @@ impl GsiRoute {
         fd: &EventFd,
         path: Option<IrqfdPath>,
     ) -> Result<EdgeIrqfd, Error> {
-        let core = self
-            .interrupts
-            .bind_edge(fd, None, self.gsi(), self.lease.as_ref(), path)?;
-        self.track(&core);
-        Ok(EdgeIrqfd::from_core(core))
+        self.bind_edge(fd, None, path)
     }
 
     /// Binds a level irqfd with a resamplefd; the route must be an IOAPIC pin. See
@@ -132,9 +128,18 @@ impl GsiRoute {
         fd: &EventFd,
         id: crate::irqfd::EventfdId,
     ) -> Result<EdgeIrqfd, Error> {
-        let core =
-            self.interrupts
-                .bind_edge(fd, Some(id), self.gsi(), self.lease.as_ref(), None)?;
+        self.bind_edge(fd, Some(id), None)
+    }
+
+    fn bind_edge(
+        &self,
+        fd: &EventFd,
+        id: Option<crate::irqfd::EventfdId>,
+        path: Option<IrqfdPath>,
+    ) -> Result<EdgeIrqfd, Error> {
+        let core = self
+            .interrupts
+            .bind_edge(fd, id, self.gsi, self.lease.as_ref(), path)?;
         self.track(&core);
         Ok(EdgeIrqfd::from_core(core))
     }

@@ -356,64 +356,31 @@ impl Interrupts {
         lease: Option<&Arc<GsiLease>>,
         path: Option<IrqfdPath>,
     ) -> Result<Arc<IrqfdCore>, Error> {
-        let id = self.claim(fd, id)?;
-        let bound = self.bind_edge_claimed(fd, gsi, path);
-        let (own, path, served, report) = match bound {
-            Ok(b) => b,
-            Err(e) => {
-                self.unclaim(id);
-                return Err(e);
-            }
-        };
-        let binding = Binding {
-            owner: Arc::clone(self),
-            fd: own,
-            id,
-            served,
-            lease: lease.cloned(),
-        };
-        Ok(Arc::new(IrqfdCore::new(gsi, path, report, binding)))
-    }
-
-    fn bind_edge_claimed(
-        self: &Arc<Self>,
-        fd: &EventFd,
-        gsi: Gsi,
-        path: Option<IrqfdPath>,
-    ) -> Result<(EventFd, IrqfdPath, Served, Arc<Report>), Error> {
-        let own = duplicate(fd)?;
-        let report = Arc::new(Report::default());
         let backend = Arc::clone(self.backend());
-        // Decide from the published table, call the hypervisor with no lock held, then check
-        // that the routes did not change meanwhile (else undo and decide again).
-        for _ in 0..8 {
-            let routes = self.router().load().get(gsi).to_vec();
-            if routes.is_empty() {
-                return Err(Error::NoRoute(gsi));
-            }
-            let kernel_can = routes.iter().all(|r| backend.delivers(r));
-            if path == Some(IrqfdPath::Kernel) && !kernel_can {
-                return Err(Error::Unsupported(
-                    "deliver these routes from a kernel irqfd",
-                ));
-            }
-            if kernel_can && path != Some(IrqfdPath::User) {
-                backend.assign_irqfd(&own, gsi, None).map_err(busy)?;
-                if self.router().register_kernel_irqfd(gsi, &routes) {
-                    return Ok((own, IrqfdPath::Kernel, Served::Kernel, report));
-                }
-                backend.deassign_irqfd(&own, gsi)?;
-                continue;
-            }
-            let token = self
-                .dispatcher
-                .add(duplicate(&own)?, Action::Edge(gsi, Arc::clone(&report)))
-                .map_err(Error::Dispatcher)?;
-            return Ok((own, IrqfdPath::User, Served::User(token), report));
-        }
-        Err(Error::Unsupported(
-            "bind an irqfd while its routes keep changing",
-        ))
+        self.bind(fd, id, gsi, lease, |own, report| {
+            self.serve(
+                own,
+                gsi,
+                |routes| {
+                    let kernel_can = routes.iter().all(|r| backend.delivers(r));
+                    if path == Some(IrqfdPath::Kernel) && !kernel_can {
+                        return Err(Error::Unsupported(
+                            "deliver these routes from a kernel irqfd",
+                        ));
+                    }
+                    Ok(kernel_can && path != Some(IrqfdPath::User))
+                },
+                None,
+                || {
+                    let action = Action::Edge(gsi, Arc::clone(report));
+                    let token = self
+                        .dispatcher
+                        .add(duplicate(own)?, action)
+                        .map_err(Error::Dispatcher)?;
+                    Ok(Served::User(token))
+                },
+            )
+        })
     }
 
     /// Binds a level irqfd with a resamplefd on `gsi`, which must route to an IOAPIC pin.
@@ -425,9 +392,44 @@ impl Interrupts {
         lease: Option<&Arc<GsiLease>>,
     ) -> Result<Arc<IrqfdCore>, Error> {
         let resample = duplicate(resample)?;
-        let id = self.claim(trigger, None)?;
-        let bound = self.bind_level_claimed(trigger, resample, gsi);
-        let (own, path, served) = match bound {
+        let backend = Arc::clone(self.backend());
+        self.bind(trigger, None, gsi, lease, |own, _| {
+            self.serve(
+                own,
+                gsi,
+                |routes| {
+                    if !routes.iter().any(|r| r.ioapic_pin().is_some()) {
+                        return Err(Error::Unsupported(
+                            "resample a GSI that is not routed to an IOAPIC pin",
+                        ));
+                    }
+                    let kernel =
+                        backend.supports_resample() && routes.iter().all(|r| backend.delivers(r));
+                    if !kernel && self.delivery.ioapic.is_none() {
+                        return Err(Error::Unsupported("resample without an IOAPIC to ack it"));
+                    }
+                    Ok(kernel)
+                },
+                Some(&resample),
+                || self.join_resampler(own, duplicate(&resample)?, gsi),
+            )
+        })
+    }
+
+    /// Claims `fd`'s identity, lets `serve` bind vmirq's duplicate of it, and wraps the result;
+    /// gives the identity back if binding fails.
+    fn bind(
+        self: &Arc<Self>,
+        fd: &EventFd,
+        id: Option<EventfdId>,
+        gsi: Gsi,
+        lease: Option<&Arc<GsiLease>>,
+        serve: impl FnOnce(&EventFd, &Arc<Report>) -> Result<(IrqfdPath, Served), Error>,
+    ) -> Result<Arc<IrqfdCore>, Error> {
+        let id = self.claim(fd, id)?;
+        let report = Arc::new(Report::default());
+        let bound = duplicate(fd).and_then(|own| serve(&own, &report).map(|b| (own, b)));
+        let (own, (path, served)) = match bound {
             Ok(b) => b,
             Err(e) => {
                 self.unclaim(id);
@@ -441,43 +443,34 @@ impl Interrupts {
             served,
             lease: lease.cloned(),
         };
-        let report = Arc::new(Report::default());
         Ok(Arc::new(IrqfdCore::new(gsi, path, report, binding)))
     }
 
-    fn bind_level_claimed(
+    /// Picks the path from the published routes (`kernel` says whether the hypervisor serves
+    /// them), calls `KVM_IRQFD` with no lock held, then checks that the routes did not change
+    /// meanwhile (else undoes it and decides again). `user` binds the userspace path.
+    fn serve(
         &self,
-        trigger: &EventFd,
-        resample: EventFd,
+        own: &EventFd,
         gsi: Gsi,
-    ) -> Result<(EventFd, IrqfdPath, Served), Error> {
-        let own = duplicate(trigger)?;
-        let backend = Arc::clone(self.backend());
+        kernel: impl Fn(&[Route]) -> Result<bool, Error>,
+        resample: Option<&EventFd>,
+        user: impl FnOnce() -> Result<Served, Error>,
+    ) -> Result<(IrqfdPath, Served), Error> {
+        let backend = self.backend();
         for _ in 0..8 {
             let routes = self.router().load().get(gsi).to_vec();
             if routes.is_empty() {
                 return Err(Error::NoRoute(gsi));
             }
-            if !routes.iter().any(|r| r.ioapic_pin().is_some()) {
-                return Err(Error::Unsupported(
-                    "resample a GSI that is not routed to an IOAPIC pin",
-                ));
+            if !kernel(&routes)? {
+                return Ok((IrqfdPath::User, user()?));
             }
-            if backend.supports_resample() && routes.iter().all(|r| backend.delivers(r)) {
-                backend
-                    .assign_irqfd(&own, gsi, Some(&resample))
-                    .map_err(busy)?;
-                if self.router().register_kernel_irqfd(gsi, &routes) {
-                    return Ok((own, IrqfdPath::Kernel, Served::Kernel));
-                }
-                backend.deassign_irqfd(&own, gsi)?;
-                continue;
+            backend.assign_irqfd(own, gsi, resample).map_err(busy)?;
+            if self.router().register_kernel_irqfd(gsi, &routes) {
+                return Ok((IrqfdPath::Kernel, Served::Kernel));
             }
-            if self.delivery.ioapic.is_none() {
-                return Err(Error::Unsupported("resample without an IOAPIC to ack it"));
-            }
-            let served = self.join_resampler(&own, resample, gsi)?;
-            return Ok((own, IrqfdPath::User, served));
+            backend.deassign_irqfd(own, gsi)?;
         }
         Err(Error::Unsupported(
             "bind an irqfd while its routes keep changing",

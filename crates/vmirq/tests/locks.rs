@@ -186,31 +186,41 @@ fn allocation_and_irqfd_bookkeeping_never_wait_behind_a_commit() {
     drop(unrouted);
 }
 
+type SetResult = Result<(), vmirq::Error>;
+
+/// Sets `a` and `b` from two threads so that A's commit is in the backend while B's batch is
+/// built (B's table then holds A's change too); `before_release` runs just before A's call
+/// returns.
+fn race_two_batches(
+    sim: &Arc<SimBackend>,
+    irq: &Interrupts,
+    (a, b): (&Arc<vmirq::GsiRoute>, &Arc<vmirq::GsiRoute>),
+    before_release: impl FnOnce(),
+) -> (SetResult, SetResult) {
+    let set = |r: &Arc<vmirq::GsiRoute>, vector| {
+        let r = Arc::clone(r);
+        std::thread::spawn(move || r.set(msi(vector)))
+    };
+    sim.hold_commits(true);
+    let ta = set(a, 0x45);
+    wait_until("A's commit to park", || sim.commits_held() == 1);
+    let tb = set(b, 0x46);
+    wait_until("B's batch to be built", || {
+        irq.routes().table().get(b.gsi()) == [msi(0x46)]
+    });
+    before_release();
+    sim.hold_commits(false);
+    (ta.join().unwrap(), tb.join().unwrap())
+}
+
 #[test]
 fn concurrent_batches_combine_and_a_refused_table_fails_every_batch_built_on_it() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
-    let (a, b) = (irq.allocate_route().unwrap(), irq.allocate_route().unwrap());
-    let (a, b) = (Arc::new(a), Arc::new(b));
-    // A's commit parks in the backend; B is built meanwhile and waits for A's committer.
-    sim.hold_commits(true);
-    let ta = {
-        let a = Arc::clone(&a);
-        std::thread::spawn(move || a.set(msi(0x45)))
-    };
-    wait_until("A's commit to park", || sim.commits_held() == 1);
-    let tb = {
-        let b = Arc::clone(&b);
-        std::thread::spawn(move || b.set(msi(0x46)))
-    };
-    // B's table is built (it holds A's change too) before A's call returns.
-    wait_until("B's batch to be built", || {
-        irq.routes().table().get(b.gsi()) == [msi(0x46)]
-    });
-    sim.refuse_next_commits(1);
+    let a = Arc::new(irq.allocate_route().unwrap());
+    let b = Arc::new(irq.allocate_route().unwrap());
     let before = sim.commits();
-    sim.hold_commits(false);
-    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    let (ra, rb) = race_two_batches(&sim, &irq, (&a, &b), || sim.refuse_next_commits(1));
     assert!(ra.is_err(), "A's table was refused");
     assert!(rb.is_err(), "B was built on A's refused table");
     assert_eq!(
@@ -224,28 +234,11 @@ fn concurrent_batches_combine_and_a_refused_table_fails_every_batch_built_on_it(
         irq.routes().table().get(b.gsi()).is_empty(),
         "the built table reverted"
     );
-    // Both succeed when tried again, and in-force tables combine concurrent batches.
-    sim.hold_commits(true);
-    let ta = {
-        let a = Arc::clone(&a);
-        std::thread::spawn(move || a.set(msi(0x45)))
-    };
-    wait_until("A's commit to park", || sim.commits_held() == 1);
-    let tb = {
-        let b = Arc::clone(&b);
-        std::thread::spawn(move || b.set(msi(0x46)))
-    };
-    wait_until("B's batch to be built", || {
-        irq.routes().table().get(b.gsi()) == [msi(0x46)]
-    });
-    sim.hold_commits(false);
-    ta.join().unwrap().unwrap();
-    tb.join().unwrap().unwrap();
-    assert_eq!(
-        sim.commits() - before,
-        2,
-        "B waited for A's call and went in one more"
-    );
+    // Tried again, both land: B waited for A's call and went in with one more.
+    let (ra, rb) = race_two_batches(&sim, &irq, (&a, &b), || {});
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(sim.commits() - before, 2);
     assert_eq!(irq.routing_table().get(a.gsi()), [msi(0x45)]);
     assert_eq!(irq.routing_table().get(b.gsi()), [msi(0x46)]);
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_enable_cap, kvm_mp_state, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmirq::msix::{MsixLayout, MsixTable, MsixVectors};
@@ -139,7 +139,8 @@ fn run() -> Result<(), Error> {
     program::load(&mem, &image, &boot_script())?;
     event_loop(Arc::clone(&interrupts));
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        set_real_mode(&vcpu, image.entry_ip, layout::stack_top(id))?;
+        // The test guest's starting CPU state: real mode, unreal data segments.
+        vmirq_kvm::set_real_mode(&vcpu, image.entry_ip, layout::stack_top(id))?;
         let devices = Arc::clone(&devices);
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -301,36 +302,5 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) -> Result<(), Error> {
         }
         std::thread::sleep(Duration::from_micros(100));
     }
-    Ok(())
-}
-
-/// Real mode at 0:`ip`, unreal data segments (32-bit addresses reach the LAPIC and IOAPIC),
-/// runnable (APs skip INIT/SIPI).
-fn set_real_mode(vcpu: &VcpuFd, ip: u16, sp: u16) -> Result<(), Error> {
-    let mut sregs = vcpu.get_sregs()?;
-    sregs.cs = kvm_segment {
-        base: 0,
-        limit: 0xffff,
-        selector: 0,
-        ..sregs.cs
-    };
-    let unreal = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0,
-        g: 1,
-        ..sregs.ds
-    };
-    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (unreal, unreal, unreal, unreal, unreal);
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0x3ff;
-    sregs.cr0 &= !1;
-    vcpu.set_sregs(&sregs)?;
-    let mut regs = vcpu.get_regs()?;
-    (regs.rip, regs.rsp, regs.rflags) = (u64::from(ip), u64::from(sp), 2);
-    vcpu.set_regs(&regs)?;
-    vcpu.set_mp_state(kvm_mp_state {
-        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-    })?;
     Ok(())
 }
