@@ -219,6 +219,7 @@ impl Delivery {
     ) {
         let committed = self
             .router
+            // Lock order: the router's writer (held by refresh_pin_msis), then the IOAPIC.
             .refresh_pin_msis(pins, |pin| lock(ioapic).chip.pin_msi(pin));
         if let Err(e) = committed {
             self.stats
@@ -313,6 +314,8 @@ impl Delivery {
     /// The guest acknowledged `pins`: every resampler of a GSI routed to one of them notifies
     /// its members (the IOAPIC model has already dropped the resampled input).
     fn resample(&self, pins: &[u32]) {
+        // Lock order: `resamplers`, then each resampler's members (in `acked`). The IOAPIC's
+        // lock was released before this call.
         let resamplers = lock(&self.resamplers);
         let table = self.router.load();
         for (gsi, r) in resamplers.iter() {

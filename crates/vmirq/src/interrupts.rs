@@ -487,6 +487,7 @@ impl Interrupts {
     ) -> Result<Served, Error> {
         let delivery = &self.delivery;
         let (r, id) = {
+            // Lock order: `resamplers`, then the resampler's members (in `join`).
             let mut resamplers = lock(&delivery.resamplers);
             let r = Arc::clone(
                 resamplers
@@ -568,6 +569,7 @@ fn ioapic_offset(addr: u64) -> Option<u64> {
 /// Leaves `r`; the last member retires the GSI's resampler (under the map lock, see
 /// [`Interrupts::join_resampler`]).
 fn leave_resampler(delivery: &Delivery, r: &Arc<Resampler<EventFd>>, id: u64) {
+    // Lock order: `resamplers`, then members, then the IOAPIC (the last member de-asserts).
     let mut resamplers = lock(&delivery.resamplers);
     if r.leave(id, delivery) {
         resamplers.remove(&r.gsi());

@@ -183,6 +183,7 @@ impl Router {
     /// yet reclaimed GSIs remain, commits once to reclaim them.
     pub(crate) fn allocate(&self) -> Result<GsiLease, RouterError> {
         let mut writer = lock(&self.writer);
+        // Lock order: `writer`, then `released` (a leaf).
         if writer.free.is_empty() && !lock(&self.released).is_empty() {
             drop(writer);
             let mut batch = self.batch();

@@ -166,6 +166,28 @@ pub struct MsixLayout {
 }
 
 /// A device's vectors on the interrupt path. See the module docs.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vmirq::msix::{MsixTable, MsixVectors};
+/// use vmirq::{Interrupts, IrqchipMode, SimBackend, X86Msi};
+///
+/// let sim = SimBackend::new(1, IrqchipMode::Kernel);
+/// let irq = Interrupts::new(sim.clone(), Default::default())?;
+/// let msix = MsixVectors::new(Arc::clone(&irq), MsixTable::new(4))?;
+/// msix.write_message_control(1 << 15);               // config space: enable
+/// let msg = X86Msi::fixed(0, 0x60).encode()?;        // the guest programs entry 2...
+/// msix.bar_write(2 * 16, &msg.address_lo().to_le_bytes());
+/// msix.bar_write(2 * 16 + 8, &msg.data.to_le_bytes());
+/// msix.fire(2)?;                                     // ...fires while it is still masked...
+/// sim.run_until_idle();
+/// assert_eq!(sim.count(0, 0x60), 0);
+/// let events = msix.bar_write(2 * 16 + 12, &0u32.to_le_bytes());   // ...and unmasks it
+/// assert!(events.is_empty());                        // GSI, route and irqfd: no host failure
+/// sim.run_until_idle();
+/// assert_eq!(sim.count(0, 0x60), 1);                 // the masked fire, delivered once
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Vectors<T: VectorTable> {
     interrupts: Arc<Interrupts>,
     /// Immutable after construction: the trigger side takes no lock.
@@ -265,6 +287,7 @@ impl<T: VectorTable> Vectors<T> {
         &self,
         op: impl FnOnce(&mut T, &mut VectorEffects) -> R,
     ) -> (R, Vec<MsixEvent>) {
+        // Lock order: the device's config lock, then the router's writer (in apply's batch).
         let mut inner = lock(&self.inner);
         let mut fx = VectorEffects::default();
         let r = op(&mut inner.table, &mut fx);
