@@ -43,8 +43,10 @@
 //! The sink is called when a vCPU's `evtchn_upcall_pending` goes 0→1, whatever
 //! `evtchn_upcall_mask` says: Xen's `vcpu_mark_events_pending` asserts the HVM event-check
 //! interrupt unconditionally; the mask byte only gates delivery for PV guests, and an HVM guest
-//! masks with its interrupt flag. The sink may be called with the table mutex held (unmask,
-//! bind_vcpu) and must not call back into [`EventChannels`].
+//! masks with its interrupt flag. The sink is never called with the table mutex held: upcalls a
+//! hypercall raises (unmask, bind_vcpu, a send) are raised once it is released, so no lock is
+//! held across the upcall's `KVM_SIGNAL_MSI`. The sink must not call back into
+//! [`EventChannels`].
 
 pub mod abi;
 pub mod layout;
@@ -177,6 +179,9 @@ impl EventChannels {
             // Linux then stays on 2-level.
             return -errno::ENOSYS;
         }
+        // Upcalls a hypercall raises (unmask, bind_vcpu, a send to self) wait until the table
+        // mutex is released: no lock is held across the upcall's KVM_SIGNAL_MSI.
+        let deferred = DeferredUpcalls::begin();
         let mut t = self.lock();
         let a = GuestAddress(args_gpa);
         let r = match cmd {
@@ -209,6 +214,10 @@ impl EventChannels {
             }),
             _ => Err(XenError::NoSys),
         };
+        drop(t);
+        for vcpu in deferred.finish() {
+            self.upcall.upcall(vcpu);
+        }
         match r {
             Ok(()) => 0,
             Err(e) => -e.errno(),
@@ -519,7 +528,7 @@ impl EventChannels {
     }
 
     fn raise_if(&self, r: Result<SetPending, XenError>, vcpu: u32) -> Result<SetPending, XenError> {
-        if r == Ok(SetPending::Raised) {
+        if r == Ok(SetPending::Raised) && !DeferredUpcalls::defer(vcpu) {
             self.upcall.upcall(vcpu);
         }
         r
@@ -541,6 +550,43 @@ impl EventChannels {
         }
         let r = self.mark_vcpu(&sh, port, vcpu);
         let _ = self.raise_if(r, vcpu);
+    }
+}
+
+thread_local! {
+    /// Upcalls raised on this thread while a hypercall holds the table mutex.
+    static DEFERRED: std::cell::RefCell<Option<Vec<u32>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Collects the upcalls a hypercall raises, to raise them once its table mutex is released.
+/// (A hypercall never runs another one on the same thread: the sink does not call back.)
+struct DeferredUpcalls;
+
+impl DeferredUpcalls {
+    fn begin() -> Self {
+        DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+        DeferredUpcalls
+    }
+
+    /// Records `vcpu`'s upcall if a hypercall is collecting; false if the caller raises it.
+    fn defer(vcpu: u32) -> bool {
+        DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            Some(list) => {
+                list.push(vcpu);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn finish(self) -> Vec<u32> {
+        DEFERRED.with(|d| d.borrow_mut().take().unwrap_or_default())
+    }
+}
+
+impl Drop for DeferredUpcalls {
+    fn drop(&mut self) {
+        DEFERRED.with(|d| d.borrow_mut().take());
     }
 }
 

@@ -512,3 +512,76 @@ fn a_vcpu_info_the_guest_placed_itself_receives_the_upcall_bits() {
         "old slot untouched"
     );
 }
+
+/// A sink that records whether the table mutex was free when it was called.
+struct LockProbe {
+    channels: std::sync::OnceLock<std::sync::Weak<EventChannels>>,
+    free: Mutex<Vec<bool>>,
+}
+
+impl UpcallSink for LockProbe {
+    fn upcall(&self, _vcpu: u32) {
+        let ec = self
+            .channels
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .unwrap();
+        let free = ec.table.try_lock().is_ok();
+        self.free.lock().unwrap().push(free);
+    }
+}
+
+#[test]
+fn hypercalls_raise_upcalls_with_the_table_mutex_released() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+    let probe = Arc::new(LockProbe {
+        channels: std::sync::OnceLock::new(),
+        free: Mutex::new(Vec::new()),
+    });
+    let config = XenConfig {
+        vcpus: 2,
+        long_mode: true,
+        shared_info_gpa: SHINFO,
+        domid: DOMID,
+    };
+    let ec = Arc::new(EventChannels::new(mem.clone(), config, probe.clone()));
+    probe.channels.set(Arc::downgrade(&ec)).ok().unwrap();
+    mem.write_obj(abi::BindIpi { vcpu: 1, port: 0 }, GuestAddress(ARGS))
+        .unwrap();
+    assert_eq!(ec.hypercall(0, op::BIND_IPI, ARGS), 0);
+    let p = mem
+        .read_obj::<abi::BindIpi>(GuestAddress(ARGS))
+        .unwrap()
+        .port;
+    let call = |cmd: u32| {
+        mem.write_obj(abi::PortArg { port: p }, GuestAddress(ARGS))
+            .unwrap();
+        ec.hypercall(0, cmd, ARGS)
+    };
+    // A send to an IPI port raises vCPU 1's upcall from inside the hypercall.
+    assert_eq!(call(op::SEND), 0);
+    assert_eq!(
+        *probe.free.lock().unwrap(),
+        [true],
+        "send raised the upcall under the mutex"
+    );
+    // The guest consumes it and masks the port; a send now only marks it pending...
+    let word = |base: u64| GuestAddress(SHINFO + base + u64::from(p / 64) * 8);
+    mem.write_obj(0u8, GuestAddress(SHINFO + 64)).unwrap(); // vCPU 1's upcall_pending
+    mem.write_obj(0u64, GuestAddress(SHINFO + 64 + 8)).unwrap(); // and pending_sel
+    mem.write_obj(0u64, word(0x800)).unwrap(); // pending
+    mem.write_obj(1u64 << (p % 64), word(0xA00)).unwrap(); // mask
+    assert_eq!(call(op::SEND), 0);
+    assert_eq!(
+        probe.free.lock().unwrap().len(),
+        1,
+        "a masked port raised an upcall"
+    );
+    // ...and the unmask raises it, with the mutex released.
+    assert_eq!(call(op::UNMASK), 0);
+    assert_eq!(
+        *probe.free.lock().unwrap(),
+        [true, true],
+        "unmask raised the upcall under the mutex"
+    );
+}
