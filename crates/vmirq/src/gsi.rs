@@ -178,13 +178,20 @@ impl Drop for GsiRoute {
             return; // dismantled
         }
         self.disable_irqfds();
-        let gsi = self.gsi();
-        let mut batch = self.interrupts.router().batch();
-        batch.remove_gsi(gsi);
-        // The lease goes before the commit, so the commit that removes the route also
-        // reclaims the GSI (unless an irqfd being unbound elsewhere still holds a lease).
-        drop(self.lease.take());
-        if let Err(e) = batch.commit() {
+        // The last lease queues the GSI: the commit that removes its route then frees it. If
+        // an irqfd being unbound elsewhere still holds a lease, the route goes now and the GSI
+        // is freed at a commit after that unbinding ends.
+        let lease = self.lease.take();
+        let last = lease.as_ref().is_none_or(|l| Arc::strong_count(l) == 1);
+        drop(lease);
+        let router = self.interrupts.router();
+        let removed = if last {
+            router.flush_released()
+        } else {
+            router.remove_route(self.gsi)
+        };
+        if let Err(e) = removed {
+            let gsi = self.gsi;
             tracing::warn!("{gsi}: removing the route failed (retried at the next commit): {e}");
         }
     }

@@ -27,6 +27,7 @@
 //! `released`; the IOAPIC's lock may be taken briefly inside `writer` to read the pins'
 //! current messages, never the other way round.
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -176,7 +177,30 @@ impl Router {
             writer,
             table,
             dirty: false,
+            _held: BatchHeld::new(),
         }
+    }
+
+    /// Removes `gsi`'s routes in a commit now (unless this thread holds a batch: then they go
+    /// when the GSI is reclaimed, at a commit after its last lease).
+    pub(crate) fn remove_route(&self, gsi: Gsi) -> Result<(), RouterError> {
+        if BATCHES_HELD.with(Cell::get) > 0 {
+            return Ok(());
+        }
+        let mut batch = self.batch();
+        batch.remove_gsi(gsi);
+        batch.commit()
+    }
+
+    /// Commits the removal of released GSIs' routes now, unless this thread holds a batch
+    /// (then that batch's commit does it: waiting here would deadlock).
+    pub(crate) fn flush_released(&self) -> Result<(), RouterError> {
+        if BATCHES_HELD.with(Cell::get) > 0 || lock(&self.released).is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.batch();
+        batch.dirty = true;
+        batch.commit()
     }
 
     /// Leases the lowest free GSI. O(log n): the table is not touched. If only released but not
@@ -346,11 +370,36 @@ impl Router {
 /// A set of route changes committed with one backend call. Obtain from
 /// [`crate::Interrupts::routes`]; it changes only GSIs the caller owns ([`crate::GsiRoute`]).
 /// Other writers wait until it is committed or dropped; delivery never does.
+///
+/// While a thread holds a batch it must not start another route operation (as with any lock);
+/// dropping a [`crate::GsiRoute`] is safe: its removal joins the held batch's commit.
 pub struct RouteBatch<'a> {
     router: &'a Router,
     writer: MutexGuard<'a, Writer>,
     table: RoutingTable,
     dirty: bool,
+    _held: BatchHeld,
+}
+
+thread_local! {
+    /// Batches this thread holds (0 or 1 in correct use).
+    static BATCHES_HELD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Counts a batch held by this thread for as long as it lives.
+struct BatchHeld;
+
+impl BatchHeld {
+    fn new() -> Self {
+        BATCHES_HELD.with(|n| n.set(n.get() + 1));
+        BatchHeld
+    }
+}
+
+impl Drop for BatchHeld {
+    fn drop(&mut self) {
+        BATCHES_HELD.with(|n| n.set(n.get() - 1));
+    }
 }
 
 impl RouteBatch<'_> {

@@ -255,3 +255,26 @@ fn a_failed_user_injection_reaches_the_irqfds_owner() {
     assert!(irqfd.take_error().is_none(), "taken once");
     assert_eq!(irq.stats().user_inject_errors.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn dropping_a_route_while_holding_a_batch_joins_that_batch() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let doomed = irq.new_route(msi(0x31)).unwrap();
+    let kept = irq.allocate_route().unwrap();
+    let gsi = doomed.gsi();
+    let free = irq.free_gsis();
+    let mut batch = irq.routes();
+    batch.set(&kept, msi(0x32)).unwrap();
+    drop(doomed); // would deadlock if it waited for the writer lock this thread holds
+    let before = sim.commits();
+    batch.commit().unwrap();
+    assert_eq!(sim.commits() - before, 1, "one commit for both");
+    assert!(irq.routing_table().get(gsi).is_empty());
+    assert_eq!(irq.routing_table().get(kept.gsi()), [msi(0x32)]);
+    assert_eq!(
+        irq.free_gsis(),
+        free + 1,
+        "the dropped route's GSI is free again"
+    );
+}
