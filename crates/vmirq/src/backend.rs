@@ -74,6 +74,25 @@ pub enum BackendError {
     Unsupported(&'static str),
 }
 
+impl BackendError {
+    /// The same error, for a second party to hear of it (`io::Error` is not `Clone`).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            BackendError::BadEventFd => BackendError::BadEventFd,
+            BackendError::Hypervisor { op, source } => BackendError::Hypervisor {
+                op,
+                source: match source.raw_os_error() {
+                    Some(errno) => io::Error::from_raw_os_error(errno),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            BackendError::IrqfdBusy => BackendError::IrqfdBusy,
+            BackendError::IrqfdNotFound(g) => BackendError::IrqfdNotFound(*g),
+            BackendError::Unsupported(what) => BackendError::Unsupported(what),
+        }
+    }
+}
+
 /// Receives guest EOIs of level-triggered vectors (the IOAPIC's EOI broadcast).
 pub trait EoiSink: Send + Sync {
     /// The guest EOI'd `vector`, a level vector.

@@ -77,6 +77,20 @@ pub enum Error {
     Xen(#[from] XenError),
 }
 
+impl Error {
+    /// The same error for a second party, where it can be rebuilt (route commits and backend
+    /// refusals, what a batch of vectors shares); other kinds become a pointer to the first.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Error::Backend(e) => Error::Backend(e.duplicate()),
+            Error::Router(e) => Error::Router(e.duplicate()),
+            Error::NoRoute(g) => Error::NoRoute(*g),
+            Error::Unsupported(what) => Error::Unsupported(what),
+            _ => Error::Unsupported("serve this vector; see the error reported with it"),
+        }
+    }
+}
+
 /// How an [`Interrupts`] is set up.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {

@@ -497,21 +497,9 @@ fn validate(
 
 impl RouterError {
     /// The same error for another waiter of a combined commit.
-    fn duplicate(&self) -> Self {
+    pub(crate) fn duplicate(&self) -> Self {
         match self {
-            RouterError::Backend(e) => RouterError::Backend(match e {
-                BackendError::BadEventFd => BackendError::BadEventFd,
-                BackendError::Hypervisor { op, source } => BackendError::Hypervisor {
-                    op,
-                    source: match source.raw_os_error() {
-                        Some(errno) => std::io::Error::from_raw_os_error(errno),
-                        None => std::io::Error::new(source.kind(), source.to_string()),
-                    },
-                },
-                BackendError::IrqfdBusy => BackendError::IrqfdBusy,
-                BackendError::IrqfdNotFound(g) => BackendError::IrqfdNotFound(*g),
-                BackendError::Unsupported(what) => BackendError::Unsupported(what),
-            }),
+            RouterError::Backend(e) => RouterError::Backend(e.duplicate()),
             RouterError::GsiExhausted(n) => RouterError::GsiExhausted(*n),
             RouterError::KernelIrqfdCannotDeliver { gsi, route } => {
                 RouterError::KernelIrqfdCannotDeliver {

@@ -254,3 +254,133 @@ fn the_table_and_pba_sit_where_the_device_declares_them() {
     sim.run_until_idle();
     assert_eq!(sim.count(0, 0x41), 1);
 }
+
+// Regression tests for MSI-X bugs a fuzzer found (issue 9): each drives the guest-visible
+// sequence and checks delivery on the simulated vCPU.
+
+fn write_entry(vectors: &MsixVectors, v: u16, address_lo: u32, data: u32, masked: bool) {
+    let off = u64::from(v) * 16;
+    vectors.bar_write(off, &address_lo.to_le_bytes());
+    vectors.bar_write(off + 8, &data.to_le_bytes());
+    vectors.bar_write(off + 12, &u32::from(masked).to_le_bytes());
+}
+
+fn pba(vectors: &MsixVectors) -> u64 {
+    let mut data = [0u8; 8];
+    vectors.bar_read(vectors.pba_offset(), &mut data);
+    u64::from_le_bytes(data)
+}
+
+const NOT_AN_INTERRUPT: u32 = 0x1234_0000;
+
+#[test]
+fn a_vector_given_a_valid_message_while_unmasked_delivers() {
+    let (sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(4)).unwrap();
+    vectors.write_message_control(ENABLE);
+    let msg = X86Msi::fixed(0, 0x42).encode().unwrap();
+    write_entry(&vectors, 0, NOT_AN_INTERRUPT, msg.data, false);
+    assert_eq!(vectors.routed_vectors(), 0);
+    // Still unmasked, the guest fixes the address: route and irqfd, no re-mask needed.
+    vectors.bar_write(0, &msg.address_lo().to_le_bytes());
+    assert_eq!(vectors.routed_vectors(), 1);
+    vectors.fire(0).unwrap();
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x42), 1, "the fire parked in the eventfd");
+}
+
+#[test]
+fn an_invalid_message_never_makes_an_interrupt_nobody_raised() {
+    let (sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(4)).unwrap();
+    vectors.write_message_control(ENABLE);
+    let msg = X86Msi::fixed(0, 0x43).encode().unwrap();
+    write_entry(&vectors, 0, NOT_AN_INTERRUPT, msg.data, false);
+    assert_eq!(pba(&vectors), 0, "nothing fired, nothing pending");
+    write_entry(&vectors, 0, msg.address_lo(), msg.data, true);
+    vectors.bar_write(12, &0u32.to_le_bytes());
+    sim.run_until_idle();
+    assert_eq!(
+        sim.count(0, 0x43),
+        0,
+        "a phantom interrupt at the valid unmask"
+    );
+    // A fire while the message was invalid is kept, and delivered once it is valid.
+    write_entry(&vectors, 1, NOT_AN_INTERRUPT, msg.data, false);
+    vectors.fire(1).unwrap();
+    assert_eq!(pba(&vectors), 1 << 1);
+    vectors.bar_write(16, &msg.address_lo().to_le_bytes());
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x43), 1);
+    assert_eq!(pba(&vectors), 0);
+}
+
+#[test]
+fn a_function_level_reset_forgets_the_old_lifes_fires() {
+    let (sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(4)).unwrap();
+    vectors.write_message_control(ENABLE);
+    let msg = X86Msi::fixed(0, 0x44).encode().unwrap();
+    write_entry(&vectors, 2, msg.address_lo(), msg.data, true);
+    vectors.fire(2).unwrap();
+    assert_eq!(
+        pba(&vectors),
+        1 << 2,
+        "the path is live: the masked fire is pending"
+    );
+    vectors.fire(2).unwrap();
+    let (_, events) = vectors.update(|t, fx| t.reset(fx));
+    assert!(events.is_empty());
+    assert_eq!(pba(&vectors), 0, "vectors pending after reset");
+    vectors.write_message_control(ENABLE);
+    write_entry(&vectors, 2, msg.address_lo(), msg.data, false);
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x44), 0, "the old life's fire was delivered");
+    vectors.fire(2).unwrap();
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x44), 1);
+}
+
+#[test]
+fn a_refused_message_change_is_reported_and_never_delivers_the_old_message() {
+    use vmirq::msix::MsixEvent;
+    let (sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(4)).unwrap();
+    vectors.write_message_control(ENABLE);
+    let (old, new) = (
+        X86Msi::fixed(0, 0x45).encode().unwrap(),
+        X86Msi::fixed(0, 0x46).encode().unwrap(),
+    );
+    write_entry(&vectors, 0, old.address_lo(), old.data, false);
+    vectors.fire(0).unwrap();
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x45), 1, "the path is live");
+    sim.refuse_next_commits(1);
+    let events = vectors.bar_write(8, &new.data.to_le_bytes());
+    assert!(
+        matches!(
+            events.as_slice(),
+            [MsixEvent::AllocationFailed { vector: 0, .. }]
+        ),
+        "{events:?}"
+    );
+    vectors.fire(0).unwrap();
+    sim.run_until_idle();
+    assert_eq!(
+        sim.count(0, 0x45),
+        1,
+        "the old message was delivered after the change"
+    );
+    assert_eq!(sim.count(0, 0x46), 0);
+    assert_eq!(pba(&vectors), 1, "the undelivered fire shows as pending");
+    assert!(vectors.retry().is_empty());
+    sim.run_until_idle();
+    assert_eq!(
+        sim.count(0, 0x46),
+        1,
+        "the retry delivered it on the new message, once"
+    );
+    vectors.fire(0).unwrap();
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x46), 2);
+}

@@ -192,7 +192,8 @@ impl MsiCapability {
     }
 
     /// Back to the reset state (QEMU `msi_reset`: enable, MME, address, data, mask and pending
-    /// cleared). The next pointer is layout and is kept. Reports `disabled` if MSI was enabled.
+    /// cleared). The next pointer is layout and is kept. Reports `reset`, and `disabled` if MSI was
+    /// enabled.
     pub fn reset(&mut self, fx: &mut VectorEffects) {
         let Self {
             log2_capable: _,
@@ -207,6 +208,7 @@ impl MsiCapability {
             mask,
             pending,
         } = self;
+        fx.reset = true;
         if *enabled {
             fx.disabled = true;
         }

@@ -23,6 +23,9 @@ pub struct VectorEffects {
     pub message_changed: Vec<u16>,
     /// MSI-X was disabled (or reset): the manager releases every vector's resources.
     pub disabled: bool,
+    /// The function was reset (enabled or not): the manager also discards what its vectors'
+    /// eventfds counted before the reset, instead of latching it into the fresh PBA.
+    pub reset: bool,
 }
 
 impl VectorEffects {
@@ -33,11 +36,13 @@ impl VectorEffects {
             masked,
             message_changed,
             disabled,
+            reset,
         } = self;
         unmasked.clear();
         masked.clear();
         message_changed.clear();
         *disabled = false;
+        *reset = false;
     }
 
     /// True when the operation left the manager nothing to do.
@@ -47,8 +52,13 @@ impl VectorEffects {
             masked,
             message_changed,
             disabled,
+            reset,
         } = self;
-        unmasked.is_empty() && masked.is_empty() && message_changed.is_empty() && !disabled
+        unmasked.is_empty()
+            && masked.is_empty()
+            && message_changed.is_empty()
+            && !disabled
+            && !reset
     }
 
     /// Records a change of one vector's deliverability or message.
@@ -332,7 +342,7 @@ impl MsixTable {
     }
 
     /// Back to the power-on state (QEMU `msix_reset`: control bits cleared, table zeroed and
-    /// every entry masked, PBA zeroed). Reports `disabled` if MSI-X was enabled.
+    /// every entry masked, PBA zeroed). Reports `reset`, and `disabled` if MSI-X was enabled.
     pub fn reset(&mut self, fx: &mut VectorEffects) {
         let Self {
             entries,
@@ -340,6 +350,7 @@ impl MsixTable {
             enabled,
             function_mask,
         } = self;
+        fx.reset = true;
         if *enabled {
             fx.disabled = true;
         }

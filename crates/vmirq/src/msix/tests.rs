@@ -325,9 +325,14 @@ fn reset_restores_power_on_state_and_clears_pending() {
     assert_eq!(t.message_control(), 3);
     assert!((0..4).all(|v| t.entry_masked(v) && !t.is_pending(v)));
     assert_eq!(t.message(1), Some(MsiMessage::default()));
+    assert!(fx.reset);
     fx.clear();
     t.reset(&mut fx);
-    assert!(fx.is_empty(), "already disabled");
+    assert!(!fx.disabled, "already disabled");
+    assert!(
+        fx.reset,
+        "a reset is reported even when disabled: old counts must go"
+    );
 }
 
 // --------------------------------------------------------------------------------------------
@@ -478,7 +483,7 @@ fn msi_reset_clears_registers_and_reports_disabled() {
     c.set_pending(0, true);
     let mut fx = VectorEffects::default();
     c.reset(&mut fx);
-    assert!(fx.disabled);
+    assert!(fx.disabled && fx.reset);
     assert_eq!(c.message_control(), 1 << 1 | 1 << 7 | 1 << 8);
     assert_eq!(cfg_read32(&c, spec::MSI_ADDRESS_LO), 0);
     assert_eq!(cfg_read32(&c, spec::MSI_MASK_64), 0);

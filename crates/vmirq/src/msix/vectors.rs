@@ -329,8 +329,16 @@ impl<T: VectorTable> Vectors<T> {
 
     fn apply(&self, inner: &mut Inner<T>, fx: VectorEffects) -> Vec<MsixEvent> {
         let mut events = Vec::new();
-        if fx.disabled {
-            self.release_all(inner);
+        if fx.disabled || fx.reset {
+            release(&self.interrupts, &mut inner.vectors);
+            if fx.reset {
+                // The old life's counts are not the new life's interrupts.
+                for t in self.triggers.iter() {
+                    let _ = t.fd.read();
+                }
+            } else {
+                self.latch_all(inner);
+            }
         }
         // Mask: the irqfd goes first; the route stays (nothing to re-route on unmask).
         for v in fx.masked {
@@ -343,6 +351,9 @@ impl<T: VectorTable> Vectors<T> {
         wanted.sort_unstable();
         wanted.dedup();
         wanted.retain(|&v| v < inner.table.capacity() && !inner.table.is_masked(v));
+        // Vectors the host cannot serve now: they stop delivering (no irqfd: their fires count
+        // in the eventfd and show in the PBA), and a retry or the next unmask tries again.
+        let mut stuck: Vec<u16> = Vec::new();
         // Allocate GSIs for first use, then one batch for every route that must change.
         let mut fresh: Vec<(u16, GsiRoute, MsiMessage)> = Vec::new();
         let mut changed: Vec<(u16, MsiMessage)> = Vec::new();
@@ -351,7 +362,7 @@ impl<T: VectorTable> Vectors<T> {
                 continue;
             };
             if message.decode().is_err() {
-                inner.table.set_pending(v, true);
+                stuck.push(v);
                 events.push(MsixEvent::InvalidMessage { vector: v, message });
                 continue;
             }
@@ -361,25 +372,28 @@ impl<T: VectorTable> Vectors<T> {
                 None => match self.interrupts.allocate_route() {
                     Ok(gsi) => fresh.push((v, gsi, message)),
                     Err(error) => {
-                        inner.table.set_pending(v, true);
+                        stuck.push(v);
                         events.push(MsixEvent::AllocationFailed { vector: v, error });
                     }
                 },
             }
         }
         if !fresh.is_empty() || !changed.is_empty() {
-            let committed = self.commit_routes(inner, &fresh, &changed);
-            if let Err(e) = committed {
-                // Nothing was published: no vector of this batch got its route.
-                for (v, _, _) in fresh.drain(..) {
-                    inner.table.set_pending(v, true);
+            if let Err(e) = self.commit_routes(inner, &fresh, &changed) {
+                // Nothing was published: no vector of this batch got its new route. A changed
+                // vector keeps its old route but must not deliver the old message.
+                tracing::warn!("MSI vectors: route commit failed: {e}");
+                for v in fresh
+                    .drain(..)
+                    .map(|(v, _, _)| v)
+                    .chain(changed.drain(..).map(|(v, _)| v))
+                {
+                    stuck.push(v);
                     events.push(MsixEvent::AllocationFailed {
                         vector: v,
-                        error: Error::Unsupported("route commit refused; see the previous error"),
+                        error: e.duplicate(),
                     });
                 }
-                tracing::warn!("MSI vectors: route commit failed: {e}");
-                changed.clear();
             }
         }
         for (v, gsi, message) in fresh {
@@ -390,9 +404,15 @@ impl<T: VectorTable> Vectors<T> {
                 *m = message;
             }
         }
-        for v in fx.unmasked {
+        for &v in &stuck {
+            inner.vectors[usize::from(v)].irqfd = None;
+            self.latch_locked(inner, v..v + 1);
+        }
+        // Every deliverable, routed vector without an irqfd gets one: newly unmasked ones, and
+        // ones whose first valid message arrived while unmasked.
+        for v in wanted.into_iter().filter(|v| !stuck.contains(v)) {
             if let Err(error) = self.activate(inner, v) {
-                inner.table.set_pending(v, true);
+                self.latch_locked(inner, v..v + 1);
                 events.push(MsixEvent::AllocationFailed { vector: v, error });
             }
         }
@@ -452,11 +472,10 @@ impl<T: VectorTable> Vectors<T> {
         Ok(())
     }
 
-    /// Disable, reset, teardown: every irqfd, route and GSI goes (one commit). Counts left in
-    /// the eventfds become pending bits, which survive a disable as in QEMU (msix.c treats
-    /// disabled as one more mask) and are delivered when the vector is deliverable again.
-    fn release_all(&self, inner: &mut Inner<T>) {
-        release(&self.interrupts, &mut inner.vectors);
+    /// After a disable: counts left in the eventfds become pending bits, which survive a
+    /// disable as in QEMU (msix.c treats disabled as one more mask) and are delivered when the
+    /// vector is deliverable again.
+    fn latch_all(&self, inner: &mut Inner<T>) {
         let all = 0..inner.table.capacity();
         self.latch_locked(inner, all);
     }
