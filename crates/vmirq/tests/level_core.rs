@@ -129,3 +129,38 @@ fn deassigning_the_last_level_irqfd_leaves_the_line_low() {
     assert_eq!(sim.count(0, VECTOR), 0);
     assert!(r.read().is_err(), "a deassigned irqfd was notified");
 }
+
+/// The simulator exits on a level EOI only for vectors a committed pin route names, as KVM's
+/// `kvm_scan_ioapic_routes` does on a split irqchip: a level MSI delivered before its pin's
+/// route is committed would leave Remote IRR set forever. Proves both sides on one VM.
+#[test]
+fn split_mode_eoi_exits_only_for_vectors_the_pin_routes_name() {
+    let (sim, irq) = split_vm();
+    let source = irq.pin(PIN).unwrap().source();
+    // The pin's own level vector: delivered, its EOI reaches the IOAPIC, which re-delivers
+    // while the line is high (so more than one interrupt).
+    source.assert();
+    sim.run_until_idle();
+    assert!(
+        sim.count(0, VECTOR) > 1,
+        "the pin's EOI never reached vmirq's IOAPIC"
+    );
+    drop(source);
+    sim.run_until_idle();
+    // The guest moves the pin to vector 0x6B, but the host refuses the route commit: the
+    // IOAPIC delivers 0x6B, whose EOI KVM never exits on (no committed route names it), so
+    // Remote IRR stays set and the asserted line is not re-delivered. A simulator that
+    // forwarded every level EOI would re-deliver it thousands of times.
+    sim.refuse_next_commits(1);
+    let lo = 0x6Bu32 | 1 << 15;
+    irq.mmio_write(IOAPIC_BASE, &(0x10 + 2 * PIN).to_le_bytes());
+    irq.mmio_write(IOAPIC_BASE + 0x10, &lo.to_le_bytes());
+    let source = irq.pin(PIN).unwrap().source();
+    source.assert();
+    sim.run_until_idle();
+    assert_eq!(
+        sim.count(0, 0x6B),
+        1,
+        "an EOI exited for a vector no committed route names"
+    );
+}

@@ -66,6 +66,8 @@ struct SimState {
     /// Kernel irqchip mode: the in-kernel IOAPIC and each GSI's line sources.
     ioapic: Option<Ioapic>,
     sources: HashMap<Gsi, u8>,
+    /// Split irqchip: per vCPU, the vectors whose EOI exits (see [`eoi_exit_vectors`]).
+    eoi_exits: Vec<[bool; 256]>,
     /// Kernel irqchip: storm-guard re-deliveries and when they are due (KVM: HZ / 100).
     deferred: Vec<(u32, Instant)>,
     dropped_msis: u64,
@@ -105,6 +107,7 @@ impl SimBackend {
                 ioapic: (mode == IrqchipMode::Kernel).then(|| Ioapic::new(mode.ioapic_pins())),
                 sources: HashMap::new(),
                 deferred: Vec::new(),
+                eoi_exits: Vec::new(),
                 dropped_msis: 0,
             }),
             eoi_sink: Mutex::new(None),
@@ -248,7 +251,7 @@ impl SimBackend {
                 if let Some((v, true)) = vcpu.lapic.eoi() {
                     if kernel_ioapic {
                         st.kernel_eoi(v);
-                    } else {
+                    } else if st.eoi_exits.get(cpu).is_some_and(|h| h[usize::from(v)]) {
                         eois.push(v);
                     }
                 }
@@ -256,6 +259,42 @@ impl SimBackend {
         }
         (taken, eois)
     }
+}
+
+/// The vCPUs an MSI's destination names (physical, broadcast, or flat logical).
+fn destinations(msi: &X86Msi, vcpus: usize) -> Vec<usize> {
+    (0..vcpus)
+        .filter(|&id| {
+            if msi.dest_logical {
+                // Flat logical model: bit n of the destination is APIC n.
+                id < 8 && msi.dest_id & (1 << id) != 0
+            } else {
+                msi.dest_id == 0xff || msi.dest_id as usize == id
+            }
+        })
+        .collect()
+}
+
+/// Split irqchip: the vectors whose EOI exits to userspace, per vCPU, as KVM computes them
+/// (arch/x86/kvm/irq_comm.c `kvm_scan_ioapic_routes`): level-triggered MSI routes on the GSIs
+/// reserved for the userspace IOAPIC's pins, for the vCPUs they name. An EOI of any other
+/// vector, level or not, never reaches the userspace IOAPIC.
+fn eoi_exit_vectors(routes: &[KernelRoute], pins: u32, vcpus: usize) -> Vec<[bool; 256]> {
+    let mut handled = vec![[false; 256]; vcpus];
+    for r in routes.iter().filter(|r| r.gsi.0 < pins) {
+        let Route::Msi { msg, .. } = r.route else {
+            continue;
+        };
+        let Ok(msi) = X86Msi::decode(msg) else {
+            continue;
+        };
+        if msi.trigger_level {
+            for id in destinations(&msi, vcpus) {
+                handled[id][usize::from(msi.vector)] = true;
+            }
+        }
+    }
+    handled
 }
 
 fn ioapic_offset(addr: u64) -> Option<u64> {
@@ -269,16 +308,7 @@ impl SimState {
             self.dropped_msis += 1;
             return;
         };
-        let targets: Vec<usize> = (0..self.vcpus.len())
-            .filter(|&id| {
-                if msi.dest_logical {
-                    // Flat logical model: bit n of the destination is APIC n.
-                    id < 8 && msi.dest_id & (1 << id) != 0
-                } else {
-                    msi.dest_id == 0xff || msi.dest_id as usize == id
-                }
-            })
-            .collect();
+        let targets = destinations(&msi, self.vcpus.len());
         let targets = match msi.delivery_mode {
             DeliveryMode::LowestPriority => &targets[..targets.len().min(1)],
             _ => &targets[..],
@@ -486,7 +516,11 @@ impl Backend for SimBackend {
             }
             table.entry(r.gsi).or_default().push(r.route);
         }
-        lock(&self.state).routes = table;
+        let mut st = lock(&self.state);
+        if let IrqchipMode::Split { ioapic_pins } = self.mode {
+            st.eoi_exits = eoi_exit_vectors(routes, ioapic_pins, st.vcpus.len());
+        }
+        st.routes = table;
         Ok(())
     }
 
