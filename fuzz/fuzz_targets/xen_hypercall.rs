@@ -1,0 +1,136 @@
+//! `EventChannels::hypercall` as a hostile guest calls it: any command, vCPU and argument
+//! address, with guest memory (arguments, shared_info, vcpu_info) rewritten between calls, and
+//! the lock-free paths (set_pending, VIRQs) interleaved. Invariants: no panic; no call longer
+//! than 100 ms; nothing written to guest memory outside the argument struct, shared_info and
+//! the vcpu_info areas the guest registered.
+#![no_main]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::arbitrary::{self, Arbitrary};
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmirq::xen::{EventChannels, UpcallSink, XenConfig};
+
+const RAM: usize = 0x4_0000;
+const SHINFO: u64 = 0x2_0000;
+const ARGS: u64 = 0x1000;
+const FILL: u8 = 0xA5;
+
+struct NoUpcall;
+impl UpcallSink for NoUpcall {
+    fn upcall(&self, _vcpu: u32) {}
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    /// A hypercall with its argument bytes at ARGS (or anywhere, when `stray`).
+    Call {
+        cmd: u8,
+        vcpu: u8,
+        args: [u8; 24],
+        stray: Option<u32>,
+    },
+    /// The guest rewrites guest memory: shared_info, the arguments, or a vcpu_info.
+    Poke {
+        at: u16,
+        bytes: Vec<u8>,
+    },
+    SetPending {
+        port: u16,
+        vcpu: u8,
+    },
+    Virq {
+        virq: u8,
+        vcpu: u8,
+    },
+    RegisterVcpuInfo {
+        vcpu: u8,
+        page: u8,
+        offset: u16,
+    },
+}
+
+fuzz_target!(|input: (bool, Vec<Op>)| {
+    let (long_mode, ops) = input;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+    mem.write_slice(&vec![FILL; RAM], GuestAddress(0)).unwrap();
+    mem.write_slice(&[0u8; 0x1000], GuestAddress(SHINFO))
+        .unwrap();
+    let config = XenConfig {
+        vcpus: 2,
+        long_mode,
+        shared_info_gpa: SHINFO,
+        domid: 1,
+    };
+    let ec = EventChannels::new(mem.clone(), config, Arc::new(NoUpcall));
+    // Where the guest (and so the ABI) may have written: [start, end).
+    let mut writable: Vec<(u64, u64)> = vec![(ARGS, ARGS + 64), (SHINFO, SHINFO + 0x1000)];
+    for op in ops.iter().take(300) {
+        let t0 = Instant::now();
+        match op {
+            Op::Call {
+                cmd,
+                vcpu,
+                args,
+                stray,
+            } => {
+                let at = match stray {
+                    // The guest named this struct: the hypercall may write its OUT fields.
+                    Some(gpa) => {
+                        let gpa = u64::from(*gpa);
+                        writable.push((gpa, gpa.saturating_add(32)));
+                        gpa
+                    }
+                    None => ARGS,
+                };
+                if at == ARGS {
+                    mem.write_slice(args, GuestAddress(ARGS)).unwrap();
+                }
+                ec.hypercall(u32::from(*vcpu % 4), u32::from(*cmd % 16), at);
+            }
+            Op::Poke { at, bytes } => {
+                // The guest writes only where it may (the checker's allowed areas).
+                let (start, end) = writable[usize::from(*at) % writable.len()];
+                let len = bytes.len().min((end - start) as usize);
+                let _ = mem.write_slice(&bytes[..len], GuestAddress(start));
+            }
+            Op::SetPending { port, vcpu } => {
+                let _ = ec.set_pending(u32::from(*port), u32::from(*vcpu % 4));
+            }
+            Op::Virq { virq, vcpu } => {
+                let _ = ec.raise_virq(u32::from(*virq % 30), u32::from(*vcpu % 4));
+            }
+            Op::RegisterVcpuInfo { vcpu, page, offset } => {
+                let gpa = 0x3_0000 + u64::from(*page % 16) * 0x1000 + u64::from(*offset % 0x1000);
+                if ec.register_vcpu_info(u32::from(*vcpu % 4), gpa).is_ok() {
+                    writable.push((gpa, gpa + 64));
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "{op:?} took too long"
+        );
+    }
+    // Nothing outside the allowed areas changed.
+    let mut ram = vec![0u8; RAM];
+    mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+    let mut at = 0;
+    while let Some(i) = ram[at..].iter().position(|b| *b != FILL) {
+        let a = (at + i) as u64;
+        match writable
+            .iter()
+            .filter(|(s, e)| (*s..*e).contains(&a))
+            .map(|(_, e)| *e)
+            .max()
+        {
+            Some(end) => at = end.min(RAM as u64) as usize,
+            None => panic!("guest memory at {a:#x} written outside the ABI's areas"),
+        }
+        if at >= RAM {
+            break;
+        }
+    }
+});
