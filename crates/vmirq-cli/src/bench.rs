@@ -149,7 +149,9 @@ fn dispatcher_threads(
             .map_err(|_| vmirq::Error::Unsupported("create the event-loop bench VM"))?;
             vm.backend()
         }
-        BackendKind::Sim => vmirq::SimBackend::new(1, vmirq::IrqchipMode::Kernel),
+        BackendKind::Sim | BackendKind::SimGuestEoi => {
+            vmirq::SimBackend::new(1, vmirq::IrqchipMode::Kernel)
+        }
     };
     let before = process_threads();
     let config = vmirq::Config {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
-use vmirq::{Interrupts, IrqchipMode, SimBackend};
+use vmirq::{EoiTiming, Interrupts, IrqchipMode, SimBackend};
 use vmirq_kvm::{KvmVm, KvmVmConfig, RealModeBoot, VcpuExitHandler};
 
 use crate::layout;
@@ -461,8 +461,14 @@ pub struct SimMachine {
 }
 
 impl SimMachine {
+    /// Boots with the vCPUs retiring interrupts at delivery ([`EoiTiming::AtDelivery`]).
     pub fn boot(config: &MachineConfig) -> Result<Self, MachineError> {
-        let sim = SimBackend::new(config.vcpus, config.irqchip);
+        Self::boot_with(config, EoiTiming::AtDelivery)
+    }
+
+    /// Boots with the vCPUs retiring interrupts at `eoi_timing`.
+    pub fn boot_with(config: &MachineConfig, eoi_timing: EoiTiming) -> Result<Self, MachineError> {
+        let sim = SimBackend::with_eoi_timing(config.vcpus, config.irqchip, eoi_timing);
         let interrupts = Interrupts::new(sim.clone(), config.interrupts)?;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_RAM)])
             .map_err(|e| MachineError::Guest(program::GuestError::Ram(e.to_string())))?;
@@ -781,7 +787,10 @@ impl Drop for KvmMachine {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
     Kvm,
+    /// The simulator, retiring interrupts at delivery (as this host's KVM does).
     Sim,
+    /// The simulator, retiring interrupts at the guest's EOI (as standard KVM does).
+    SimGuestEoi,
 }
 
 /// Boots a machine of `kind`.
@@ -789,15 +798,19 @@ pub fn boot(kind: BackendKind, config: &MachineConfig) -> Result<Box<dyn Machine
     Ok(match kind {
         BackendKind::Kvm => Box::new(KvmMachine::boot(config)?),
         BackendKind::Sim => Box::new(SimMachine::boot(config)?),
+        BackendKind::SimGuestEoi => Box::new(SimMachine::boot_with(config, EoiTiming::GuestEoi)?),
     })
 }
 
 pub use vmirq_kvm::kvm_test_gate;
 
-/// The four machines every behaviour test runs on.
-pub const EVERY_MACHINE: [(BackendKind, Mode); 4] = [
+/// The machines every behaviour test runs on: the simulator with both EOI timings, and KVM
+/// (whose timing is the host's), each with the kernel and the split irqchip.
+pub const EVERY_MACHINE: [(BackendKind, Mode); 6] = [
     (BackendKind::Sim, Mode::Kernel),
     (BackendKind::Sim, Mode::Split),
+    (BackendKind::SimGuestEoi, Mode::Kernel),
+    (BackendKind::SimGuestEoi, Mode::Split),
     (BackendKind::Kvm, Mode::Kernel),
     (BackendKind::Kvm, Mode::Split),
 ];
@@ -837,7 +850,8 @@ pub fn boot_for_test(
 }
 
 /// Writes one behaviour test once and runs it on every machine: expands to a module `$name`
-/// with tests `sim_kernel`, `sim_split`, `kvm_kernel` and `kvm_split`, each calling
+/// with tests `sim_kernel`, `sim_split`, `sim_guest_eoi_kernel`, `sim_guest_eoi_split`, `kvm_kernel` and
+/// `kvm_split`, each calling
 /// `$body(&dyn Machine)` on a machine booted from `$config(Mode)`.
 #[macro_export]
 macro_rules! on_every_machine {
@@ -864,6 +878,14 @@ macro_rules! on_every_machine {
             #[test]
             fn sim_split() {
                 run(BackendKind::Sim, Mode::Split)
+            }
+            #[test]
+            fn sim_guest_eoi_kernel() {
+                run(BackendKind::SimGuestEoi, Mode::Kernel)
+            }
+            #[test]
+            fn sim_guest_eoi_split() {
+                run(BackendKind::SimGuestEoi, Mode::Split)
             }
             #[test]
             fn kvm_kernel() {

@@ -37,4 +37,4 @@ pub use line::{IrqSource, Line};
 pub use msi::{DeliveryMode, MsiError, MsiMessage, X86Msi};
 pub use route::{Gsi, IrqChip, Route, RouteError, RoutingTable};
 pub use router::{RouteBatch, RouterError};
-pub use sim::SimBackend;
+pub use sim::{EoiTiming, SimBackend};

@@ -164,3 +164,48 @@ fn split_mode_eoi_exits_only_for_vectors_the_pin_routes_name() {
         "an EOI exited for a vector no committed route names"
     );
 }
+
+/// A VM in `mode` whose IOAPIC (vmirq's or the in-"kernel" one) has pin 18 level, vector 0x5A,
+/// to APIC 0, with its vCPU retiring interrupts at `timing`.
+fn level_vm(
+    mode: IrqchipMode,
+    timing: vmirq::EoiTiming,
+) -> (std::sync::Arc<SimBackend>, std::sync::Arc<Interrupts>) {
+    let sim = SimBackend::with_eoi_timing(1, mode, timing);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let w = |reg: u32, val: u32| {
+        for (addr, data) in [(IOAPIC_BASE, reg), (IOAPIC_BASE + 0x10, val)] {
+            let data = data.to_le_bytes();
+            assert!(sim.mmio_write(addr, &data) || irq.mmio_write(addr, &data));
+        }
+    };
+    w(0x11 + 2 * PIN, 0);
+    w(0x10 + 2 * PIN, u32::from(VECTOR) | 1 << 15);
+    (sim, irq)
+}
+
+#[test]
+fn eoi_timing_decides_whether_a_held_level_redelivers_before_the_handler_ends() {
+    for mode in [IrqchipMode::Kernel, IrqchipMode::Split { ioapic_pins: 24 }] {
+        // At the guest's EOI: one interrupt per handler while the line stays high, none once
+        // the device lowered it before the handler ended.
+        let (sim, irq) = level_vm(mode, vmirq::EoiTiming::GuestEoi);
+        let source = irq.pin(PIN).unwrap().source();
+        source.assert();
+        assert_eq!(sim.run_until_idle(), 1, "{mode:?}: first delivery");
+        assert_eq!(sim.run_until_idle(), 1, "{mode:?}: EOI with the line high");
+        source.deassert();
+        assert_eq!(sim.run_until_idle(), 0, "{mode:?}: EOI with the line low");
+        source.assert();
+        assert_eq!(sim.run_until_idle(), 1, "{mode:?}: the line works again");
+        assert_eq!(sim.count(0, VECTOR), 3, "{mode:?}");
+
+        // At delivery: the EOI comes before any handler could lower the line, so a held line
+        // re-delivers at once until the storm guard defers it (10,000, as KVM's IOAPIC).
+        let (sim, irq) = level_vm(mode, vmirq::EoiTiming::AtDelivery);
+        let source = irq.pin(PIN).unwrap().source();
+        source.assert();
+        assert_eq!(sim.run_until_idle(), 10_000, "{mode:?}: storm");
+        drop(source);
+    }
+}

@@ -5,10 +5,14 @@
 //! in-"kernel" IOAPIC in [`IrqchipMode::Kernel`], and per-vCPU [`Lapic`]s. The vCPUs run a fixed
 //! guest: take the highest deliverable vector, count it, report it to the observer, EOI.
 //!
-//! Nothing runs by itself: [`SimBackend::run_until_idle`] polls the irqfds and lets every
-//! vCPU take what is pending, so a test drives it step by step. One mutex guards all state;
-//! EOIs bound for the core are handed over after the mutex is released (the core calls back
-//! into the backend while handling them).
+//! The vCPUs run only when driven: [`SimBackend::run_until_idle`] lets every vCPU take what is
+//! pending, so a test drives them step by step. One mutex guards all state; EOIs bound for the
+//! core are handed over after the mutex is released (the core calls back into the backend
+//! while handling them).
+//!
+//! When a vCPU's LAPIC sees the EOI of a vector it took is an [`EoiTiming`]: at delivery (as
+//! the KVM on vmirq's development host does) or when the guest's handler ends (as standard
+//! KVM does); behaviour tests run with both.
 
 mod lapic;
 
@@ -28,6 +32,20 @@ use crate::irqfd::{eventfd_id, is_open, EventfdId};
 use crate::msi::{DeliveryMode, MsiMessage, X86Msi};
 use crate::route::{Gsi, Route};
 use crate::router::lock;
+
+/// When a simulated vCPU's LAPIC retires (EOIs) an interrupt it took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EoiTiming {
+    /// At delivery: the vector is retired as it is taken, so a level line still high at that
+    /// moment re-delivers at once. What the KVM on vmirq's development host does
+    /// (`../shared/REFERENCE.md` §1).
+    #[default]
+    AtDelivery,
+    /// At the guest's EOI: the vector stays in service (blocking its priority class, and with
+    /// the IOAPIC pin's Remote IRR set) until the guest's handler ends, which on the simulator
+    /// is the start of the next [`SimBackend::run_until_idle`]. What standard KVM does.
+    GuestEoi,
+}
 
 /// Called for every interrupt a simulated vCPU takes: (vCPU, vector).
 pub type IsrObserver = Box<dyn Fn(usize, u8) + Send + Sync>;
@@ -76,6 +94,7 @@ struct SimState {
 /// A deterministic simulated hypervisor. See the module docs.
 pub struct SimBackend {
     mode: IrqchipMode,
+    eoi_timing: EoiTiming,
     state: Mutex<SimState>,
     eoi_sink: Mutex<Option<Weak<dyn EoiSink>>>,
     observer: Mutex<Option<IsrObserver>>,
@@ -89,8 +108,14 @@ pub struct SimBackend {
 }
 
 impl SimBackend {
-    /// A simulated VM with `vcpus` vCPUs (at least 1) and its irqchip in `mode`.
+    /// A simulated VM with `vcpus` vCPUs (at least 1) and its irqchip in `mode`, retiring
+    /// interrupts at delivery ([`EoiTiming::AtDelivery`]).
     pub fn new(vcpus: usize, mode: IrqchipMode) -> Arc<Self> {
+        Self::with_eoi_timing(vcpus, mode, EoiTiming::AtDelivery)
+    }
+
+    /// A simulated VM whose vCPUs retire the interrupts they take at `eoi_timing`.
+    pub fn with_eoi_timing(vcpus: usize, mode: IrqchipMode, eoi_timing: EoiTiming) -> Arc<Self> {
         let vcpus = (0..vcpus.max(1))
             .map(|_| SimVcpu {
                 lapic: Lapic::default(),
@@ -100,6 +125,7 @@ impl SimBackend {
             .collect();
         Arc::new(Self {
             mode,
+            eoi_timing,
             state: Mutex::new(SimState {
                 vcpus,
                 routes: HashMap::new(),
@@ -206,24 +232,52 @@ impl SimBackend {
         true
     }
 
+    /// Which [`EoiTiming`] the vCPUs follow.
+    pub fn eoi_timing(&self) -> EoiTiming {
+        self.eoi_timing
+    }
+
     /// Polls every irqfd and lets every vCPU take its pending interrupts until nothing is left
-    /// (or [`MAX_ROUNDS`] pass). Returns the number of interrupts taken.
+    /// (or [`MAX_ROUNDS`] pass). Returns the number of interrupts taken. With
+    /// [`EoiTiming::GuestEoi`], the guest first ends the handlers of what it took last time
+    /// (EOIs every in-service vector, highest first).
     pub fn run_until_idle(&self) -> u64 {
+        if self.eoi_timing == EoiTiming::GuestEoi {
+            let eois = {
+                let mut st = lock(&self.state);
+                let mut eois = Vec::new();
+                for cpu in 0..st.vcpus.len() {
+                    while let Some((v, level)) = st.vcpus[cpu].lapic.eoi() {
+                        st.retire(cpu, v, level, &mut eois);
+                    }
+                }
+                eois
+            };
+            self.hand_over(&eois);
+        }
         let mut taken = 0;
         for _ in 0..MAX_ROUNDS {
             let (n, eois) = self.round();
             taken += n;
-            let sink = lock(&self.eoi_sink).as_ref().and_then(Weak::upgrade);
-            if let Some(sink) = &sink {
-                for vector in &eois {
-                    sink.eoi(*vector);
-                }
-            }
+            self.hand_over(&eois);
             if n == 0 && eois.is_empty() {
                 break;
             }
         }
         taken
+    }
+
+    /// Gives split-mode EOI exits to the core (with no lock held: the core calls back in).
+    fn hand_over(&self, eois: &[u8]) {
+        if eois.is_empty() {
+            return;
+        }
+        let sink = lock(&self.eoi_sink).as_ref().and_then(Weak::upgrade);
+        if let Some(sink) = &sink {
+            for vector in eois {
+                sink.eoi(*vector);
+            }
+        }
     }
 
     /// One round: poll irqfds, then each vCPU takes what it can. Returns interrupts taken and
@@ -235,7 +289,6 @@ impl SimBackend {
         let observer = lock(&self.observer);
         let mut taken = 0;
         let mut eois = Vec::new();
-        let kernel_ioapic = st.ioapic.is_some();
         for cpu in 0..st.vcpus.len() {
             // At most one pass over the 256 vectors per round: a storm yields to the others.
             for _ in 0..256 {
@@ -245,15 +298,13 @@ impl SimBackend {
                 };
                 vcpu.counts[usize::from(vector)] += 1;
                 taken += 1;
+                if self.eoi_timing == EoiTiming::AtDelivery {
+                    if let Some((v, level)) = vcpu.lapic.eoi() {
+                        st.retire(cpu, v, level, &mut eois);
+                    }
+                }
                 if let Some(obs) = observer.as_ref() {
                     obs(cpu, vector);
-                }
-                if let Some((v, true)) = vcpu.lapic.eoi() {
-                    if kernel_ioapic {
-                        st.kernel_eoi(v);
-                    } else if st.eoi_exits.get(cpu).is_some_and(|h| h[usize::from(v)]) {
-                        eois.push(v);
-                    }
                 }
             }
         }
@@ -303,6 +354,23 @@ fn ioapic_offset(addr: u64) -> Option<u64> {
 }
 
 impl SimState {
+    /// vCPU `cpu`'s LAPIC retired `vector`: a level EOI goes to the in-kernel IOAPIC, or (split
+    /// irqchip) exits to the core if KVM would exit on it (collected in `eois`).
+    fn retire(&mut self, cpu: usize, vector: u8, level: bool, eois: &mut Vec<u8>) {
+        if !level {
+            return;
+        }
+        if self.ioapic.is_some() {
+            self.kernel_eoi(vector);
+        } else if self
+            .eoi_exits
+            .get(cpu)
+            .is_some_and(|h| h[usize::from(vector)])
+        {
+            eois.push(vector);
+        }
+    }
+
     fn deliver_msi(&mut self, msg: MsiMessage) {
         let Ok(msi) = X86Msi::decode(msg) else {
             self.dropped_msis += 1;
