@@ -5,6 +5,10 @@
 //! in-"kernel" IOAPIC in [`IrqchipMode::Kernel`], and per-vCPU [`Lapic`]s. The vCPUs run a fixed
 //! guest: take the highest deliverable vector, count it, report it to the observer, EOI.
 //!
+//! Kernel irqfds are served as KVM serves them, by a thread of the "hypervisor" (started with
+//! the first irqfd, asleep in `epoll_wait` while none fires), concurrently with route commits
+//! and deassigns: a fire injects under the state lock, so once a commit or a deassign returns
+//! no fire uses the old routes or the gone irqfd (KVM: SRCU and the irqfd shutdown flush).
 //! The vCPUs run only when driven: [`SimBackend::run_until_idle`] lets every vCPU take what is
 //! pending, so a test drives them step by step. One mutex guards all state; EOIs bound for the
 //! core are handed over after the mutex is released (the core calls back into the backend
@@ -24,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
@@ -63,6 +68,8 @@ const SOURCE_USER: u8 = 1 << 0;
 const SOURCE_IRQFD_EDGE: u8 = 1 << 1;
 
 struct SimIrqfd {
+    /// The irqfd thread's epoll token.
+    token: u64,
     /// The eventfd's identity: KVM refuses a second irqfd on the same eventfd file (EBUSY)
     /// and matches a deassign by file, whatever descriptor names it.
     key: EventfdId,
@@ -89,12 +96,26 @@ struct SimState {
     /// Kernel irqchip: storm-guard re-deliveries and when they are due (KVM: HZ / 100).
     deferred: Vec<(u32, Instant)>,
     dropped_msis: u64,
+    next_token: u64,
 }
+
+/// The thread serving kernel irqfds, and how to stop it.
+struct IrqfdThread {
+    epoll: Arc<Epoll>,
+    stop: EventFd,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Epoll token of [`IrqfdThread::stop`]; irqfd tokens start above it.
+const STOP_TOKEN: u64 = 0;
 
 /// A deterministic simulated hypervisor. See the module docs.
 pub struct SimBackend {
+    me: Weak<SimBackend>,
     mode: IrqchipMode,
     eoi_timing: EoiTiming,
+    /// Lock order: `irqfd_thread`, then `state`.
+    irqfd_thread: Mutex<Option<IrqfdThread>>,
     state: Mutex<SimState>,
     eoi_sink: Mutex<Option<Weak<dyn EoiSink>>>,
     observer: Mutex<Option<IsrObserver>>,
@@ -123,9 +144,11 @@ impl SimBackend {
                 nmis: 0,
             })
             .collect();
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             mode,
             eoi_timing,
+            irqfd_thread: Mutex::new(None),
             state: Mutex::new(SimState {
                 vcpus,
                 routes: HashMap::new(),
@@ -135,6 +158,7 @@ impl SimBackend {
                 deferred: Vec::new(),
                 eoi_exits: Vec::new(),
                 dropped_msis: 0,
+                next_token: STOP_TOKEN + 1,
             }),
             eoi_sink: Mutex::new(None),
             observer: Mutex::new(None),
@@ -232,6 +256,52 @@ impl SimBackend {
         true
     }
 
+    /// The irqfd thread's epoll set, starting the thread on first use.
+    fn irqfd_epoll(&self) -> Result<Arc<Epoll>, BackendError> {
+        let mut slot = lock(&self.irqfd_thread);
+        if let Some(t) = slot.as_ref() {
+            return Ok(Arc::clone(&t.epoll));
+        }
+        let io =
+            |op: &'static str| move |e: std::io::Error| BackendError::Hypervisor { op, source: e };
+        let epoll = Arc::new(Epoll::new().map_err(io("epoll_create"))?);
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            )
+            .map_err(io("epoll_ctl"))?;
+        let me = self.me.clone();
+        let waiter = Arc::clone(&epoll);
+        let handle = std::thread::Builder::new()
+            .name("sim-irqfd".into())
+            .spawn(move || serve_irqfds(&me, &waiter))
+            .map_err(io("spawn the irqfd thread"))?;
+        *slot = Some(IrqfdThread {
+            epoll: Arc::clone(&epoll),
+            stop,
+            handle: Some(handle),
+        });
+        Ok(epoll)
+    }
+
+    /// The irqfd thread saw `token` ready: inject it if it is still assigned (under the state
+    /// lock, so a commit or deassign that returned is seen).
+    fn serve_token(&self, token: u64) {
+        let mut st = lock(&self.state);
+        let fired = st
+            .irqfds
+            .iter()
+            .find(|i| i.token == token)
+            .filter(|i| readable(&i.fd) && i.fd.read().is_ok())
+            .map(|i| (i.gsi, i.resample.is_some()));
+        if let Some((gsi, level)) = fired {
+            st.inject(gsi, level);
+        }
+    }
+
     /// Which [`EoiTiming`] the vCPUs follow.
     pub fn eoi_timing(&self) -> EoiTiming {
         self.eoi_timing
@@ -309,6 +379,45 @@ impl SimBackend {
             }
         }
         (taken, eois)
+    }
+}
+
+/// The irqfd thread: waits for any kernel irqfd to fire and injects it, until the backend goes.
+fn serve_irqfds(me: &Weak<SimBackend>, epoll: &Epoll) {
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("simulated irqfd thread: epoll_wait failed: {e}");
+                return;
+            }
+        };
+        let Some(sim) = me.upgrade() else {
+            return;
+        };
+        for ev in &events[..n] {
+            if ev.data() == STOP_TOKEN {
+                return;
+            }
+            sim.serve_token(ev.data());
+        }
+    }
+}
+
+impl Drop for SimBackend {
+    fn drop(&mut self) {
+        let Some(mut t) = lock(&self.irqfd_thread).take() else {
+            return;
+        };
+        let _ = t.stop.write(1);
+        if let Some(handle) = t.handle.take() {
+            // The thread itself may hold the last reference for a moment; it exits on its own.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
     }
 }
 
@@ -627,23 +736,38 @@ impl Backend for SimBackend {
             ));
         }
         let key = identity(fd)?;
+        let epoll = self.irqfd_epoll()?;
         let mut st = lock(&self.state);
         if st.irqfds.iter().any(|i| i.key == key) {
             return Err(BackendError::IrqfdBusy);
         }
         let dup = |f: &EventFd| f.try_clone().map_err(|_| BackendError::BadEventFd);
+        let token = st.next_token;
         let irqfd = SimIrqfd {
+            token,
             key,
             fd: dup(fd)?,
             gsi,
             resample: resample.map(dup).transpose()?,
         };
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                irqfd.fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|source| BackendError::Hypervisor {
+                op: "KVM_IRQFD",
+                source,
+            })?;
+        st.next_token += 1;
         st.irqfds.push(irqfd);
         Ok(())
     }
 
     fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> Result<(), BackendError> {
         let key = identity(fd)?;
+        let epoll = self.irqfd_epoll()?;
         let mut st = lock(&self.state);
         let idx = st
             .irqfds
@@ -651,6 +775,12 @@ impl Backend for SimBackend {
             .position(|i| i.key == key && i.gsi == gsi)
             .ok_or(BackendError::IrqfdNotFound(gsi))?;
         let irqfd = st.irqfds.swap_remove(idx);
+        // The caller still holds the eventfd's file, so its epoll entry must go explicitly.
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            irqfd.fd.as_raw_fd(),
+            EpollEvent::default(),
+        );
         if irqfd.resample.is_some()
             && !st
                 .irqfds
