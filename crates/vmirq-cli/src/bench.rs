@@ -99,7 +99,7 @@ fn line_assert_deassert_ns(m: &dyn Machine) -> f64 {
     const SOURCES: usize = 10_000;
     const ROUNDS: usize = 100;
     // Pin 20: not programmed by the guest (masked), so nothing is delivered.
-    let line = m.interrupts().pin(20).unwrap().line();
+    let line = m.interrupts().pin(20).unwrap().line().unwrap();
     let holder = line.source();
     holder.assert();
     let sources: Vec<_> = (0..SOURCES - 1).map(|_| line.source()).collect();

@@ -169,7 +169,7 @@ on_every_machine!(
     irq_sources_or_onto_the_line,
     level_pin,
     |m: &dyn Machine, _| {
-        let line = m.interrupts().pin(PIN).unwrap().line();
+        let line = m.interrupts().pin(PIN).unwrap().line().unwrap();
         let sources: Vec<_> = (0..10_000).map(|_| line.source()).collect();
         for s in &sources {
             s.assert();
@@ -215,5 +215,122 @@ on_every_machine!(
         let (t, r) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
         let err = gsi.assign_level_irqfd(&t, &r).unwrap_err();
         assert!(matches!(err, vmirq::Error::Unsupported(_)), "{err}");
+    }
+);
+
+/// Waits until a consumer (the dispatcher, or KVM's irqfd wakeup) has read `fd`.
+fn wait_drained(fd: &EventFd) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody read the irqfd"
+        );
+        std::thread::yield_now();
+    }
+}
+
+on_every_machine!(
+    edges_on_a_pin_do_not_drop_the_level_a_source_holds,
+    level_pin,
+    |m: &dyn Machine, mode| {
+        let pin = m.interrupts().pin(PIN).unwrap();
+        let source = pin.source().unwrap();
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irqfd = pin.assign_irqfd(&fd).unwrap();
+        if mode == Mode::Kernel {
+            // KVM gives KVM_IRQ_LINE and irqfd pulses one source bit per pin: a kernel edge
+            // irqfd would drop the level, so vmirq pulses through the line instead.
+            assert_eq!(irqfd.path(), IrqfdPath::User);
+        }
+        source.assert();
+        assert!(
+            m.wait_count(0, VECTOR, 1, WAIT) >= 1,
+            "the held line never delivered"
+        );
+        let injections = m
+            .interrupts()
+            .stats()
+            .user_injections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..5 {
+            fd.write(1).unwrap();
+            wait_drained(&fd);
+        }
+        if irqfd.path() == IrqfdPath::User {
+            let stats = m.interrupts().stats();
+            let deadline = std::time::Instant::now() + WAIT;
+            while stats
+                .user_injections
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < injections + 5
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the pulses were never injected"
+                );
+                std::thread::yield_now();
+            }
+        }
+        // The source still holds the line: every EOI re-delivers (a dropped level would stop).
+        let c = m.count(0, VECTOR);
+        assert!(
+            m.wait_count(0, VECTOR, c + 2, WAIT) >= c + 2,
+            "an edge dropped the level a source holds"
+        );
+        drop(irqfd);
+        drop(source);
+    }
+);
+
+on_every_machine!(
+    a_level_line_is_refused_on_a_pin_a_kernel_edge_irqfd_serves,
+    level_pin,
+    |m: &dyn Machine, mode| {
+        let pin = m.interrupts().pin(PIN).unwrap();
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irqfd = pin.assign_irqfd(&fd).unwrap();
+        match (mode, irqfd.path(), pin.line()) {
+            (
+                Mode::Kernel,
+                IrqfdPath::Kernel,
+                Err(vmirq::Error::Router(vmirq::RouterError::SharedLineSource { gsi, pin })),
+            ) => {
+                assert_eq!((gsi.raw(), pin), (PIN, PIN));
+            }
+            // vmirq's own IOAPIC serves the pin: the irqfd is userspace's, the line too.
+            (Mode::Split, IrqfdPath::User, Ok(_)) => {}
+            (mode, path, other) => panic!("{mode:?}: {path:?} irqfd, line {other:?}"),
+        }
+        // Once the irqfd is gone, the pin takes a line.
+        drop(irqfd);
+        let _line = pin.line().unwrap();
+        // And a kernel edge irqfd asked for explicitly is refused while the line lives (on a
+        // split irqchip, KVM never serves a pin).
+        let asked = pin.assign_irqfd_on(&fd, Some(IrqfdPath::Kernel));
+        match mode {
+            Mode::Kernel => assert!(
+                matches!(
+                    asked,
+                    Err(vmirq::Error::Router(
+                        vmirq::RouterError::SharedLineSource { .. }
+                    ))
+                ),
+                "{asked:?}"
+            ),
+            Mode::Split => assert!(
+                matches!(asked, Err(vmirq::Error::Unsupported(_))),
+                "{asked:?}"
+            ),
+        }
     }
 );

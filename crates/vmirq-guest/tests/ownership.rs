@@ -25,11 +25,11 @@ fn dropping_every_handle_frees_the_vm(mode: Mode) {
     let irq = Interrupts::new(backend, Config::default()).unwrap();
     // Every kind of handle, each used once.
     let pin = irq.pin(5).unwrap();
-    let source = pin.source();
+    let source = pin.source().unwrap();
     source.assert();
     source.deassert();
     pin.inject().unwrap();
-    let line = pin.line();
+    let line = pin.line().unwrap();
     let msg = X86Msi::fixed(0, 0x40).encode().unwrap();
     let route = irq.new_route(Route::msi(msg)).unwrap();
     let (kfd, ufd, pfd) = (

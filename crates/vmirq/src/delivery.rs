@@ -119,13 +119,27 @@ impl Delivery {
         self.router.backend()
     }
 
-    /// The level line of `gsi` (one per GSI while anyone holds it).
+    /// The line of `gsi` (one per GSI while anyone holds it), for an edge pulse.
     pub(crate) fn line(&self, gsi: Gsi) -> Arc<Line> {
+        Self::line_in(&mut lock(&self.lines), gsi, &self.me)
+    }
+
+    /// The level line of `gsi`, for level sources. In the kernel irqchip mode it drives
+    /// `KVM_IRQ_LINE`, whose source ID kernel edge irqfds share: refused on a pin a kernel edge
+    /// irqfd reaches ([`crate::RouterError::SharedLineSource`]), and while it lives, edge
+    /// irqfds on its pins go through it on the user path.
+    pub(crate) fn level_line(&self, gsi: Gsi) -> Result<Arc<Line>, Error> {
+        // Lock order: `lines`, then the router's writer.
         let mut lines = lock(&self.lines);
+        self.router.register_level_line(gsi)?;
+        Ok(Self::line_in(&mut lines, gsi, &self.me))
+    }
+
+    fn line_in(lines: &mut HashMap<Gsi, Weak<Line>>, gsi: Gsi, me: &Weak<Self>) -> Arc<Line> {
         if let Some(line) = lines.get(&gsi).and_then(Weak::upgrade) {
             return line;
         }
-        let sink: Arc<dyn LevelSink> = self.me.upgrade().expect("called through a live Arc");
+        let sink: Arc<dyn LevelSink> = me.upgrade().expect("called through a live Arc");
         let line = Arc::new(Line::new(gsi, sink));
         lines.insert(gsi, Arc::downgrade(&line));
         line
@@ -363,9 +377,11 @@ impl LevelSink for Delivery {
     }
 
     fn line_dropped(&self, gsi: Gsi) {
+        // Lock order: `lines`, then the router's writer.
         let mut lines = lock(&self.lines);
         if lines.get(&gsi).is_some_and(|w| w.strong_count() == 0) {
             lines.remove(&gsi);
+            self.router.forget_level_line(gsi);
         }
     }
 }

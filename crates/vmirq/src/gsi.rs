@@ -118,8 +118,10 @@ impl GsiRoute {
     }
 
     /// The GSI's level line (for a route to an IOAPIC pin): the OR of any number of sources.
-    pub fn line(&self) -> Arc<Line> {
-        self.interrupts.delivery().line(self.gsi())
+    /// On the kernel irqchip it is refused ([`crate::RouterError::SharedLineSource`]) if a
+    /// kernel edge irqfd reaches the same pin: KVM would let its pulses drop the level.
+    pub fn line(&self) -> Result<Arc<Line>, Error> {
+        self.interrupts.delivery().level_line(self.gsi())
     }
 
     /// Crate use: binds `fd` with a precomputed identity (MSI-X vectors cache theirs).
@@ -266,14 +268,17 @@ impl IoapicPin {
         Ok(LevelIrqfd::from_core(core))
     }
 
-    /// The pin's level line: the OR of any number of [`IrqSource`]s.
-    pub fn line(&self) -> Arc<Line> {
-        self.interrupts.delivery().line(self.gsi())
+    /// The pin's level line: the OR of any number of [`IrqSource`]s. On the kernel irqchip it
+    /// is refused ([`crate::RouterError::SharedLineSource`]) while a kernel edge irqfd reaches
+    /// the pin: KVM would let its pulses drop the level. While the line lives, edge irqfds
+    /// bound to the pin are served through it on the user path.
+    pub fn line(&self) -> Result<Arc<Line>, Error> {
+        self.interrupts.delivery().level_line(self.gsi())
     }
 
-    /// A new source on the pin's line (shorthand for `line().source()`).
-    pub fn source(&self) -> IrqSource {
-        self.line().source()
+    /// A new source on the pin's line (shorthand for `line()?.source()`).
+    pub fn source(&self) -> Result<IrqSource, Error> {
+        Ok(self.line()?.source())
     }
 
     /// Delivers one edge on the pin, in userspace (no edge if a source holds the line high).

@@ -127,7 +127,7 @@ impl Default for Config {
 /// let pin = irq.pin(5)?;
 /// pin.inject()?;                       // one edge, through vmirq's IOAPIC
 /// sim.run_until_idle();                // the simulated vCPU takes it
-/// let source = pin.source();           // a level source on the same line
+/// let source = pin.source()?;          // a level source on the same line
 /// source.assert();                     // a rising edge: one more interrupt
 /// sim.run_until_idle();
 /// assert_eq!(sim.count(0, 0x31), 2);
@@ -382,6 +382,14 @@ impl Interrupts {
                             "deliver these routes from a kernel irqfd",
                         ));
                     }
+                    // A pin with a level line takes edges through that line (user path): a
+                    // kernel pulse would drop the line's level (one KVM source ID for both).
+                    if let Some(pin) = self.router().edge_shares_pin(routes) {
+                        if path == Some(IrqfdPath::Kernel) {
+                            return Err(RouterError::SharedLineSource { gsi, pin }.into());
+                        }
+                        return Ok(false);
+                    }
                     Ok(kernel_can && path != Some(IrqfdPath::User))
                 },
                 None,
@@ -481,8 +489,9 @@ impl Interrupts {
                 return Ok((IrqfdPath::User, user()?));
             }
             backend.assign_irqfd(own, gsi, resample).map_err(busy)?;
-            if self.router().register_kernel_irqfd(gsi, &routes) {
-                return Ok((IrqfdPath::Kernel, Served::Kernel));
+            let edge = resample.is_none();
+            if self.router().register_kernel_irqfd(gsi, &routes, edge) {
+                return Ok((IrqfdPath::Kernel, Served::Kernel { edge }));
             }
             backend.deassign_irqfd(own, gsi)?;
         }
@@ -532,8 +541,8 @@ impl Interrupts {
     /// Undoes a binding. No lock is held across the hypervisor call.
     pub(crate) fn unbind(&self, b: Binding, gsi: Gsi) -> Result<(), Error> {
         let result = match b.served {
-            Served::Kernel => {
-                self.router().forget_kernel_irqfd(gsi);
+            Served::Kernel { edge } => {
+                self.router().forget_kernel_irqfd(gsi, edge);
                 self.backend()
                     .deassign_irqfd(&b.fd, gsi)
                     .map_err(Error::from)

@@ -88,7 +88,10 @@ pub(crate) fn duplicate(fd: &EventFd) -> Result<EventFd, Error> {
 
 /// How a bound irqfd is served.
 pub(crate) enum Served {
-    Kernel,
+    /// `KVM_IRQFD`; `edge` unless it has a resamplefd.
+    Kernel {
+        edge: bool,
+    },
     User(u64),
     UserLevel {
         token: u64,

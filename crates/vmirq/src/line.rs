@@ -161,6 +161,15 @@ impl Line {
     }
 }
 
+impl std::fmt::Debug for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Line")
+            .field("gsi", &self.gsi)
+            .field("asserted_sources", &self.asserted_sources())
+            .finish()
+    }
+}
+
 impl Drop for Line {
     fn drop(&mut self) {
         self.sink.line_dropped(self.gsi);

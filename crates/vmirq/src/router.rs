@@ -28,7 +28,7 @@
 //! current messages, never the other way round.
 
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Guard};
@@ -56,6 +56,17 @@ pub enum RouterError {
         /// The refused route.
         route: Route,
     },
+    /// In the kernel irqchip mode, an IOAPIC pin with a level [`crate::Line`] would also be
+    /// reached by a kernel edge irqfd, or by another GSI. KVM gives `KVM_IRQ_LINE` and irqfd
+    /// pulses one source bit per pin, so the other's writes would drop the level a device
+    /// holds. Edges on the line's own GSI are served through the line (user path).
+    #[error("{gsi} would share IOAPIC pin {pin} with a level line, and KVM gives both one source bit (an edge would drop the level); bind edges to the line's own GSI on the user path")]
+    SharedLineSource {
+        /// The GSI whose change or binding was refused.
+        gsi: Gsi,
+        /// The shared pin.
+        pin: u32,
+    },
     /// The route object belongs to another VM's interrupts.
     #[error("{0} belongs to another VM's interrupts")]
     ForeignRoute(Gsi),
@@ -74,6 +85,11 @@ struct Writer {
     /// GSIs served by kernel irqfds, with how many: their routes must stay deliverable by the
     /// hypervisor.
     kernel_irqfds: HashMap<u32, u32>,
+    /// Kernel irqchip: of those, the edge irqfds (their pulses use KVM's userspace source ID).
+    kernel_edges: HashMap<u32, u32>,
+    /// Kernel irqchip: GSIs whose level line drives `KVM_IRQ_LINE` (the same source ID). A
+    /// pin is reached by edges or by lines, never both (see [`RouterError::SharedLineSource`]).
+    level_lines: HashSet<u32>,
     /// Generation of `table` (one per built batch).
     built: u64,
     /// The newest built table not yet handed to the backend.
@@ -142,6 +158,8 @@ impl Router {
             free: (first..limit).collect(),
             pin_msis,
             kernel_irqfds: HashMap::new(),
+            kernel_edges: HashMap::new(),
+            level_lines: HashSet::new(),
             built: 0,
             pending: None,
             committing: false,
@@ -333,24 +351,70 @@ impl Router {
     /// A kernel irqfd now serves `gsi`, assigned when its routes were `expected`. Records it
     /// (pinning the GSI's routes to deliverable ones) if the routes are unchanged; returns
     /// false if they changed meanwhile and the caller must undo and decide again.
-    pub(crate) fn register_kernel_irqfd(&self, gsi: Gsi, expected: &[Route]) -> bool {
+    /// An `edge` irqfd that shares a pin with a level line counts as changed routes.
+    pub(crate) fn register_kernel_irqfd(&self, gsi: Gsi, expected: &[Route], edge: bool) -> bool {
         let mut w = lock(&self.writer);
-        if w.table.get(gsi) != expected {
+        if w.table.get(gsi) != expected
+            || (edge && shared_pin(&w.table, [gsi.0], w.level_lines.iter().copied()).is_some())
+        {
             return false;
         }
         *w.kernel_irqfds.entry(gsi.0).or_default() += 1;
+        if edge {
+            *w.kernel_edges.entry(gsi.0).or_default() += 1;
+        }
         true
     }
 
     /// A kernel irqfd on `gsi` is going away.
-    pub(crate) fn forget_kernel_irqfd(&self, gsi: Gsi) {
-        let mut w = lock(&self.writer);
-        if let Some(n) = w.kernel_irqfds.get_mut(&gsi.0) {
-            *n -= 1;
-            if *n == 0 {
-                w.kernel_irqfds.remove(&gsi.0);
+    pub(crate) fn forget_kernel_irqfd(&self, gsi: Gsi, edge: bool) {
+        let mut guard = lock(&self.writer);
+        let w = &mut *guard;
+        let mut maps = vec![&mut w.kernel_irqfds];
+        if edge {
+            maps.push(&mut w.kernel_edges);
+        }
+        for map in maps {
+            if let Some(n) = map.get_mut(&gsi.0) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&gsi.0);
+                }
             }
         }
+    }
+
+    /// Kernel irqchip: the IOAPIC pin an edge irqfd on `gsi` with `routes` would share with a
+    /// level line, if any (then it must be served on the user path).
+    pub(crate) fn edge_shares_pin(&self, routes: &[Route]) -> Option<u32> {
+        if self.mode != IrqchipMode::Kernel {
+            return None;
+        }
+        let w = lock(&self.writer);
+        let line_pins = pins_of(&w.table, w.level_lines.iter().copied());
+        routes
+            .iter()
+            .filter_map(Route::ioapic_pin)
+            .find(|p| line_pins.contains(p))
+    }
+
+    /// Kernel irqchip: `gsi`'s level line will drive `KVM_IRQ_LINE`. Refused if a kernel edge
+    /// irqfd reaches one of its pins.
+    pub(crate) fn register_level_line(&self, gsi: Gsi) -> Result<(), RouterError> {
+        if self.mode != IrqchipMode::Kernel {
+            return Ok(());
+        }
+        let mut w = lock(&self.writer);
+        if let Some((gsi, pin)) = line_conflict(&pin_reach(&w.table), gsi, &w.kernel_edges) {
+            return Err(RouterError::SharedLineSource { gsi, pin });
+        }
+        w.level_lines.insert(gsi.0);
+        Ok(())
+    }
+
+    /// `gsi`'s level line is gone.
+    pub(crate) fn forget_level_line(&self, gsi: Gsi) {
+        lock(&self.writer).level_lines.remove(&gsi.0);
     }
 
     pub(crate) fn mode(&self) -> IrqchipMode {
@@ -479,6 +543,14 @@ fn validate(
             });
         }
     }
+    if !w.level_lines.is_empty() {
+        let reach = pin_reach(table);
+        for line in &w.level_lines {
+            if let Some((gsi, pin)) = line_conflict(&reach, Gsi(*line), &w.kernel_edges) {
+                return Err(RouterError::SharedLineSource { gsi, pin });
+            }
+        }
+    }
     let mut kernel: Vec<KernelRoute> = table
         .iter()
         .filter(|(_, r)| backend.delivers(r))
@@ -495,6 +567,64 @@ fn validate(
     Ok(kernel)
 }
 
+/// The IOAPIC pins `gsis` reach in `table`.
+fn pins_of(table: &RoutingTable, gsis: impl IntoIterator<Item = u32>) -> HashSet<u32> {
+    gsis.into_iter()
+        .flat_map(|g| table.get(Gsi(g)).iter().filter_map(Route::ioapic_pin))
+        .collect()
+}
+
+/// A pin both `a` and `b` reach in `table`.
+fn shared_pin(
+    table: &RoutingTable,
+    a: impl IntoIterator<Item = u32>,
+    b: impl IntoIterator<Item = u32>,
+) -> Option<u32> {
+    let b_pins = pins_of(table, b);
+    if b_pins.is_empty() {
+        return None;
+    }
+    pins_of(table, a).into_iter().find(|p| b_pins.contains(p))
+}
+
+/// The GSIs reaching each IOAPIC pin in `table`.
+fn pin_reach(table: &RoutingTable) -> HashMap<u32, Vec<Gsi>> {
+    let mut reach: HashMap<u32, Vec<Gsi>> = HashMap::new();
+    for (gsi, route) in table.iter() {
+        if let Some(pin) = route.ioapic_pin() {
+            reach.entry(pin).or_default().push(gsi);
+        }
+    }
+    reach
+}
+
+/// Kernel irqchip: why the level line of `line` (pushed with `KVM_IRQ_LINE`) cannot own its
+/// pins (`reach`: the GSIs reaching each pin), as (offending GSI, pin). KVM keeps one
+/// userspace source bit per pin, so a kernel edge irqfd on the line's GSI, or any other GSI
+/// reaching the pin (its pulses or levels set the same bit), would clear the level the line
+/// holds. Edges on the line's own GSI are fine on the user path: they pulse through the line.
+fn line_conflict(
+    reach: &HashMap<u32, Vec<Gsi>>,
+    line: Gsi,
+    kernel_edges: &HashMap<u32, u32>,
+) -> Option<(Gsi, u32)> {
+    let mut pins: Vec<u32> = reach
+        .iter()
+        .filter(|(_, gsis)| gsis.contains(&line))
+        .map(|(pin, _)| *pin)
+        .collect();
+    pins.sort_unstable();
+    for pin in pins {
+        if kernel_edges.contains_key(&line.0) {
+            return Some((line, pin));
+        }
+        if let Some(other) = reach[&pin].iter().find(|g| **g != line) {
+            return Some((*other, pin));
+        }
+    }
+    None
+}
+
 impl RouterError {
     /// The same error for another waiter of a combined commit.
     pub(crate) fn duplicate(&self) -> Self {
@@ -508,6 +638,10 @@ impl RouterError {
                 }
             }
             RouterError::ForeignRoute(g) => RouterError::ForeignRoute(*g),
+            RouterError::SharedLineSource { gsi, pin } => RouterError::SharedLineSource {
+                gsi: *gsi,
+                pin: *pin,
+            },
             RouterError::Route(e) => RouterError::Route(e.clone()),
         }
     }

@@ -27,7 +27,7 @@ fn split_vm() -> (std::sync::Arc<SimBackend>, std::sync::Arc<Interrupts>) {
 #[test]
 fn a_level_storm_is_deferred_after_ten_thousand_redeliveries() {
     let (sim, irq) = split_vm();
-    let source = irq.pin(PIN).unwrap().source();
+    let source = irq.pin(PIN).unwrap().source().unwrap();
     source.assert();
     sim.run_until_idle();
     // The first delivery plus 9,999 EOI re-deliveries; the 10,000th waits ~10 ms.
@@ -136,7 +136,7 @@ fn deassigning_the_last_level_irqfd_leaves_the_line_low() {
 #[test]
 fn split_mode_eoi_exits_only_for_vectors_the_pin_routes_name() {
     let (sim, irq) = split_vm();
-    let source = irq.pin(PIN).unwrap().source();
+    let source = irq.pin(PIN).unwrap().source().unwrap();
     // The pin's own level vector: delivered, its EOI reaches the IOAPIC, which re-delivers
     // while the line is high (so more than one interrupt).
     source.assert();
@@ -155,7 +155,7 @@ fn split_mode_eoi_exits_only_for_vectors_the_pin_routes_name() {
     let lo = 0x6Bu32 | 1 << 15;
     irq.mmio_write(IOAPIC_BASE, &(0x10 + 2 * PIN).to_le_bytes());
     irq.mmio_write(IOAPIC_BASE + 0x10, &lo.to_le_bytes());
-    let source = irq.pin(PIN).unwrap().source();
+    let source = irq.pin(PIN).unwrap().source().unwrap();
     source.assert();
     sim.run_until_idle();
     assert_eq!(
@@ -190,7 +190,7 @@ fn eoi_timing_decides_whether_a_held_level_redelivers_before_the_handler_ends() 
         // At the guest's EOI: one interrupt per handler while the line stays high, none once
         // the device lowered it before the handler ended.
         let (sim, irq) = level_vm(mode, vmirq::EoiTiming::GuestEoi);
-        let source = irq.pin(PIN).unwrap().source();
+        let source = irq.pin(PIN).unwrap().source().unwrap();
         source.assert();
         assert_eq!(sim.run_until_idle(), 1, "{mode:?}: first delivery");
         assert_eq!(sim.run_until_idle(), 1, "{mode:?}: EOI with the line high");
@@ -203,9 +203,42 @@ fn eoi_timing_decides_whether_a_held_level_redelivers_before_the_handler_ends() 
         // At delivery: the EOI comes before any handler could lower the line, so a held line
         // re-delivers at once until the storm guard defers it (10,000, as KVM's IOAPIC).
         let (sim, irq) = level_vm(mode, vmirq::EoiTiming::AtDelivery);
-        let source = irq.pin(PIN).unwrap().source();
+        let source = irq.pin(PIN).unwrap().source().unwrap();
         source.assert();
         assert_eq!(sim.run_until_idle(), 10_000, "{mode:?}: storm");
         drop(source);
     }
+}
+
+#[test]
+fn a_pin_with_a_level_line_is_reached_by_no_other_gsi_on_the_kernel_irqchip() {
+    use vmirq::{Error, Route, RouterError};
+    let shared = |r: Result<(), Error>| {
+        matches!(r, Err(Error::Router(RouterError::SharedLineSource { .. })))
+    };
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let line = irq.pin(PIN).unwrap().line().unwrap();
+    // Another GSI routed to the pin would share KVM's per-pin source bit with the line.
+    let other = irq.allocate_route().unwrap();
+    let before = sim.commits();
+    assert!(shared(other.set(Route::ioapic(PIN))));
+    assert_eq!(sim.commits(), before, "a refused table reaches the backend");
+    assert!(other.routes().is_empty());
+    // Any other pin is fine; and once the line is gone, so is this one.
+    other.set(Route::ioapic(PIN + 1)).unwrap();
+    drop(line);
+    other.set(Route::ioapic(PIN)).unwrap();
+    // Now the pin is reached by two GSIs: a line on either is refused.
+    assert!(shared(irq.pin(PIN).unwrap().line().map(drop)));
+    assert!(shared(other.line().map(drop)));
+    // A split irqchip keeps lines in vmirq's IOAPIC: no such rule.
+    let sim = SimBackend::new(1, IrqchipMode::Split { ioapic_pins: 24 });
+    let irq = Interrupts::new(sim, Config::default()).unwrap();
+    let _line = irq.pin(PIN).unwrap().line().unwrap();
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    assert_eq!(
+        irq.pin(PIN).unwrap().assign_irqfd(&fd).unwrap().path(),
+        IrqfdPath::User
+    );
 }

@@ -130,7 +130,7 @@ fn a_redirection_entry_write_stalls_no_eoi_or_assert_on_other_pins() {
         .unwrap();
     // Pin B is asserted while masked; the guest unmasks it with a new vector in one write,
     // which changes B's kernel route (its message) and delivers.
-    let b_source = irq.pin(b).unwrap().source();
+    let b_source = irq.pin(b).unwrap().source().unwrap();
     b_source.assert();
     let guest = Arc::clone(&irq);
     while_a_commit_is_parked(

@@ -203,7 +203,7 @@ fn dropping_every_handle_frees_the_backend() {
         let weak = Arc::downgrade(&sim);
         let irq = Interrupts::new(sim, Config::default()).unwrap();
         let pin = irq.pin(5).unwrap();
-        let source = pin.source();
+        let source = pin.source().unwrap();
         source.assert();
         source.deassert();
         pin.inject().unwrap();
@@ -216,7 +216,7 @@ fn dropping_every_handle_frees_the_backend() {
         let pin_irqfd = pin.assign_irqfd(&pin_fd).unwrap();
         pin_fd.write(1).unwrap();
         fd.write(1).unwrap();
-        let line = pin.line();
+        let line = pin.line().unwrap();
         drop((source, line, user, pin_irqfd, route, pin, irq));
         assert!(
             weak.upgrade().is_none(),

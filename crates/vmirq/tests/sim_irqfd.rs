@@ -25,7 +25,10 @@ fn vm() -> (Arc<SimBackend>, Arc<Interrupts>) {
 fn wait_pending(sim: &SimBackend, vector: u8) {
     let deadline = Instant::now() + TIMEOUT;
     while !sim.is_pending(0, vector) {
-        assert!(Instant::now() < deadline, "{vector:#x} never became pending");
+        assert!(
+            Instant::now() < deadline,
+            "{vector:#x} never became pending"
+        );
         std::thread::yield_now();
     }
 }
@@ -112,7 +115,10 @@ fn no_fire_is_injected_once_the_deassign_returned() {
         hammer.wait_writes(200);
         control.write(1).unwrap();
         wait_pending(&sim, 0x42);
-        assert!(!sim.is_pending(0, 0x41), "round {round}: injected after deassign");
+        assert!(
+            !sim.is_pending(0, 0x41),
+            "round {round}: injected after deassign"
+        );
         sim.run_until_idle();
         assert_eq!(sim.count(0, 0x41), before, "round {round}");
         // The fd still holds the writes since the deassign, as KVM leaves them.
@@ -137,7 +143,10 @@ fn no_fire_uses_a_route_once_the_commit_replacing_it_returned() {
         let before = sim.count(0, old);
         hammer.wait_writes(50);
         wait_pending(&sim, new);
-        assert!(!sim.is_pending(0, old), "round {round}: the old route after its commit");
+        assert!(
+            !sim.is_pending(0, old),
+            "round {round}: the old route after its commit"
+        );
         sim.run_until_idle();
         assert_eq!(sim.count(0, old), before, "round {round}");
         std::mem::swap(&mut old, &mut new);

@@ -62,10 +62,11 @@ pub const MAX_ROUNDS: usize = 100_000;
 /// How long the in-"kernel" IOAPIC's storm guard holds a re-delivery back.
 const STORM_DELAY: Duration = Duration::from_millis(10);
 
-/// Line source bits of one GSI, as KVM's irq source IDs. The resampler's source is the
-/// IOAPIC model's resampled input, which the model itself drops on EOI.
+/// KVM's irq source ID for `KVM_IRQ_LINE` and for edge irqfd pulses alike
+/// (`KVM_USERSPACE_IRQ_SOURCE_ID`): one bit per IOAPIC pin, so a pulse's falling half drops a
+/// level `KVM_IRQ_LINE` holds on the same pin. The resampler's source is the IOAPIC model's
+/// resampled input, which the model itself drops on EOI.
 const SOURCE_USER: u8 = 1 << 0;
-const SOURCE_IRQFD_EDGE: u8 = 1 << 1;
 
 struct SimIrqfd {
     /// The irqfd thread's epoll token.
@@ -88,9 +89,10 @@ struct SimState {
     vcpus: Vec<SimVcpu>,
     routes: HashMap<Gsi, Vec<Route>>,
     irqfds: Vec<SimIrqfd>,
-    /// Kernel irqchip mode: the in-kernel IOAPIC and each GSI's line sources.
+    /// Kernel irqchip mode: the in-kernel IOAPIC and each pin's line sources (KVM keeps them
+    /// per pin, `ioapic->irq_states`, whatever GSI drove them).
     ioapic: Option<Ioapic>,
-    sources: HashMap<Gsi, u8>,
+    sources: HashMap<u32, u8>,
     /// Split irqchip: per vCPU, the vectors whose EOI exits (see [`eoi_exit_vectors`]).
     eoi_exits: Vec<[bool; 256]>,
     /// Kernel irqchip: storm-guard re-deliveries and when they are due (KVM: HZ / 100).
@@ -532,22 +534,22 @@ impl SimState {
             if level {
                 self.set_resampled(gsi, true);
             } else {
-                self.set_source(gsi, SOURCE_IRQFD_EDGE, true);
-                self.set_source(gsi, SOURCE_IRQFD_EDGE, false);
+                self.set_source(gsi, SOURCE_USER, true);
+                self.set_source(gsi, SOURCE_USER, false);
             }
         }
     }
 
     fn set_source(&mut self, gsi: Gsi, source: u8, on: bool) {
-        let bits = self.sources.entry(gsi).or_default();
-        if on {
-            *bits |= source;
-        } else {
-            *bits &= !source;
-        }
-        let level = *bits != 0;
         let mut fx = Effects::default();
         for pin in self.ioapic_pins(gsi) {
+            let bits = self.sources.entry(pin).or_default();
+            if on {
+                *bits |= source;
+            } else {
+                *bits &= !source;
+            }
+            let level = *bits != 0;
             if let Some(ioapic) = &mut self.ioapic {
                 ioapic.set_line(pin, level, &mut fx);
             }
