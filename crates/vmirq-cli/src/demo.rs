@@ -65,7 +65,7 @@ pub struct Row {
 
 impl Row {
     /// Coalesced is what was neither delivered nor lost: triggers merged into one interrupt.
-    fn new(
+    pub fn new(
         path: &'static str,
         sent: u64,
         delivered: u64,
@@ -165,10 +165,26 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
     bar.set_prefix("xen-2l");
     rows.push(drive_xen(&*kernel, &bar)?);
     bar.finish_and_clear();
+    print_table(
+        kernel.kind(),
+        rows,
+        json,
+        &format!("latency: host trigger -> guest ISR's report (port write exit); bursts of {BURST} may coalesce, never lose"),
+    )
+}
+
+/// Prints the demo's table (or its JSON shape) for `rows` and a footer line; an error if any
+/// row lost interrupts.
+pub fn print_table(
+    backend: &'static str,
+    rows: Vec<Row>,
+    json: bool,
+    footer: &str,
+) -> Result<(), DemoError> {
     let lost = DemoError::lost(rows.iter().map(|r| (r.path, r.lost)));
     if json {
         let report = Report {
-            backend: kernel.kind(),
+            backend,
             paths: rows,
         };
         println!(
@@ -177,17 +193,16 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
         );
     } else {
         println!(
-            "backend: {} (2 vCPUs, real-mode guest; interrupts to vCPU {TARGET_VCPU}; \
-             level-ioapic-split on a split-irqchip VM, the rest on an in-kernel irqchip)",
-            kernel.kind()
+            "backend: {backend} (2 vCPUs, real-mode guest; interrupts to vCPU {TARGET_VCPU}; \
+             level-ioapic-split on a split-irqchip VM, the rest on an in-kernel irqchip)"
         );
         println!(
-            "{:<22} {:>6} {:>10} {:>10} {:>5} {:>10} {:>10}",
+            "{:<22} {:>8} {:>10} {:>10} {:>5} {:>10} {:>10}",
             "path", "sent", "delivered", "coalesced", "lost", "p50", "p99"
         );
         for r in &rows {
             println!(
-                "{:<22} {:>6} {:>10} {:>10} {:>5} {:>10} {:>10}",
+                "{:<22} {:>8} {:>10} {:>10} {:>5} {:>10} {:>10}",
                 r.path,
                 r.sent,
                 r.delivered,
@@ -197,7 +212,7 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
                 human_ns(r.p99_ns)
             );
         }
-        println!("latency: host trigger -> guest ISR's report (port write exit); bursts of {BURST} may coalesce, never lose");
+        println!("{footer}");
     }
     lost.map_or(Ok(()), Err)
 }

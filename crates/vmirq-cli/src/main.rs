@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod paths;
 mod report;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,19 @@ enum Command {
         /// Paced triggers per path (each waits for its interrupt).
         #[arg(long, default_value_t = 300, value_parser = at_least_one)]
         count: usize,
+    },
+    /// Drive every demo path at full rate with masking, re-routing and level-source churn;
+    /// print the demo's table; fail on any loss.
+    Soak {
+        /// Print one JSON object (the demo's shape) instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Use the simulated backend even if /dev/kvm works.
+        #[arg(long)]
+        sim: bool,
+        /// Triggers per path.
+        #[arg(long, default_value_t = 1_000_000, value_parser = at_least_one)]
+        events: usize,
     },
     /// Measure each path against its baseline in one run; report ratios.
     Bench {
@@ -77,6 +91,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { json, sim, count } => demo::run(pick_backend(sim), json, count),
+        Command::Soak { json, sim, events } => soak::run(pick_backend(sim), json, events as u64),
         Command::Bench { json, sim, samples } => bench::run(pick_backend(sim), json, samples),
     };
     match result {
