@@ -356,6 +356,13 @@ pub trait Machine: Send + Sync {
     fn pump(&self);
     fn log(&self) -> &IsrLog;
 
+    /// When the vCPUs' LAPICs retire an interrupt, if known: the simulator says; on KVM it is
+    /// the host's (this development host's KVM retires at delivery; standard KVM at the guest's
+    /// EOI), so tests must accept both and name the behaviour that makes a range necessary.
+    fn eoi_timing(&self) -> Option<EoiTiming> {
+        None
+    }
+
     /// Has vCPU 0 perform these 32-bit MMIO accesses now, in order, and waits until it has
     /// (the guest's runtime command mailbox; at most [`layout::MMIO_SCRIPT_MAX`] entries).
     /// Entries made with [`mmio_read_op`] are reads; returns every entry's value afterwards.
@@ -438,6 +445,25 @@ pub trait Machine: Send + Sync {
         }
     }
 
+    /// The control event of a negative check: an MSI to `vcpu` on [`CONTROL_VECTOR`] (lower
+    /// than every vector the tests check), waited for. Once it is taken, whatever was pending
+    /// on that vCPU with a higher vector has been taken too (the LAPIC serves the highest
+    /// first), so a forbidden interrupt that has not shown up by then was not merely slow.
+    /// Panics if the control never comes (the machine is not live).
+    fn control(&self, vcpu: usize) {
+        let msg = vmirq::X86Msi::fixed(vcpu as u32, CONTROL_VECTOR)
+            .encode()
+            .expect("a fixed MSI to an 8-bit APIC ID encodes");
+        self.interrupts()
+            .signal_msi(msg)
+            .expect("the control MSI is refused");
+        assert!(
+            self.wait_isr(Some(vcpu), CONTROL_VECTOR, Duration::from_secs(10))
+                .is_some(),
+            "the control interrupt never reached vCPU {vcpu}: the machine is not live"
+        );
+    }
+
     /// Every interrupt counted on every vCPU.
     fn total(&self) -> u64 {
         (0..self.vcpus())
@@ -446,6 +472,9 @@ pub trait Machine: Send + Sync {
             .sum()
     }
 }
+
+/// The vector of [`Machine::control`]: below every vector the tests check.
+pub const CONTROL_VECTOR: u8 = 0x30;
 
 /// The simulated machine: [`SimBackend`] plus the core, with the guest's behaviour played by
 /// the simulated vCPUs. It has guest RAM like the KVM machine (for Xen's `shared_info`); the
@@ -550,6 +579,10 @@ impl SimMachine {
 impl Machine for SimMachine {
     fn kind(&self) -> &'static str {
         "sim"
+    }
+
+    fn eoi_timing(&self) -> Option<EoiTiming> {
+        Some(self.sim.eoi_timing())
     }
 
     fn interrupts(&self) -> &Arc<Interrupts> {

@@ -82,7 +82,8 @@ fn serve(m: &dyn Machine, dev: &Device, units: u64, already_asserted: bool) -> S
             dev.trigger.write(1).unwrap();
         }
     }
-    m.settle(Duration::from_millis(30));
+    // No re-delivery still to come after the last resample.
+    m.control(0);
     Served {
         interrupts: m.count(0, VECTOR) - base,
         spurious_resamples: spurious,
@@ -103,8 +104,17 @@ on_every_machine!(
         // Deassigned: a trigger no longer reaches the guest, and the line was left low.
         dev.irqfd.deassign().unwrap();
         dev.trigger.write(1).unwrap();
-        m.settle(Duration::from_millis(50));
-        assert_eq!(m.count(0, VECTOR), 25);
+        // Control through the same pin and path: a second device's unit, after the write.
+        let other = device(m, mode);
+        other.trigger.write(1).unwrap();
+        wait_fd(m, &other.resample, WAIT).expect("the control device was not told of its EOI");
+        m.control(0);
+        assert_eq!(m.count(0, VECTOR), 26, "the deassigned device asserted");
+        assert_eq!(
+            dev.resample.read().ok(),
+            None,
+            "the deassigned device was told of an EOI"
+        );
     }
 );
 
@@ -113,21 +123,32 @@ on_every_machine!(
     level_pin,
     |m: &dyn Machine, mode| {
         let (a, b) = (device(m, mode), device(m, mode));
-        // Both assert: the line is their OR, and the EOI tells both. The two triggers are two
-        // writes, so the first may be delivered and acknowledged before the second asserts
-        // (real KVM does this now and then): one interrupt or two, never more, never none.
+        // Both assert: the line is their OR, and the EOI tells both.
         a.trigger.write(1).unwrap();
         b.trigger.write(1).unwrap();
         wait_fd(m, &a.resample, WAIT).expect("device A was not told of the EOI");
         wait_fd(m, &b.resample, WAIT).expect("device B was not told of the EOI");
         assert!(m.wait_count(0, VECTOR, 1, WAIT) >= 1);
-        // Long enough for B's assert, and a second interrupt's EOI, to have been handled.
-        m.settle(Duration::from_millis(200));
+        m.control(0);
         let first = m.count(0, VECTOR);
+        // The two triggers are two asserts. Where they are injected asynchronously — KVM
+        // injects a resample irqfd's assert from a workqueue (virt/kvm/eventfd.c
+        // irqfd_inject), vmirq's dispatcher on a split irqchip — the second may land after
+        // the first interrupt's EOI de-asserted the GSI's one resampler source: then it is a
+        // second interrupt. The simulated in-kernel irqchip injects both before the vCPU runs.
+        let expected = if m.kind() == "sim" && mode == Mode::Kernel {
+            1..=1
+        } else {
+            1..=2
+        };
         assert!(
-            (1..=2).contains(&first),
+            expected.contains(&first),
             "{first} interrupts for two asserts"
         );
+        if first == 2 {
+            wait_fd(m, &a.resample, WAIT).expect("device A was not told of the second EOI");
+            wait_fd(m, &b.resample, WAIT).expect("device B was not told of the second EOI");
+        }
         // A second interrupt's resample may still be counted in the eventfds: start clean.
         let _ = a.resample.read();
         let _ = b.resample.read();
@@ -142,7 +163,7 @@ on_every_machine!(
             wait_fd(m, &a.resample, WAIT).expect("device A was not told of the EOI");
             wait_fd(m, &b.resample, WAIT).expect("device B was not told of the EOI");
         }
-        m.settle(Duration::from_millis(30));
+        m.control(0);
         assert_eq!(m.count(0, VECTOR), first + 3);
     }
 );
@@ -155,8 +176,14 @@ on_every_machine!(
         m.guest_mmio(&ioapic_pin_script(PIN, VECTOR, 0, true, true))
             .unwrap();
         dev.trigger.write(1).unwrap();
-        m.settle(Duration::from_millis(50));
+        // Control through the same pin: a second device asserting must not deliver either,
+        // and an MSI after it does.
+        let other = device(m, mode);
+        other.trigger.write(1).unwrap();
+        wait_drained(&other.trigger);
+        m.control(0);
         assert_eq!(m.count(0, VECTOR), 0, "a masked pin delivered");
+        drop(other);
         m.guest_mmio(&ioapic_pin_script(PIN, VECTOR, 0, true, false))
             .unwrap();
         // At unmask the level is either injected, or (Linux ≥ 6.4 and vmirq) judged stale and
@@ -189,17 +216,22 @@ on_every_machine!(
             m.wait_count(0, VECTOR, c + 2, WAIT) >= c + 2,
             "the line fell with a source asserted"
         );
+        let at_deassert = m.count(0, VECTOR);
         last.deassert();
-        m.settle(Duration::from_millis(50));
-        let settled = m.count(0, VECTOR);
-        m.settle(Duration::from_millis(200));
-        // One interrupt may still have been in flight at the de-assert (this host's KVM
-        // re-delivers at once); a storm would be many.
-        let after = m.count(0, VECTOR);
+        m.control(0);
+        // At the guest's EOI (standard KVM) the line is sampled only when the handler ends:
+        // nothing after the de-assert. Retired at delivery (this host's KVM), a held line
+        // re-delivers at each delivery, so at the de-assert one interrupt can be in the guest's
+        // handler, not yet counted, and its re-delivery already in IRR: up to two more. A
+        // storm would be many.
+        let slack = match m.eoi_timing() {
+            Some(vmirq::EoiTiming::GuestEoi) => 0,
+            _ => 2,
+        };
+        let after = m.count(0, VECTOR) - at_deassert;
         assert!(
-            after <= settled + 1,
-            "{} interrupts after every source de-asserted",
-            after - settled
+            after <= slack,
+            "{after} interrupts after every source de-asserted"
         );
         drop(sources);
     }

@@ -306,14 +306,32 @@ on_every_machine!(
             assert_eq!(send(m, p), 0);
             assert_eq!(wait_port(m, p, n), n, "event {n} through the callback GSI");
         }
-        // The consumer cleared upcall_pending at each EOI: the line is low, nothing storms.
-        m.settle(Duration::from_millis(50));
+        // Each event: one upcall, and when the LAPIC retires the upcall at delivery (this
+        // host's KVM, the at-delivery simulator) the resample comes before the handler clears
+        // upcall_pending, so the pin is re-asserted once more and the guest takes one empty
+        // upcall. At the guest's EOI (standard KVM) the handler has cleared it: exactly one.
+        let per_event = |n: u64| match m.eoi_timing() {
+            Some(vmirq::EoiTiming::GuestEoi) => n..=n,
+            _ => n..=2 * n,
+        };
+        // Control: an event on a second port, waited for, proves the path is live and that
+        // any re-assert still owed for the first port's events has been taken.
+        let q = bind_ipi(m, 0);
+        assert_eq!(send(m, q), 0);
+        assert_eq!(wait_port(m, q, 1), 1, "the control event");
         let upcalls = m.count(0, XEN_UPCALL_VECTOR);
-        assert!((3..=6).contains(&upcalls), "{upcalls} upcalls for 3 events");
+        assert!(
+            per_event(4).contains(&upcalls),
+            "{upcalls} upcalls for 4 events"
+        );
         assert!(!x.channels.upcall_pending(0));
-        m.settle(Duration::from_millis(200));
-        // At most one re-assert still in flight (KVM here resamples at delivery, before the
-        // guest clears upcall_pending); a storm would be many.
-        assert!(m.count(0, XEN_UPCALL_VECTOR) <= upcalls + 1);
+        assert_eq!(m.port_counter(p), 3, "an event consumed twice");
+        // Nothing storms once upcall_pending is clear: a second control takes exactly its own
+        // upcall(s).
+        assert_eq!(send(m, q), 0);
+        assert_eq!(wait_port(m, q, 2), 2, "the second control event");
+        let after = m.count(0, XEN_UPCALL_VECTOR) - upcalls;
+        assert!(per_event(1).contains(&after), "{after} upcalls for 1 event");
+        assert_eq!((m.port_counter(p), m.port_counter(q)), (3, 2));
     }
 );
