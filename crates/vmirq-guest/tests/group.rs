@@ -52,7 +52,7 @@ on_every_machine!(
         group.update(0, msi(0x82), false).unwrap();
         group.trigger(0).unwrap();
         assert_eq!(m.wait_count(0, 0x82, 1, WAIT), 1);
-        m.settle(Duration::from_millis(20));
+        m.control(0);
         assert_eq!(
             (m.count(0, 0x80), m.count(0, 0x81)),
             (3, 2),
@@ -107,20 +107,27 @@ on_every_machine!(
         group.update(0, pin, true).unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         producer.join().unwrap();
-        assert!(
-            m.wait_count(0, 0x49, 1, WAIT) >= 1,
-            "the firing source never delivered"
-        );
-        // Masked: counted, not delivered. A fresh trigger plus unmask gives exactly one more.
-        m.settle(Duration::from_millis(20));
+        // The unmasked windows of the race are too short to promise a delivery inside them
+        // (the dispatcher may not run before the re-mask): what the producer wrote stays
+        // counted and comes out at the unmask below.
+        // Masked: counted, not delivered. Once the mask returned nothing more is injected;
+        // the control takes whatever was already on its way to the vCPU.
+        m.control(0);
         let masked_count = m.count(0, 0x49);
         group.trigger(0).unwrap();
-        m.settle(Duration::from_millis(20));
-        assert!(
-            m.count(0, 0x49) <= masked_count + 1,
-            "a masked source kept delivering"
-        );
+        m.control(0);
+        assert_eq!(m.count(0, 0x49), masked_count, "a masked source delivered");
+        // A fresh trigger plus unmask gives exactly one more.
         group.update(0, pin, false).unwrap();
-        assert!(m.wait_count(0, 0x49, masked_count + 1, WAIT) > masked_count);
+        assert_eq!(
+            m.wait_count(0, 0x49, masked_count + 1, WAIT),
+            masked_count + 1
+        );
+        m.control(0);
+        assert_eq!(
+            m.count(0, 0x49),
+            masked_count + 1,
+            "delivered twice at unmask"
+        );
     }
 );

@@ -182,6 +182,9 @@ fn smoke(mode: IrqchipMode) {
     backend.signal_msi(msi(1, 0x40), None).unwrap();
     rec.wait_isr(1, 0x40, 1);
     assert_eq!(counter(&vm, 1, 0x40), 1);
+    // Control on vCPU 0 before checking it took nothing.
+    backend.signal_msi(msi(0, 0x31), None).unwrap();
+    rec.wait_isr(0, 0x31, 1);
     assert_eq!(
         counter(&vm, 0, 0x40),
         0,
@@ -232,7 +235,9 @@ fn smoke(mode: IrqchipMode) {
         backend.set_line(Gsi::from_raw(IOAPIC_PIN), true).unwrap();
         backend.set_line(Gsi::from_raw(IOAPIC_PIN), false).unwrap();
         rec.wait_isr(0, 0x45, 1);
-        std::thread::sleep(Duration::from_millis(50));
+        // Control: a lower vector after the edge; a second 0x45 would be taken before it.
+        backend.signal_msi(msi(0, 0x30), None).unwrap();
+        rec.wait_isr(0, 0x30, 1);
         assert_eq!(rec.isr_count(0, 0x45), 1, "an edge pin fires once");
         assert_eq!(counter(&vm, 0, 0x45), 1);
     } else {
