@@ -36,6 +36,8 @@ pub enum DemoError {
     },
     #[error("{lost} interrupts were lost ({on})")]
     Lost { lost: u64, on: String },
+    #[error("{path}: {extra} interrupts more than its triggers can cause (delivered twice)")]
+    Duplicated { path: &'static str, extra: u64 },
 }
 
 impl DemoError {
@@ -98,23 +100,37 @@ fn drive(
     rig: &paths::Rig,
     paced: u64,
     bar: &ProgressBar,
-) -> Result<Row, vmirq::Error> {
+) -> Result<Row, DemoError> {
+    let err = |source| DemoError::Path {
+        path: rig.name,
+        source,
+    };
     m.log().clear();
     let before = m.count(TARGET_VCPU, rig.vector);
     let mut latencies = Vec::with_capacity(paced as usize);
     let mut lost = 0;
     for _ in 0..paced {
-        match paths::round_trip(m, rig)? {
+        match paths::round_trip(m, rig).map_err(err)? {
             Some(trip) => latencies.push(trip.isr),
             None => lost += 1,
         }
         bar.inc(1);
     }
+    // Each paced trigger waited for its interrupt: exactly one each (the control is taken
+    // after anything still pending above it).
+    m.control(TARGET_VCPU);
+    let paced_delivered = m.count(TARGET_VCPU, rig.vector) - before;
+    if paced_delivered > paced {
+        return Err(DemoError::Duplicated {
+            path: rig.name,
+            extra: paced_delivered - paced,
+        });
+    }
     // An interrupt taken after the last trigger was *issued* proves it was not lost.
     let mut last_trigger = Instant::now();
     for _ in 0..BURST {
         last_trigger = Instant::now();
-        rig.fire()?;
+        rig.fire().map_err(err)?;
     }
     let last_isr = drain_burst(
         m,
@@ -133,9 +149,16 @@ fn drive(
         lost += 1;
     }
     bar.inc(BURST);
-    m.settle(Duration::from_millis(20));
+    m.control(TARGET_VCPU);
     let sent = paced + BURST;
     let delivered = m.count(TARGET_VCPU, rig.vector) - before;
+    // A burst may coalesce, into 1 to BURST interrupts; never more.
+    if delivered - paced_delivered > BURST {
+        return Err(DemoError::Duplicated {
+            path: rig.name,
+            extra: delivered - paced_delivered - BURST,
+        });
+    }
     Ok(Row::new(rig.name, sent, delivered, lost, &mut latencies))
 }
 
@@ -158,7 +181,7 @@ pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError>
         bar.set_prefix(path);
         let err = |source| DemoError::Path { path, source };
         let rig = paths::rig(m, path).map_err(err)?;
-        rows.push(drive(m, &rig, paced, &bar).map_err(err)?);
+        rows.push(drive(m, &rig, paced, &bar)?);
     }
     bar.set_prefix("msix");
     rows.push(drive_msix(&*kernel, paced, &bar)?);
@@ -245,6 +268,9 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
     let mut owed = vec![false; usize::from(MSIX_VECTORS)];
     let mut rng = paths::XorShift(0x9E37_79B9_7F4A_7C15);
     let (mut latencies, mut lost) = (Vec::new(), 0u64);
+    // Interrupts the guest must take: one per fire on an unmasked vector, one per vector
+    // owed at its unmask. More would be duplicates.
+    let mut expected = 0u64;
     m.log().clear();
     for i in 0..MSIX_FIRES {
         if rng.next() % 8 == 0 {
@@ -253,6 +279,7 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
             let ctrl = paths::MSIX_BAR + u32::from(v) * 16 + 12;
             m.guest_mmio(&[(ctrl, u32::from(masked[usize::from(v)]))])?;
             if !masked[usize::from(v)] && owed[usize::from(v)] {
+                expected += 1;
                 // Unmasked with a pending bit: delivered once, now.
                 if m.wait_isr(Some(TARGET_VCPU), vector_of(v), WAIT).is_none() {
                     lost += 1;
@@ -266,6 +293,7 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
         if masked[usize::from(v)] {
             owed[usize::from(v)] = true;
         } else {
+            expected += 1;
             match m.wait_isr(Some(TARGET_VCPU), vector_of(v), WAIT) {
                 Some(ev) => latencies.push(ev.at.saturating_duration_since(t0)),
                 None => lost += 1,
@@ -281,11 +309,12 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
     m.guest_mmio(&unmask)?;
     for v in 0..MSIX_VECTORS {
         let had = at_unmask[usize::from(v)];
+        expected += u64::from(owed[usize::from(v)]);
         if owed[usize::from(v)] && m.wait_count(TARGET_VCPU, vector_of(v), had + 1, WAIT) == had {
             lost += 1;
         }
     }
-    m.settle(Duration::from_millis(50));
+    m.control(TARGET_VCPU);
     if let Some(e) = device
         .events
         .lock()
@@ -302,6 +331,12 @@ fn drive_msix(m: &dyn Machine, _paced: u64, bar: &ProgressBar) -> Result<Row, De
     let delivered: u64 = (0..MSIX_VECTORS)
         .map(|v| count(v) - before[usize::from(v)])
         .sum();
+    if delivered > expected {
+        return Err(DemoError::Duplicated {
+            path: "msix",
+            extra: delivered - expected,
+        });
+    }
     Ok(Row::new(
         "msix",
         MSIX_FIRES,
@@ -337,6 +372,9 @@ fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
     let mut owed = vec![false; ports.len()];
     let mut rng = paths::XorShift(0xD1B5_4A32_D192_ED03);
     let (mut latencies, mut lost) = (Vec::new(), 0u64);
+    // Events the guest must consume: one per event on an unmasked port, one per port owed at
+    // its unmask. More would be duplicates.
+    let mut expected = 0u64;
     let wait_port = |port: u32, n: u32| {
         let deadline = Instant::now() + WAIT;
         while m.port_counter(port) < n && Instant::now() < deadline {
@@ -353,6 +391,7 @@ fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
             if masked[k] {
                 let had = m.port_counter(port);
                 xen.unmask(m, port).map_err(err)?;
+                expected += u64::from(owed[k]);
                 if owed[k] && !wait_port(port, had + 1) {
                     lost += 1;
                 }
@@ -371,6 +410,7 @@ fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
         if masked[k] {
             owed[k] = true;
         } else {
+            expected += 1;
             match m.wait_isr(
                 Some(*vcpu as usize),
                 vmirq_guest::layout::XEN_UPCALL_VECTOR,
@@ -390,17 +430,25 @@ fn drive_xen(m: &dyn Machine, bar: &ProgressBar) -> Result<Row, DemoError> {
         if masked[k] {
             let had = m.port_counter(*port);
             xen.unmask(m, *port).map_err(err)?;
+            expected += u64::from(owed[k]);
             if owed[k] && !wait_port(*port, had + 1) {
                 lost += 1;
             }
         }
     }
-    m.settle(Duration::from_millis(20));
+    m.control(0);
+    m.control(1);
     let delivered: u64 = ports
         .iter()
         .zip(&before)
         .map(|((p, _, _), b)| u64::from(m.port_counter(*p) - b))
         .sum();
+    if delivered > expected {
+        return Err(DemoError::Duplicated {
+            path: "xen-2l",
+            extra: delivered - expected,
+        });
+    }
     Ok(Row::new(
         "xen-2l",
         XEN_EVENTS,

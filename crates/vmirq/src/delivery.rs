@@ -50,6 +50,9 @@ pub struct Stats {
     pub user_inject_errors: AtomicU64,
     /// IOAPIC re-deliveries deferred by the interrupt-storm guard.
     pub storm_deferrals: AtomicU64,
+    /// Deferred re-deliveries whose delay passed and which were carried out (re-evaluated:
+    /// delivered if the line was still high).
+    pub storm_redeliveries: AtomicU64,
     /// Guest EOIs that reached a userspace resampler.
     pub resamples: AtomicU64,
 }
@@ -322,6 +325,9 @@ impl Delivery {
         };
         for pin in due {
             self.with_ioapic(|ioapic, fx| ioapic.redeliver_deferred(pin, fx));
+            self.stats
+                .storm_redeliveries
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -27,33 +27,38 @@ fn split_vm() -> (std::sync::Arc<SimBackend>, std::sync::Arc<Interrupts>) {
 #[test]
 fn a_level_storm_is_deferred_after_ten_thousand_redeliveries() {
     let (sim, irq) = split_vm();
+    let stats = irq.stats();
     let source = irq.pin(PIN).unwrap().source().unwrap();
     source.assert();
     sim.run_until_idle();
     // The first delivery plus 9,999 EOI re-deliveries; the 10,000th waits ~10 ms.
     assert_eq!(sim.count(0, VECTOR), 10_000);
-    assert_eq!(irq.stats().storm_deferrals.load(Ordering::Relaxed), 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sim.count(0, VECTOR) == 10_000 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-        sim.run_until_idle();
-    }
-    assert!(
-        sim.count(0, VECTOR) > 10_000,
-        "the deferred re-delivery never came"
-    );
-    drop(source);
-    let settled = {
-        std::thread::sleep(Duration::from_millis(30));
-        sim.run_until_idle();
-        sim.count(0, VECTOR)
+    assert_eq!(stats.storm_deferrals.load(Ordering::Relaxed), 1);
+    // The deferred re-delivery runs (the line is still high: it delivers, and the storm goes
+    // on until it is deferred again).
+    let redelivered = |n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while stats.storm_redeliveries.load(Ordering::Relaxed) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deferral {n} never ran"
+            );
+            std::thread::yield_now();
+        }
     };
-    std::thread::sleep(Duration::from_millis(30));
+    redelivered(1);
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, VECTOR), 20_000);
+    assert_eq!(stats.storm_deferrals.load(Ordering::Relaxed), 2);
+    // The line falls while deferral 2 is pending: when it runs, it finds the line low.
+    let at_drop = sim.count(0, VECTOR);
+    drop(source);
+    redelivered(2);
     sim.run_until_idle();
     assert_eq!(
         sim.count(0, VECTOR),
-        settled,
-        "interrupts after the line fell"
+        at_drop,
+        "re-delivered after the line fell"
     );
 }
 
@@ -78,10 +83,12 @@ fn eoi_deasserts_once_and_signals_every_resamplefd_of_the_gsi() {
     fds[0].0.write(1).unwrap();
     fds[1].0.write(1).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while irq.stats().user_injections.load(Ordering::Relaxed) < 2
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(1));
+    while irq.stats().user_injections.load(Ordering::Relaxed) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dispatcher never asserted both"
+        );
+        std::thread::yield_now();
     }
     sim.run_until_idle();
     assert_eq!(sim.count(0, VECTOR), 1);

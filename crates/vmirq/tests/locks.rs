@@ -155,10 +155,9 @@ fn a_redirection_entry_write_stalls_no_eoi_or_assert_on_other_pins() {
     );
     sim.run_until_idle();
     assert_eq!(sim.count(0, 0x5B), 0);
-    assert!(
-        sim.count(0, 0x5C) >= 1,
-        "pin B was never delivered after its commit"
-    );
+    // Delivered after its commit, and held high: the first delivery and 9,999 EOI
+    // re-deliveries, then the storm guard defers (this simulator retires at delivery).
+    assert_eq!(sim.count(0, 0x5C), 10_000, "pin B after its commit");
 }
 
 #[test]
