@@ -57,7 +57,6 @@ fuzz_target!(|ops: Vec<Op>| {
     let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
     let free = irq.free_gsis();
     let vectors = MsixVectors::new(Arc::clone(&irq), MsixTable::new(VECTORS)).unwrap();
-    let taken = |sim: &SimBackend| (0..=255u8).map(|v| sim.count(0, v)).sum::<u64>();
     let mut fires = 0u64;
     for op in ops.iter().take(500) {
         match op {
@@ -86,7 +85,7 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::RefuseCommit => sim.refuse_next_commits(1),
         }
         sim.run_until_idle();
-        assert!(taken(&sim) <= fires, "an interrupt nobody fired");
+        assert!(sim.taken() <= fires, "an interrupt nobody fired");
     }
     // Every vector deliverable with a valid message of its own: a fire on each arrives.
     sim.refuse_next_commits(0);

@@ -113,12 +113,13 @@ const STOP_TOKEN: u64 = 0;
 
 /// A deterministic simulated hypervisor. See the module docs.
 pub struct SimBackend {
-    me: Weak<SimBackend>,
     mode: IrqchipMode,
     eoi_timing: EoiTiming,
-    /// Lock order: `irqfd_thread`, then `state`.
+    /// Never held with `state`.
     irqfd_thread: Mutex<Option<IrqfdThread>>,
-    state: Mutex<SimState>,
+    /// Shared with the irqfd thread (which never holds the backend itself, so dropping the
+    /// backend always stops and joins it).
+    state: Arc<Mutex<SimState>>,
     eoi_sink: Mutex<Option<Weak<dyn EoiSink>>>,
     observer: Mutex<Option<IsrObserver>>,
     commits: AtomicU64,
@@ -146,12 +147,11 @@ impl SimBackend {
                 nmis: 0,
             })
             .collect();
-        Arc::new_cyclic(|me| Self {
-            me: me.clone(),
+        Arc::new(Self {
             mode,
             eoi_timing,
             irqfd_thread: Mutex::new(None),
-            state: Mutex::new(SimState {
+            state: Arc::new(Mutex::new(SimState {
                 vcpus,
                 routes: HashMap::new(),
                 irqfds: Vec::new(),
@@ -161,7 +161,7 @@ impl SimBackend {
                 eoi_exits: Vec::new(),
                 dropped_msis: 0,
                 next_token: STOP_TOKEN + 1,
-            }),
+            })),
             eoi_sink: Mutex::new(None),
             observer: Mutex::new(None),
             commits: AtomicU64::new(0),
@@ -183,6 +183,15 @@ impl SimBackend {
             .vcpus
             .get(vcpu)
             .map_or(0, |v| v.counts[usize::from(vector)])
+    }
+
+    /// Interrupts taken so far, on every vCPU and vector.
+    pub fn taken(&self) -> u64 {
+        lock(&self.state)
+            .vcpus
+            .iter()
+            .map(|v| v.counts.iter().sum::<u64>())
+            .sum()
     }
 
     /// NMIs vCPU `vcpu` has taken.
@@ -275,11 +284,11 @@ impl SimBackend {
                 EpollEvent::new(EventSet::IN, STOP_TOKEN),
             )
             .map_err(io("epoll_ctl"))?;
-        let me = self.me.clone();
+        let state = Arc::clone(&self.state);
         let waiter = Arc::clone(&epoll);
         let handle = std::thread::Builder::new()
             .name("sim-irqfd".into())
-            .spawn(move || serve_irqfds(&me, &waiter))
+            .spawn(move || serve_irqfds(&state, &waiter))
             .map_err(io("spawn the irqfd thread"))?;
         *slot = Some(IrqfdThread {
             epoll: Arc::clone(&epoll),
@@ -288,22 +297,24 @@ impl SimBackend {
         });
         Ok(epoll)
     }
+}
 
-    /// The irqfd thread saw `token` ready: inject it if it is still assigned (under the state
-    /// lock, so a commit or deassign that returned is seen).
-    fn serve_token(&self, token: u64) {
-        let mut st = lock(&self.state);
-        let fired = st
-            .irqfds
-            .iter()
-            .find(|i| i.token == token)
-            .filter(|i| readable(&i.fd) && i.fd.read().is_ok())
-            .map(|i| (i.gsi, i.resample.is_some()));
-        if let Some((gsi, level)) = fired {
-            st.inject(gsi, level);
-        }
+/// The irqfd thread saw `token` ready: inject it if it is still assigned (under the state
+/// lock, so a commit or deassign that returned is seen).
+fn serve_token(state: &Mutex<SimState>, token: u64) {
+    let mut st = lock(state);
+    let fired = st
+        .irqfds
+        .iter()
+        .find(|i| i.token == token)
+        .filter(|i| readable(&i.fd) && i.fd.read().is_ok())
+        .map(|i| (i.gsi, i.resample.is_some()));
+    if let Some((gsi, level)) = fired {
+        st.inject(gsi, level);
     }
+}
 
+impl SimBackend {
     /// Which [`EoiTiming`] the vCPUs follow.
     pub fn eoi_timing(&self) -> EoiTiming {
         self.eoi_timing
@@ -385,7 +396,7 @@ impl SimBackend {
 }
 
 /// The irqfd thread: waits for any kernel irqfd to fire and injects it, until the backend goes.
-fn serve_irqfds(me: &Weak<SimBackend>, epoll: &Epoll) {
+fn serve_irqfds(state: &Mutex<SimState>, epoll: &Epoll) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -396,14 +407,11 @@ fn serve_irqfds(me: &Weak<SimBackend>, epoll: &Epoll) {
                 return;
             }
         };
-        let Some(sim) = me.upgrade() else {
-            return;
-        };
         for ev in &events[..n] {
             if ev.data() == STOP_TOKEN {
                 return;
             }
-            sim.serve_token(ev.data());
+            serve_token(state, ev.data());
         }
     }
 }
@@ -415,10 +423,7 @@ impl Drop for SimBackend {
         };
         let _ = t.stop.write(1);
         if let Some(handle) = t.handle.take() {
-            // The thread itself may hold the last reference for a moment; it exits on its own.
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
-            }
+            let _ = handle.join();
         }
     }
 }
