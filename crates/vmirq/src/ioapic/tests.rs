@@ -667,3 +667,27 @@ fn redirection_registers_end_where_an_8_bit_ioregsel_does() {
     assert_eq!(spec::redirection_low(spec::MAX_PINS - 1), Some(0xFE));
     assert_eq!(spec::redirection_low(spec::MAX_PINS), None);
 }
+
+#[test]
+fn every_entry_field_reads_back_what_was_set() {
+    let e = RedirectionEntry::RESET;
+    for on in [false, true] {
+        assert_eq!(e.with_dest_logical(on).dest_logical(), on);
+        assert_eq!(e.with_active_low(on).active_low(), on);
+        assert_eq!(e.with_trigger_level(on).trigger_level(), on);
+        assert_eq!(e.with_masked(on).masked(), on);
+        // Setting a bit that is already set keeps it (and clearing a clear one keeps it clear).
+        assert_eq!(e.with_masked(on).with_masked(on).masked(), on);
+        assert_eq!(e.with_active_low(on).with_active_low(on).active_low(), on);
+    }
+    assert!(RedirectionEntry::from_bits(1 << 12).delivery_status());
+    assert!(!e.delivery_status());
+    assert!(RedirectionEntry::from_bits(1 << 11).dest_logical());
+    assert!(!RedirectionEntry::from_bits(!(1 << 11)).dest_logical());
+    assert!(!RedirectionEntry::from_bits(!(1 << 13)).active_low());
+    let debug = format!("{:?}", level(0x64));
+    assert!(
+        debug.contains("RedirectionEntry") && debug.contains("0x64"),
+        "{debug}"
+    );
+}
