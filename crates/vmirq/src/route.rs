@@ -303,4 +303,9 @@ mod tests {
         assert_eq!(t.add(Gsi(40), xen), Err(RouteError::XenPriority(16)));
         assert!(t.is_empty());
     }
+
+    #[test]
+    fn a_gsi_displays_as_errors_name_it() {
+        assert_eq!(Gsi::from_raw(42).to_string(), "GSI 42");
+    }
 }
