@@ -308,4 +308,51 @@ mod tests {
     fn a_gsi_displays_as_errors_name_it() {
         assert_eq!(Gsi::from_raw(42).to_string(), "GSI 42");
     }
+
+    #[test]
+    fn only_ioapic_routes_name_an_ioapic_pin() {
+        assert_eq!(Route::ioapic(5).ioapic_pin(), Some(5));
+        let pic = Route::Irqchip {
+            chip: IrqChip::PicMaster,
+            pin: 5,
+        };
+        assert_eq!(pic.ioapic_pin(), None);
+        assert_eq!(
+            Route::msi(MsiMessage::new(0xFEE0_0000, 0x30)).ioapic_pin(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_table_lists_what_it_holds() {
+        let mut t = RoutingTable::new(24);
+        assert!(t.is_empty() && t.iter().next().is_none());
+        t.add(Gsi(3), Route::ioapic(3)).unwrap();
+        t.add(
+            Gsi(3),
+            Route::Irqchip {
+                chip: IrqChip::PicMaster,
+                pin: 3,
+            },
+        )
+        .unwrap();
+        t.add(Gsi(40), Route::ioapic(7)).unwrap();
+        assert!(!t.is_empty());
+        assert_eq!(t.len(), 3);
+        let listed: Vec<(Gsi, Route)> = t.iter().map(|(g, r)| (g, *r)).collect();
+        assert_eq!(listed.len(), 3);
+        assert_eq!(listed[2], (Gsi(40), Route::ioapic(7)), "in GSI order");
+    }
+
+    #[test]
+    fn xen_priorities_stop_at_15() {
+        let mut t = RoutingTable::new(24);
+        let xen = |priority| Route::XenEvtchn {
+            port: 1,
+            vcpu: 0,
+            priority,
+        };
+        t.set(Gsi(50), xen(15)).unwrap();
+        assert_eq!(t.set(Gsi(50), xen(16)), Err(RouteError::XenPriority(16)));
+    }
 }
