@@ -496,6 +496,11 @@ fn a_vcpu_info_the_guest_placed_itself_receives_the_upcall_bits() {
     vm.ec.register_vcpu_info(1, placed).unwrap();
     // Registration marks everything pending, as Xen's map_vcpu_info does.
     assert!(vm.ec.upcall_pending(1));
+    assert_eq!(
+        vm.mem.read_obj::<u64>(GuestAddress(placed + 8)).unwrap(),
+        u64::MAX,
+        "every selector bit set"
+    );
     assert_eq!(vm.up.take(), [1]);
     vm.mem.write_obj(0u8, GuestAddress(placed)).unwrap();
     vm.mem.write_obj(0u64, GuestAddress(placed + 8)).unwrap();
