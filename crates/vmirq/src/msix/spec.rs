@@ -25,8 +25,6 @@ pub const MSIX_CTRL_TABLE_SIZE: u16 = 0x07ff;
 pub const MSIX_CTRL_FUNCTION_MASK: u16 = 1 << 14;
 /// Message control bit 15: MSI-X enable.
 pub const MSIX_CTRL_ENABLE: u16 = 1 << 15;
-/// The only message control bits software may write; 13:11 are reserved and read 0.
-pub const MSIX_CTRL_WRITABLE: u16 = MSIX_CTRL_FUNCTION_MASK | MSIX_CTRL_ENABLE;
 
 /// Most vectors an MSI-X function can have: the table size field is 11 bits.
 pub const MAX_VECTORS: u16 = MSIX_CTRL_TABLE_SIZE + 1;
