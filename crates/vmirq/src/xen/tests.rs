@@ -590,3 +590,19 @@ fn hypercalls_raise_upcalls_with_the_table_mutex_released() {
         "unmask raised the upcall under the mutex"
     );
 }
+
+#[test]
+fn a_backend_port_the_guest_closed_can_be_bound_again() {
+    // QEMU: closing the guest end leaves the backend endpoint open and unconnected.
+    let vm = vm();
+    let be = vm.ec.alloc_backend_unbound().unwrap();
+    let (r, gp) = vm.bind_interdomain(DOMID_BACKEND, be.port);
+    assert_eq!(r, 0);
+    assert_eq!(vm.bind_interdomain(DOMID_BACKEND, be.port).0, -EBUSY);
+    assert_eq!(vm.port_op(op::CLOSE, gp), 0);
+    assert_eq!(
+        vm.bind_interdomain(DOMID_BACKEND, be.port).0,
+        0,
+        "the backend endpoint stayed connected to a closed port"
+    );
+}
