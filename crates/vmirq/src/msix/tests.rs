@@ -489,3 +489,34 @@ fn msi_reset_clears_registers_and_reports_disabled() {
     assert_eq!(cfg_read32(&c, spec::MSI_MASK_64), 0);
     assert!(!c.is_pending(0));
 }
+
+// Written to kill mutants cargo-mutants found surviving (docs/mutants.md).
+
+#[test]
+fn msi_enable_follows_writes_of_any_width() {
+    let mut c = MsiCapability::new(4, false, false);
+    // One byte: the control word's low byte holds the enable bit.
+    cfg_write(&mut c, spec::MSI_MESSAGE_CONTROL, &[1]);
+    assert!(c.is_enabled(), "a 1-byte enable");
+    cfg_write(&mut c, spec::MSI_MESSAGE_CONTROL, &[0]);
+    assert!(!c.is_enabled(), "a 1-byte disable");
+    // The whole first dword (ID and next are read-only).
+    cfg_write(&mut c, 0, &(1u32 << 16).to_le_bytes());
+    assert!(c.is_enabled(), "a dword enable");
+    cfg_write(&mut c, 0, &0u32.to_le_bytes());
+    assert!(!c.is_enabled(), "a dword disable");
+}
+
+#[test]
+fn vector_effects_are_empty_only_when_nothing_changed() {
+    assert!(VectorEffects::default().is_empty());
+    let mut each: [VectorEffects; 5] = Default::default();
+    each[0].unmasked.push(1);
+    each[1].masked.push(1);
+    each[2].message_changed.push(1);
+    each[3].disabled = true;
+    each[4].reset = true;
+    for (i, fx) in each.iter().enumerate() {
+        assert!(!fx.is_empty(), "field {i} alone");
+    }
+}
