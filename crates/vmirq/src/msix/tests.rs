@@ -520,3 +520,15 @@ fn vector_effects_are_empty_only_when_nothing_changed() {
         assert!(!fx.is_empty(), "field {i} alone");
     }
 }
+
+#[test]
+fn the_vector_past_the_last_is_never_pending() {
+    for n in [1u16, 63, 64, 128, 2048] {
+        let mut t = MsixTable::new(n);
+        for v in 0..n {
+            t.set_pending(v, true);
+        }
+        assert!(t.is_pending(n - 1));
+        assert!(!t.is_pending(n), "{n} vectors");
+    }
+}
