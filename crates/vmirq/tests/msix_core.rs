@@ -395,3 +395,132 @@ fn a_refused_message_change_is_reported_and_never_delivers_the_old_message() {
     sim.run_until_idle();
     assert_eq!(sim.count(0, 0x46), 2);
 }
+
+// Written to kill mutants cargo-mutants found surviving in msix/vectors.rs (docs/mutants.md).
+
+#[test]
+fn a_tag_is_set_only_while_masked_and_only_on_a_vector_that_exists() {
+    use vmirq::msix::MsixError;
+    let (_sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(4)).unwrap();
+    vectors.write_message_control(ENABLE);
+    program(&vectors, 1, 0x41, true);
+    assert_eq!(vectors.tag(1).unwrap(), None);
+    vectors.set_tag(1, Some(0x5a5a)).unwrap();
+    assert_eq!(vectors.tag(1).unwrap(), Some(0x5a5a));
+    program(&vectors, 1, 0x41, false);
+    assert!(matches!(
+        vectors.set_tag(1, Some(7)),
+        Err(MsixError::TagWhileUnmasked(1))
+    ));
+    assert_eq!(vectors.tag(1).unwrap(), Some(0x5a5a), "kept while unmasked");
+    program(&vectors, 1, 0x41, true);
+    vectors.set_tag(1, None).unwrap();
+    assert_eq!(vectors.tag(1).unwrap(), None);
+    assert!(matches!(
+        vectors.set_tag(4, Some(1)),
+        Err(MsixError::NoSuchVector(4))
+    ));
+    assert!(matches!(vectors.tag(4), Err(MsixError::NoSuchVector(4))));
+}
+
+#[test]
+fn latch_turns_a_masked_vectors_fires_into_its_pending_bit() {
+    let (_sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(4)).unwrap();
+    vectors.write_message_control(ENABLE);
+    program(&vectors, 2, 0x42, true);
+    vectors.fire(2).unwrap();
+    assert!(!vectors.read(|t| t.is_pending(2)), "latched before asked");
+    vectors.latch(0..4);
+    assert!(vectors.read(|t| t.is_pending(2)));
+    assert!(!vectors.read(|t| t.is_pending(1)));
+}
+
+#[test]
+fn retry_serves_stuck_vectors_and_leaves_masked_ones_alone() {
+    let (sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(4)).unwrap();
+    vectors.write_message_control(ENABLE);
+    program(&vectors, 0, 0x40, true);
+    vectors.fire(0).unwrap();
+    // Vector 1's route commit is refused: it is stuck.
+    sim.refuse_next_commits(1);
+    let msg = X86Msi::fixed(0, 0x41).encode().unwrap();
+    vectors.bar_write(16, &msg.address_lo().to_le_bytes());
+    vectors.bar_write(16 + 8, &msg.data.to_le_bytes());
+    assert!(!vectors.bar_write(16 + 12, &0u32.to_le_bytes()).is_empty());
+    vectors.fire(1).unwrap();
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x41), 0);
+    assert!(vectors.retry().is_empty());
+    sim.run_until_idle();
+    assert_eq!(sim.count(0, 0x41), 1, "the stuck vector's fire after retry");
+    assert_eq!(sim.count(0, 0x40), 0, "retry delivered a masked vector");
+}
+
+#[test]
+fn dropping_the_device_gives_every_gsi_back() {
+    let (_sim, irq) = vm();
+    let free = irq.free_gsis();
+    let vectors = MsixVectors::new(irq.clone(), MsixTable::new(8)).unwrap();
+    vectors.write_message_control(ENABLE);
+    for v in 0..8 {
+        program(&vectors, v, 0x40 + v as u8, false);
+    }
+    assert_eq!(vectors.routed_vectors(), 8);
+    assert_eq!(irq.free_gsis(), free - 8);
+    // One commit releases them all.
+    drop(vectors);
+    assert_eq!(irq.free_gsis(), free);
+}
+
+#[test]
+fn adjacent_table_and_pba_are_one_bar_and_each_decodes_its_own_bytes() {
+    use vmirq::msix::MsixLayout;
+    let (_sim, irq) = vm();
+    // Four vectors: a 64-byte table, then the PBA right after it.
+    let layout = MsixLayout { table: 0, pba: 64 };
+    let vectors = MsixVectors::with_layout(irq.clone(), MsixTable::new(4), layout).unwrap();
+    assert_eq!(vectors.bar_size(), 4096);
+    vectors.write_message_control(ENABLE);
+    program(&vectors, 3, 0x43, true);
+    vectors.fire(3).unwrap();
+    let mut pba = [0u8; 8];
+    vectors.bar_read(64, &mut pba);
+    assert_eq!(
+        u64::from_le_bytes(pba),
+        1 << 3,
+        "the PBA at the table's end"
+    );
+    // The other order, adjacent too.
+    let layout = MsixLayout { table: 8, pba: 0 };
+    let other = MsixVectors::with_layout(irq.clone(), MsixTable::new(4), layout).unwrap();
+    assert_eq!(other.layout(), layout);
+    // Default layout: the PBA at the next 4 KiB boundary; a table past 4 KiB rounds up.
+    let default = MsixVectors::new(irq.clone(), MsixTable::new(4)).unwrap();
+    assert_eq!(default.bar_size(), 8192);
+    // A 300-vector table (4,800 bytes) with its PBA 12 KiB into the BAR.
+    let far = MsixLayout {
+        table: 0,
+        pba: 0x3000,
+    };
+    let far = MsixVectors::with_layout(irq, MsixTable::new(300), far).unwrap();
+    assert_eq!(far.bar_size(), 0x3000 + 4096);
+}
+
+#[test]
+fn a_pba_read_latches_the_vectors_of_the_qword_it_reads() {
+    let (_sim, irq) = vm();
+    let vectors = MsixVectors::new(irq, MsixTable::new(128)).unwrap();
+    vectors.write_message_control(ENABLE);
+    program(&vectors, 70, 0x46, true);
+    vectors.fire(70).unwrap();
+    let mut qword = [0u8; 8];
+    vectors.bar_read(vectors.pba_offset() + 8, &mut qword);
+    assert_eq!(
+        u64::from_le_bytes(qword),
+        1 << 6,
+        "vector 70 is bit 6 of qword 1"
+    );
+}
