@@ -247,6 +247,18 @@ mod tests {
     }
 
     #[test]
+    fn a_sync_with_nothing_to_do_pushes_nothing() {
+        // Written to kill a surviving mutant (docs/mutants.md): no pulse asked, line low.
+        let push = LevelPush::new();
+        let pushed = Mutex::new(Vec::new());
+        push.sync(|level| pushed.lock().unwrap().push(level));
+        assert!(pushed.lock().unwrap().is_empty(), "a phantom edge");
+        push.request_pulse();
+        push.sync(|level| pushed.lock().unwrap().push(level));
+        assert_eq!(*pushed.lock().unwrap(), [true, false], "the asked-for edge");
+    }
+
+    #[test]
     fn line_is_the_or_of_ten_thousand_sources() {
         let (line, rec) = line();
         let sources: Vec<_> = (0..10_000).map(|_| line.source()).collect();
