@@ -259,6 +259,22 @@ mod tests {
     }
 
     #[test]
+    fn a_source_says_whether_it_asserts_and_a_line_names_itself() {
+        let (line, _rec) = line();
+        let s = line.source();
+        assert!(!s.is_asserted());
+        s.assert();
+        assert!(s.is_asserted());
+        let debug = format!("{line:?}");
+        assert!(
+            debug.contains("Gsi(9)") && debug.contains("asserted_sources: 1"),
+            "{debug}"
+        );
+        s.deassert();
+        assert!(!s.is_asserted());
+    }
+
+    #[test]
     fn line_is_the_or_of_ten_thousand_sources() {
         let (line, rec) = line();
         let sources: Vec<_> = (0..10_000).map(|_| line.source()).collect();

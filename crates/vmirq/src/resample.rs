@@ -275,3 +275,53 @@ mod loom_tests {
         });
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    // Written to kill mutants cargo-mutants found surviving (docs/mutants.md).
+
+    struct Counter(Arc<AtomicU32>);
+
+    impl Notify for Counter {
+        fn notify(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[derive(Default)]
+    struct Input(std::sync::Mutex<Vec<bool>>);
+
+    impl ResampledLine for Input {
+        fn set_resampled(&self, _gsi: Gsi, level: bool) {
+            self.0.lock().unwrap().push(level);
+        }
+    }
+
+    #[test]
+    fn a_member_leaving_takes_only_itself_and_the_last_one_drops_the_input() {
+        let r = Resampler::new(Gsi(18));
+        let (a, b, c) = (Arc::default(), Arc::default(), Arc::default());
+        let ids = [
+            r.join(Counter(Arc::clone(&a))),
+            r.join(Counter(Arc::clone(&b))),
+            r.join(Counter(Arc::clone(&c))),
+        ];
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+        let input = Input::default();
+        assert!(!r.leave(ids[1], &input), "two members remain");
+        assert!(
+            input.0.lock().unwrap().is_empty(),
+            "dropped with members left"
+        );
+        r.acked();
+        let counts = |x: &Arc<AtomicU32>| x.load(Ordering::SeqCst);
+        assert_eq!((counts(&a), counts(&b), counts(&c)), (1, 0, 1));
+        assert!(!r.leave(ids[0], &input));
+        assert!(r.leave(ids[2], &input), "the last member leaves it empty");
+        assert_eq!(*input.0.lock().unwrap(), [false]);
+    }
+}
