@@ -306,39 +306,72 @@ fn a_dropped_route_is_gone_and_its_gsi_free_at_once() {
 }
 
 #[test]
-fn a_batch_waiting_behind_a_commit_returns_only_once_its_own_table_is_in_force() {
+fn a_batch_waiting_behind_a_commit_returns_only_with_its_own_tables_outcome() {
     let sim = SimBackend::new(1, IrqchipMode::Kernel);
     let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
     let (a, b) = (irq.allocate_route().unwrap(), irq.allocate_route().unwrap());
     let (a, b) = (Arc::new(a), Arc::new(b));
+    let before = sim.commits();
     sim.hold_commits(true);
     let first = {
         let a = Arc::clone(&a);
         std::thread::spawn(move || a.set(msi(0x50)))
     };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while sim.commits_held() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first commit never parked"
+        );
         std::thread::yield_now();
     }
-    // A second batch, built while the first is in the backend, waits for it...
+    // A second batch, built while the first is in the backend, waits for it.
     let second = {
-        let (b, irq) = (Arc::clone(&b), Arc::clone(&irq));
-        std::thread::spawn(move || {
-            let result = b.set(msi(0x51));
-            // ...and returns once its own table is in force, not at the first one's outcome.
-            (result, irq.routing_table().get(b.gsi()).to_vec())
-        })
+        let b = Arc::clone(&b);
+        std::thread::spawn(move || b.set(msi(0x51)))
     };
     while irq.routes().table().get(b.gsi()) != [msi(0x51)] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second batch was never built"
+        );
         std::thread::yield_now();
     }
+    // The first table goes in; its committer then brings the second to the backend, parked.
+    sim.pass_held_commits(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sim.commits() != before + 1 || sim.commits_held() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second table never reached the backend"
+        );
+        std::thread::yield_now();
+    }
+    // The second batch's outcome is not known yet: it must still be waiting, however long.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            !second.is_finished(),
+            "returned with the first table's outcome"
+        );
+        assert!(
+            !first.is_finished(),
+            "the committer left with a table in the backend"
+        );
+        std::thread::yield_now();
+    }
+    // The backend refuses the second table: the second batch fails, the first keeps its own
+    // outcome.
+    sim.refuse_next_commits(1);
     sim.hold_commits(false);
-    first.join().unwrap().unwrap();
-    let (result, published) = second.join().unwrap();
-    result.unwrap();
-    assert_eq!(
-        published,
-        [msi(0x51)],
-        "returned before its table was in force"
+    first
+        .join()
+        .unwrap()
+        .expect("the first batch's table was committed");
+    assert!(
+        second.join().unwrap().is_err(),
+        "the second table was refused"
     );
     assert_eq!(irq.routing_table().get(a.gsi()), &[msi(0x50)]);
+    assert!(irq.routing_table().get(b.gsi()).is_empty());
 }

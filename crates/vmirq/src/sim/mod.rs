@@ -125,8 +125,9 @@ pub struct SimBackend {
     commits: AtomicU64,
     /// Test hook: refuse the next N route commits, as a hypervisor out of memory would.
     refuse_commits: AtomicU64,
-    /// Test hook: while set, route commits wait (a slow `KVM_SET_GSI_ROUTING`).
-    hold_commits: Mutex<bool>,
+    /// Test hook: while set, route commits wait (a slow `KVM_SET_GSI_ROUTING`), except as many
+    /// as [`SimBackend::pass_held_commits`] let through.
+    hold_commits: Mutex<(bool, u64)>,
     commit_released: Condvar,
     commits_held: AtomicU64,
 }
@@ -166,7 +167,7 @@ impl SimBackend {
             observer: Mutex::new(None),
             commits: AtomicU64::new(0),
             refuse_commits: AtomicU64::new(0),
-            hold_commits: Mutex::new(false),
+            hold_commits: Mutex::new((false, 0)),
             commit_released: Condvar::new(),
             commits_held: AtomicU64::new(0),
         })
@@ -225,7 +226,13 @@ impl SimBackend {
     /// While `hold` is set, route commits wait inside the backend, as a slow
     /// `KVM_SET_GSI_ROUTING` would (for tests that check who waits behind a commit).
     pub fn hold_commits(&self, hold: bool) {
-        *lock(&self.hold_commits) = hold;
+        *lock(&self.hold_commits) = (hold, 0);
+        self.commit_released.notify_all();
+    }
+
+    /// While commits are held, lets the next `n` through (the parked one first), one each.
+    pub fn pass_held_commits(&self, n: u64) {
+        lock(&self.hold_commits).1 += n;
         self.commit_released.notify_all();
     }
 
@@ -670,13 +677,16 @@ impl Backend for SimBackend {
     fn commit_routes(&self, routes: &[KernelRoute]) -> Result<(), BackendError> {
         {
             let mut held = lock(&self.hold_commits);
-            if *held {
+            if held.0 {
                 self.commits_held.fetch_add(1, Ordering::SeqCst);
-                while *held {
+                while held.0 && held.1 == 0 {
                     held = self
                         .commit_released
                         .wait(held)
                         .unwrap_or_else(|e| e.into_inner());
+                }
+                if held.0 {
+                    held.1 -= 1;
                 }
                 self.commits_held.fetch_sub(1, Ordering::SeqCst);
             }
