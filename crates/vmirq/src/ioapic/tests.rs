@@ -691,3 +691,22 @@ fn every_entry_field_reads_back_what_was_set() {
         "{debug}"
     );
 }
+
+#[test]
+fn unmasking_a_level_pin_known_only_through_the_resampler_acks_it_instead_of_injecting() {
+    let mut io = Ioapic::new(PINS);
+    program(&mut io, 7, level(0x65).with_masked(true));
+    assert!(delivered(&set_resampled(&mut io, 7, true)).is_empty());
+    // Rewriting it still masked changes nothing.
+    let fx = program(
+        &mut io,
+        7,
+        level(0x65).with_masked(true).with_destination(2),
+    );
+    assert!(fx.resample.is_empty() && io.resampled_line(7));
+    // Unmasked: acknowledged to the resampler (Linux ioapic_write_indirect), not delivered.
+    let fx = program(&mut io, 7, level(0x65));
+    assert_eq!(fx.resample, [7]);
+    assert!(delivered(&fx).is_empty());
+    assert!(!io.resampled_line(7));
+}
