@@ -258,8 +258,8 @@ mod tests {
 
     #[test]
     fn address_halves_and_the_trigger_bit_read_back() {
-        let msg = MsiMessage::new(0x1_FEE0_1000, 0x8041);
-        assert_eq!((msg.address_hi(), msg.address_lo()), (1, 0xFEE0_1000));
+        let msg = MsiMessage::new(0x3_FEE0_1000, 0x8041);
+        assert_eq!((msg.address_hi(), msg.address_lo()), (3, 0xFEE0_1000));
         assert!(msg.is_level());
         assert!(!MsiMessage::new(0xFEE0_0000, 0x4041).is_level());
     }

@@ -461,7 +461,7 @@ fn retry_serves_stuck_vectors_and_leaves_masked_ones_alone() {
 
 #[test]
 fn dropping_the_device_gives_every_gsi_back() {
-    let (_sim, irq) = vm();
+    let (sim, irq) = vm();
     let free = irq.free_gsis();
     let vectors = MsixVectors::new(irq.clone(), MsixTable::new(8)).unwrap();
     vectors.write_message_control(ENABLE);
@@ -471,8 +471,10 @@ fn dropping_the_device_gives_every_gsi_back() {
     assert_eq!(vectors.routed_vectors(), 8);
     assert_eq!(irq.free_gsis(), free - 8);
     // One commit releases them all.
+    let commits = sim.commits();
     drop(vectors);
     assert_eq!(irq.free_gsis(), free);
+    assert_eq!(sim.commits(), commits + 1, "one commit for all the routes");
 }
 
 #[test]
@@ -505,8 +507,15 @@ fn adjacent_table_and_pba_are_one_bar_and_each_decodes_its_own_bytes() {
         table: 0,
         pba: 0x3000,
     };
-    let far = MsixVectors::with_layout(irq, MsixTable::new(300), far).unwrap();
+    let far = MsixVectors::with_layout(irq.clone(), MsixTable::new(300), far).unwrap();
     assert_eq!(far.bar_size(), 0x3000 + 4096);
+    // The table last: its end sets the size.
+    let late = MsixLayout {
+        table: 0x1000,
+        pba: 0,
+    };
+    let late = MsixVectors::with_layout(irq, MsixTable::new(4), late).unwrap();
+    assert_eq!(late.bar_size(), 0x2000);
 }
 
 #[test]
