@@ -162,31 +162,60 @@ fn drive(
     Ok(Row::new(rig.name, sent, delivered, lost, &mut latencies))
 }
 
-pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError> {
-    let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
-    let split = boot(kind, &paths::machine_config(Mode::Split.irqchip()))?;
-    let paced = count as u64;
-    let bar = ProgressBar::new(PATHS.len() as u64 * (paced + BURST) + MSIX_FIRES + XEN_EVENTS);
+/// The two test guests every path runs on: one with the in-kernel irqchip, one split.
+pub struct Machines {
+    pub kernel: Box<dyn Machine>,
+    pub split: Box<dyn Machine>,
+}
+
+impl Machines {
+    pub fn boot(kind: BackendKind) -> Result<Self, MachineError> {
+        Ok(Self {
+            kernel: boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?,
+            split: boot(kind, &paths::machine_config(Mode::Split.irqchip()))?,
+        })
+    }
+
+    /// The guest a path of [`PATHS`] runs on.
+    pub fn on(&self, mode: Mode) -> &dyn Machine {
+        match mode {
+            Mode::Kernel => &*self.kernel,
+            Mode::Split => &*self.split,
+        }
+    }
+}
+
+/// A progress bar of `len` steps drawn with `template`.
+pub fn progress(len: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>16} [{bar:40}] {pos}/{len} interrupts")
+        ProgressStyle::with_template(template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    bar
+}
+
+pub fn run(kind: BackendKind, json: bool, count: usize) -> Result<(), DemoError> {
+    let machines = Machines::boot(kind)?;
+    let paced = count as u64;
+    let bar = progress(
+        PATHS.len() as u64 * (paced + BURST) + MSIX_FIRES + XEN_EVENTS,
+        "{prefix:>16} [{bar:40}] {pos}/{len} interrupts",
+    );
+    let kernel: &dyn Machine = &*machines.kernel;
     let mut rows = Vec::new();
     for (path, mode) in PATHS {
-        let m: &dyn Machine = match mode {
-            Mode::Kernel => &*kernel,
-            Mode::Split => &*split,
-        };
+        let m = machines.on(mode);
         bar.set_prefix(path);
         let err = |source| DemoError::Path { path, source };
         let rig = paths::rig(m, path).map_err(err)?;
         rows.push(drive(m, &rig, paced, &bar)?);
     }
     bar.set_prefix("msix");
-    rows.push(drive_msix(&*kernel, paced, &bar)?);
+    rows.push(drive_msix(kernel, paced, &bar)?);
     bar.set_prefix("xen-2l");
-    rows.push(drive_xen(&*kernel, &bar)?);
+    rows.push(drive_xen(kernel, &bar)?);
     bar.finish_and_clear();
     print_table(
         kernel.kind(),

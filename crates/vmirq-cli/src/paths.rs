@@ -10,10 +10,10 @@ use vmm_sys_util::eventfd::EventFd;
 /// the way.
 pub const TARGET_VCPU: usize = 1;
 pub const PIN: u32 = 5;
-const PIN_VECTOR: u8 = 0x45;
+pub const PIN_VECTOR: u8 = 0x45;
 /// A PCI INTx-style level pin (GSIs 16-23 reach only the IOAPIC, never the 8259).
 pub const LEVEL_PIN: u32 = 18;
-const LEVEL_VECTOR: u8 = 0x5A;
+pub const LEVEL_VECTOR: u8 = 0x5A;
 const WAIT: Duration = Duration::from_secs(2);
 
 /// The machine the paths need: 2 vCPUs, IOAPIC pin 5 programmed edge and pin 18 level, both

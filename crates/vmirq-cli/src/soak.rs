@@ -9,46 +9,39 @@
 
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use vmirq::{IrqfdPath, Route, X86Msi};
-use vmirq_guest::machine::{boot, ioapic_pin_script, wait_fd, BackendKind, Machine, Mode};
+use vmirq_guest::machine::{ioapic_pin_script, wait_fd, BackendKind, Machine};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::demo::{print_table, DemoError, Row, PATHS};
-use crate::paths::{self, XorShift, TARGET_VCPU};
+use crate::demo::{print_table, progress, DemoError, Machines, Row, PATHS};
+use crate::paths::{self, XorShift, LEVEL_VECTOR, PIN_VECTOR, TARGET_VCPU};
 
 const WAIT: Duration = Duration::from_secs(2);
 /// Most triggers in one window.
 const MAX_WINDOW: u64 = 64;
 /// One window in this many is preceded by churn.
 const CHURN_EVERY: u64 = 8;
-const PIN_VECTOR: u8 = 0x45;
-const LEVEL_VECTOR: u8 = 0x5A;
 
 /// Every path of the demo, `events` triggers each.
 pub fn run(kind: BackendKind, json: bool, events: u64) -> Result<(), DemoError> {
-    let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
-    let split = boot(kind, &paths::machine_config(Mode::Split.irqchip()))?;
-    let bar = ProgressBar::new((PATHS.len() as u64 + 2) * events);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>22} [{bar:40}] {pos}/{len} triggers ({eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let machines = Machines::boot(kind)?;
+    let kernel: &dyn Machine = &*machines.kernel;
+    let bar = progress(
+        (PATHS.len() as u64 + 2) * events,
+        "{prefix:>22} [{bar:40}] {pos}/{len} triggers ({eta})",
     );
     let mut rows = Vec::new();
     for (path, mode) in PATHS {
-        let m: &dyn Machine = match mode {
-            Mode::Kernel => &*kernel,
-            Mode::Split => &*split,
-        };
+        let m = machines.on(mode);
         bar.set_prefix(path);
         let err = |source| DemoError::Path { path, source };
         rows.push(soak_path(m, path, events, &bar).map_err(err)?);
     }
     bar.set_prefix("msix");
-    rows.push(soak_msix(&*kernel, events, &bar)?);
+    rows.push(soak_msix(kernel, events, &bar)?);
     bar.set_prefix("xen-2l");
-    rows.push(soak_xen(&*kernel, events, &bar)?);
+    rows.push(soak_xen(kernel, events, &bar)?);
     bar.finish_and_clear();
     print_table(kernel.kind(), rows, json, &format!(
         "soak: {events} triggers per path in windows of 1-{MAX_WINDOW}, with masking, \
