@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vmirq::{
-    Config, Error, Gsi, Interrupts, IrqchipMode, Route, RouteError, RouterError, SimBackend, X86Msi,
+    Config, Error, Gsi, Interrupts, IrqchipMode, IrqfdPath, Route, RouteError, RouterError,
+    SimBackend, X86Msi,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fn split() -> IrqchipMode {
     IrqchipMode::Split { ioapic_pins: 24 }
@@ -374,4 +376,110 @@ fn a_batch_waiting_behind_a_commit_returns_only_with_its_own_tables_outcome() {
     );
     assert_eq!(irq.routing_table().get(a.gsi()), &[msi(0x50)]);
     assert!(irq.routing_table().get(b.gsi()).is_empty());
+}
+
+/// Waits (bounded) until `n` kernel irqfd calls are parked inside the simulated backend.
+fn wait_irqfd_calls_held(sim: &SimBackend, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sim.irqfd_calls_held() != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the KVM_IRQFD call never parked"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Routes that change while an irqfd's `KVM_IRQFD` is in flight are seen when it registers:
+/// the irqfd undoes the kernel assignment and decides its path again. Here the GSI became a
+/// Xen port meanwhile, which only the user path serves.
+#[test]
+fn an_irqfd_decides_again_when_its_routes_change_during_its_assign() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let route = Arc::new(irq.new_route(msi(0x50)).unwrap());
+    // Control: with the routes left alone, this GSI's irqfds are served by the kernel.
+    let control = EventFd::new(EFD_NONBLOCK).unwrap();
+    assert_eq!(
+        route.assign_irqfd(&control).unwrap().path(),
+        IrqfdPath::Kernel
+    );
+    sim.hold_irqfd_calls(true);
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let assign = {
+        let (route, fd) = (Arc::clone(&route), fd.try_clone().unwrap());
+        std::thread::spawn(move || route.assign_irqfd(&fd))
+    };
+    wait_irqfd_calls_held(&sim, 1);
+    route
+        .set(Route::XenEvtchn {
+            port: 3,
+            vcpu: 0,
+            priority: 7,
+        })
+        .unwrap();
+    sim.hold_irqfd_calls(false);
+    let irqfd = assign.join().unwrap().unwrap();
+    assert_eq!(
+        irqfd.path(),
+        IrqfdPath::User,
+        "registered as a kernel irqfd on routes the kernel cannot deliver"
+    );
+}
+
+/// A route dropped while one of its irqfds is still being unbound on another thread (that
+/// thread holds a lease on the GSI) leaves the routing table before the drop returns; nothing
+/// waits for the unbinding.
+#[test]
+fn a_route_dropped_while_its_irqfd_unbinds_elsewhere_leaves_the_table_at_once() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let route = irq.new_route(msi(0x50)).unwrap();
+    let gsi = route.gsi();
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irqfd = route.assign_irqfd(&fd).unwrap();
+    assert_eq!(irqfd.path(), IrqfdPath::Kernel);
+    sim.hold_irqfd_calls(true);
+    let unbind = std::thread::spawn(move || drop(irqfd));
+    wait_irqfd_calls_held(&sim, 1);
+    drop(route);
+    assert!(
+        irq.routing_table().get(gsi).is_empty(),
+        "the route outlived its owner while an irqfd was being unbound"
+    );
+    sim.hold_irqfd_calls(false);
+    unbind.join().unwrap();
+}
+
+/// The same, dropped by a thread that holds a batch: the drop returns (it must not take a
+/// second batch behind the held one), and the route goes at the first commit after the
+/// unbinding gave the GSI's last lease back.
+#[test]
+fn a_route_dropped_inside_a_batch_while_its_irqfd_unbinds_goes_after_the_unbinding() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let free = irq.free_gsis();
+    let route = irq.new_route(msi(0x50)).unwrap();
+    let gsi = route.gsi();
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irqfd = route.assign_irqfd(&fd).unwrap();
+    sim.hold_irqfd_calls(true);
+    let unbind = std::thread::spawn(move || drop(irqfd));
+    wait_irqfd_calls_held(&sim, 1);
+    let batch = irq.routes();
+    drop(route);
+    batch.commit().unwrap();
+    sim.hold_irqfd_calls(false);
+    unbind.join().unwrap();
+    let other = irq.new_route(msi(0x51)).unwrap();
+    assert!(
+        irq.routing_table().get(gsi).is_empty(),
+        "the route outlived its owner and its last lease"
+    );
+    assert_eq!(
+        irq.free_gsis(),
+        free - 1,
+        "only the new route's GSI is taken"
+    );
+    drop(other);
 }

@@ -125,11 +125,52 @@ pub struct SimBackend {
     commits: AtomicU64,
     /// Test hook: refuse the next N route commits, as a hypervisor out of memory would.
     refuse_commits: AtomicU64,
-    /// Test hook: while set, route commits wait (a slow `KVM_SET_GSI_ROUTING`), except as many
-    /// as [`SimBackend::pass_held_commits`] let through.
-    hold_commits: Mutex<(bool, u64)>,
-    commit_released: Condvar,
-    commits_held: AtomicU64,
+    /// Test hook: route commits wait here while held (a slow `KVM_SET_GSI_ROUTING`).
+    commit_gate: Gate,
+    /// Test hook: irqfd assigns and deassigns wait here while held (a slow `KVM_IRQFD`).
+    irqfd_gate: Gate,
+}
+
+/// A test hook standing for a slow hypervisor call: while held, callers wait inside it,
+/// except as many as [`Gate::pass`] lets through (one each).
+#[derive(Default)]
+struct Gate {
+    /// (held, passes left).
+    state: Mutex<(bool, u64)>,
+    released: Condvar,
+    waiting: AtomicU64,
+}
+
+impl Gate {
+    fn hold(&self, hold: bool) {
+        *lock(&self.state) = (hold, 0);
+        self.released.notify_all();
+    }
+
+    fn pass(&self, n: u64) {
+        lock(&self.state).1 += n;
+        self.released.notify_all();
+    }
+
+    fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Waits while the gate is held and no pass is left.
+    fn go_through(&self) {
+        let mut state = lock(&self.state);
+        if !state.0 {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        while state.0 && state.1 == 0 {
+            state = self.released.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        if state.0 {
+            state.1 -= 1;
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl SimBackend {
@@ -167,9 +208,8 @@ impl SimBackend {
             observer: Mutex::new(None),
             commits: AtomicU64::new(0),
             refuse_commits: AtomicU64::new(0),
-            hold_commits: Mutex::new((false, 0)),
-            commit_released: Condvar::new(),
-            commits_held: AtomicU64::new(0),
+            commit_gate: Gate::default(),
+            irqfd_gate: Gate::default(),
         })
     }
 
@@ -226,19 +266,28 @@ impl SimBackend {
     /// While `hold` is set, route commits wait inside the backend, as a slow
     /// `KVM_SET_GSI_ROUTING` would (for tests that check who waits behind a commit).
     pub fn hold_commits(&self, hold: bool) {
-        *lock(&self.hold_commits) = (hold, 0);
-        self.commit_released.notify_all();
+        self.commit_gate.hold(hold);
     }
 
     /// While commits are held, lets the next `n` through (the parked one first), one each.
     pub fn pass_held_commits(&self, n: u64) {
-        lock(&self.hold_commits).1 += n;
-        self.commit_released.notify_all();
+        self.commit_gate.pass(n);
     }
 
     /// Route commits waiting on [`SimBackend::hold_commits`] now.
     pub fn commits_held(&self) -> u64 {
-        self.commits_held.load(Ordering::SeqCst)
+        self.commit_gate.waiting()
+    }
+
+    /// While `hold` is set, kernel irqfd assigns and deassigns wait inside the backend, as a
+    /// slow `KVM_IRQFD` would (for tests of what changes while a thread is inside one).
+    pub fn hold_irqfd_calls(&self, hold: bool) {
+        self.irqfd_gate.hold(hold);
+    }
+
+    /// Kernel irqfd assigns and deassigns waiting on [`SimBackend::hold_irqfd_calls`] now.
+    pub fn irqfd_calls_held(&self) -> u64 {
+        self.irqfd_gate.waiting()
     }
 
     /// Calls `observer` for every interrupt a simulated vCPU takes.
@@ -675,22 +724,7 @@ impl Backend for SimBackend {
     }
 
     fn commit_routes(&self, routes: &[KernelRoute]) -> Result<(), BackendError> {
-        {
-            let mut held = lock(&self.hold_commits);
-            if held.0 {
-                self.commits_held.fetch_add(1, Ordering::SeqCst);
-                while held.0 && held.1 == 0 {
-                    held = self
-                        .commit_released
-                        .wait(held)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-                if held.0 {
-                    held.1 -= 1;
-                }
-                self.commits_held.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
+        self.commit_gate.go_through();
         let refuse = self
             .refuse_commits
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -752,6 +786,7 @@ impl Backend for SimBackend {
                 "resample irqfds on a split irqchip",
             ));
         }
+        self.irqfd_gate.go_through();
         let key = identity(fd)?;
         let epoll = self.irqfd_epoll()?;
         let mut st = lock(&self.state);
@@ -783,6 +818,7 @@ impl Backend for SimBackend {
     }
 
     fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> Result<(), BackendError> {
+        self.irqfd_gate.go_through();
         let key = identity(fd)?;
         let epoll = self.irqfd_epoll()?;
         let mut st = lock(&self.state);
