@@ -7,8 +7,14 @@
 //! [`crate::Interrupts::service`], or serves single irqfds by token (crosvm's
 //! `service_irq_event` shape). In event-loop mode vmirq owns no thread at all.
 //!
-//! Locks: `entries` (the token map) is a leaf taken briefly; an entry's `busy` is held while
-//! its event is read and acted on. Removal marks the entry dead, then waits on `busy`, so when
+//! Pausing ([`Dispatcher::pause`]) takes every entry out of the epoll set: nothing is read or
+//! acted on and nothing wakes the thread or the VMM's loop, while the counts wait in the
+//! eventfds; [`Dispatcher::resume`] puts them back (level-triggered: a count fires at once).
+//!
+//! Locks, in order: `membership` (which entries are in the epoll set: add, pause, resume),
+//! then `entries` (the token map, a leaf taken briefly); an entry's `busy` is held while
+//! its event is read and acted on, and is never waited on with `membership` held (an action
+//! may add an entry). Removal marks the entry dead, then waits on `busy`, so when
 //! it returns nothing more fires; an action that removes an entry — its own or another — from
 //! inside the dispatcher (any thread that is running actions) does not wait, since the only
 //! action in flight may be the caller. Actions take no lock a remover may hold except the
@@ -92,6 +98,10 @@ pub(crate) struct Dispatcher {
     stop: EventFd,
     thread: Mutex<Option<JoinHandle<()>>>,
     inject: Arc<dyn Inject>,
+    /// Held while entries join or leave the epoll set as a whole (add, pause, resume).
+    membership: Mutex<()>,
+    /// Set while paused; [`Dispatcher::serve`] checks it under the entry's `busy`.
+    paused: AtomicBool,
 }
 
 const STOP_TOKEN: u64 = 0;
@@ -113,6 +123,8 @@ impl Dispatcher {
             stop,
             thread: Mutex::new(None),
             inject,
+            membership: Mutex::new(()),
+            paused: AtomicBool::new(false),
         })
     }
 
@@ -143,8 +155,13 @@ impl Dispatcher {
             busy: Mutex::new(()),
             dead: AtomicBool::new(false),
         });
+        let _membership = lock(&self.membership);
         lock(&self.entries).insert(token, entry);
+        let paused = self.paused.load(Ordering::Acquire);
         if let Err(e) = self.ensure_thread().and_then(|()| {
+            if paused {
+                return Ok(()); // joins the epoll set at resume
+            }
             self.epoll.ctl(
                 ControlOperation::Add,
                 raw,
@@ -155,6 +172,65 @@ impl Dispatcher {
             return Err(e);
         }
         Ok(token)
+    }
+
+    /// Stops serving: every entry leaves the epoll set, and when this returns no action is
+    /// running or will run until [`Dispatcher::resume`]. Signals meanwhile stay in the
+    /// eventfds. Idempotent.
+    pub(crate) fn pause(&self) {
+        let entries: Vec<Arc<Entry>> = {
+            let _membership = lock(&self.membership);
+            if self.paused.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let entries: Vec<Arc<Entry>> = lock(&self.entries).values().cloned().collect();
+            for e in &entries {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    e.fd.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+            entries
+        };
+        // An action already running ends before pause returns; one that starts later sees
+        // `paused` under `busy` and does nothing. (From inside an action: only the others.)
+        if !self.running_here() {
+            for e in &entries {
+                drop(lock(&e.busy));
+            }
+        }
+    }
+
+    /// Serves again: every entry rejoins the epoll set; counts that arrived while paused
+    /// fire at once. Idempotent.
+    pub(crate) fn resume(&self) -> std::io::Result<()> {
+        let _membership = lock(&self.membership);
+        if !self.paused.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let entries: Vec<(u64, RawFd)> = lock(&self.entries)
+            .iter()
+            .map(|(t, e)| (*t, e.fd.as_raw_fd()))
+            .collect();
+        self.paused.store(false, Ordering::Release);
+        for (token, raw) in entries {
+            let added = self.epoll.ctl(
+                ControlOperation::Add,
+                raw,
+                EpollEvent::new(EventSet::IN, token),
+            );
+            match added {
+                Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`Dispatcher::pause`] is in force.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
     }
 
     /// Removes an entry. When this returns, its eventfd will not be read or acted on again.
@@ -224,7 +300,10 @@ impl Dispatcher {
         };
         let _busy = lock(&entry.busy);
         // A read that finds the counter empty (EAGAIN) was a stale readiness.
-        if entry.dead.load(Ordering::Acquire) || !(entry.read)(entry.fd.as_raw_fd()) {
+        if entry.dead.load(Ordering::Acquire)
+            || self.paused.load(Ordering::Acquire)
+            || !(entry.read)(entry.fd.as_raw_fd())
+        {
             return false;
         }
         let outer = RUNNING.with(|r| r.replace(self as *const Self as usize));

@@ -252,6 +252,29 @@ impl Interrupts {
         &self.delivery.stats
     }
 
+    /// Stops the userspace path, as a VMM does before it saves or migrates a VM: when this
+    /// returns, no userspace irqfd, watch or storm-guard timer is being served or will be
+    /// until [`Interrupts::resume`], and nothing vmirq runs uses CPU. Devices may keep
+    /// signalling: their eventfds keep the counts (edges coalesce, as they would in a busy
+    /// dispatcher). Kernel irqfds stay assigned: KVM keeps taking their signals into the
+    /// irqchip state, which the VMM pauses with its vCPUs. In [`Dispatch::EventLoop`] mode the
+    /// VMM stops polling [`Interrupts::event_fd`] and [`Interrupts::irq_events`] meanwhile
+    /// (nothing is served while paused). Idempotent.
+    pub fn pause(&self) {
+        self.dispatcher.pause();
+    }
+
+    /// Serves the userspace path again: every signal that arrived while paused is delivered
+    /// now (once per eventfd, as edges coalesce). Idempotent.
+    pub fn resume(&self) -> Result<(), Error> {
+        self.dispatcher.resume().map_err(Error::Dispatcher)
+    }
+
+    /// Whether [`Interrupts::pause`] is in force.
+    pub fn is_paused(&self) -> bool {
+        self.dispatcher.is_paused()
+    }
+
     /// Userspace irqfds and watches the dispatcher serves.
     pub fn user_irqfds(&self) -> usize {
         self.dispatcher.len()

@@ -164,3 +164,61 @@ fn event_loop_mode_serves_irqfds_with_no_vmirq_thread() {
     assert_eq!(total(&sim), 3);
     drop(irqfds);
 }
+
+/// Whether `fd` is readable now (no wait).
+fn readable(fd: std::os::fd::RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; no wait.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+}
+
+/// Paused, nothing wakes anyone: the one descriptor an event loop polls (and the dispatcher
+/// thread sleeps on) stays quiet though signals wait, and serving does nothing; resumed, it is
+/// readable at once and serves each waiting eventfd once.
+#[test]
+fn paused_the_dispatcher_descriptor_stays_quiet_and_serves_nothing() {
+    for dispatch in [Dispatch::EventLoop, Dispatch::Thread] {
+        let sim = SimBackend::new(1, IrqchipMode::Split { ioapic_pins: 24 });
+        let config = Config {
+            dispatch,
+            ..Config::default()
+        };
+        let irq = Interrupts::new(sim.clone(), config).unwrap();
+        let msg = X86Msi::fixed(0, 0x40).encode().unwrap();
+        let route = irq.new_route(Route::msi(msg)).unwrap();
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let _irqfd = route.assign_irqfd_on(&fd, Some(IrqfdPath::User)).unwrap();
+        let epoll = std::os::fd::AsRawFd::as_raw_fd(&irq.event_fd());
+        irq.pause();
+        fd.write(1).unwrap();
+        // Control: the eventfd itself is readable, the dispatcher's descriptor is not.
+        assert!(readable(std::os::fd::AsRawFd::as_raw_fd(&fd)));
+        assert!(
+            !readable(epoll),
+            "{dispatch:?}: a paused dispatcher is woken"
+        );
+        assert_eq!(irq.service().unwrap(), 0);
+        let served: usize = irq
+            .irq_events()
+            .iter()
+            .map(|(token, _)| usize::from(irq.service_irq_event(*token)))
+            .sum();
+        assert_eq!(served, 0, "{dispatch:?}: served while paused");
+        sim.run_until_idle();
+        assert_eq!(sim.count(0, 0x40), 0);
+        irq.resume().unwrap();
+        if dispatch == Dispatch::EventLoop {
+            assert!(readable(epoll), "resumed, the waiting signal is not seen");
+            assert_eq!(irq.service().unwrap(), 1);
+        }
+        wait_until("the waiting signal to be delivered", || {
+            sim.run_until_idle();
+            sim.count(0, 0x40) == 1
+        });
+        assert!(!readable(std::os::fd::AsRawFd::as_raw_fd(&fd)));
+    }
+}
