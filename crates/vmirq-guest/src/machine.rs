@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
-use vmirq::{EoiTiming, Interrupts, IrqchipMode, SimBackend};
+use vmirq::{EoiTiming, Interrupts, IrqchipMode, Restored, SimBackend, Snapshot};
 use vmirq_kvm::{KvmVm, KvmVmConfig, RealModeBoot, VcpuExitHandler};
 
 use crate::layout;
@@ -246,6 +246,9 @@ pub struct MachineConfig {
     pub interrupts: vmirq::Config,
     /// KVM only: the VM's halt-polling bound (see `KvmVmConfig::halt_poll_ns`).
     pub halt_poll_ns: Option<u32>,
+    /// Boot with interrupts restored from this snapshot ([`Interrupts::restore`]), paused;
+    /// the test takes the objects back with [`Machine::take_restored`].
+    pub restore: Option<Arc<vmirq::Snapshot>>,
 }
 
 impl MachineConfig {
@@ -256,7 +259,14 @@ impl MachineConfig {
             mmio_script: Vec::new(),
             interrupts: vmirq::Config::default(),
             halt_poll_ns: None,
+            restore: None,
         }
+    }
+
+    /// Boots with interrupts restored from `snapshot` (see [`MachineConfig::restore`]).
+    pub fn restored_from(mut self, snapshot: vmirq::Snapshot) -> Self {
+        self.restore = Some(Arc::new(snapshot));
+        self
     }
 
     /// Adds the writes that program IOAPIC pin `pin` (unmasked) to deliver `vector` to APIC
@@ -344,11 +354,35 @@ pub fn wait_fd(
     }
 }
 
+/// The interrupts a machine boots with: new, or restored from the config's snapshot.
+fn interrupts_for(
+    backend: Arc<dyn vmirq::Backend>,
+    config: &MachineConfig,
+) -> Result<(Arc<Interrupts>, Mutex<Option<Restored>>), MachineError> {
+    Ok(match &config.restore {
+        None => (
+            Interrupts::new(backend, config.interrupts)?,
+            Mutex::new(None),
+        ),
+        Some(snapshot) => {
+            let restored =
+                Interrupts::restore(backend, config.interrupts, Snapshot::clone(snapshot))?;
+            (
+                Arc::clone(restored.interrupts()),
+                Mutex::new(Some(restored)),
+            )
+        }
+    })
+}
+
 /// A booted test guest. Every method is safe to call from any thread.
 pub trait Machine: Send + Sync {
     /// "kvm" or "sim".
     fn kind(&self) -> &'static str;
     fn interrupts(&self) -> &Arc<Interrupts>;
+    /// A machine booted from a snapshot ([`MachineConfig::restored_from`]): the restore in
+    /// progress, to take the objects back from (once; then `None`).
+    fn take_restored(&self) -> Option<Restored>;
     fn vcpus(&self) -> usize;
     /// Interrupts the guest counted on (vcpu, vector).
     fn count(&self, vcpu: usize, vector: u8) -> u64;
@@ -483,6 +517,7 @@ pub const CONTROL_VECTOR: u8 = 0x30;
 pub struct SimMachine {
     sim: Arc<SimBackend>,
     interrupts: Arc<Interrupts>,
+    restored: Mutex<Option<Restored>>,
     log: Arc<IsrLog>,
     bus: MmioBus,
     mem: GuestMemoryMmap,
@@ -498,7 +533,7 @@ impl SimMachine {
     /// Boots with the vCPUs retiring interrupts at `eoi_timing`.
     pub fn boot_with(config: &MachineConfig, eoi_timing: EoiTiming) -> Result<Self, MachineError> {
         let sim = SimBackend::with_eoi_timing(config.vcpus, config.irqchip, eoi_timing);
-        let interrupts = Interrupts::new(sim.clone(), config.interrupts)?;
+        let (interrupts, restored) = interrupts_for(sim.clone(), config)?;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_RAM)])
             .map_err(|e| MachineError::Guest(program::GuestError::Ram(e.to_string())))?;
         let log = Arc::new(IsrLog::default());
@@ -518,6 +553,7 @@ impl SimMachine {
         let machine = Self {
             sim,
             interrupts,
+            restored,
             log,
             bus: MmioBus::default(),
             mem,
@@ -587,6 +623,10 @@ impl Machine for SimMachine {
 
     fn interrupts(&self) -> &Arc<Interrupts> {
         &self.interrupts
+    }
+
+    fn take_restored(&self) -> Option<Restored> {
+        lock(&self.restored).take()
     }
 
     fn vcpus(&self) -> usize {
@@ -671,6 +711,7 @@ impl VcpuExitHandler for GuestExits {
 pub struct KvmMachine {
     vm: Mutex<KvmVm>,
     interrupts: Arc<Interrupts>,
+    restored: Mutex<Option<Restored>>,
     log: Arc<IsrLog>,
     bus: Arc<MmioBus>,
     /// The VM's guest RAM (the regions are shared, not copied).
@@ -697,7 +738,7 @@ impl KvmMachine {
             irqchip: config.irqchip,
             halt_poll_ns: config.halt_poll_ns,
         })?;
-        let interrupts = Interrupts::new(vm.backend(), config.interrupts)?;
+        let (interrupts, restored) = interrupts_for(vm.backend(), config)?;
         let image = program::build();
         program::load(vm.memory(), &image, &config.mmio_script)?;
         let log = Arc::new(IsrLog::default());
@@ -736,6 +777,7 @@ impl KvmMachine {
             vcpus: config.vcpus,
             vm: Mutex::new(vm),
             interrupts,
+            restored,
             log,
             bus,
             mem,
@@ -751,6 +793,10 @@ impl Machine for KvmMachine {
 
     fn interrupts(&self) -> &Arc<Interrupts> {
         &self.interrupts
+    }
+
+    fn take_restored(&self) -> Option<Restored> {
+        lock(&self.restored).take()
     }
 
     fn vcpus(&self) -> usize {
@@ -833,6 +879,20 @@ pub fn boot(kind: BackendKind, config: &MachineConfig) -> Result<Box<dyn Machine
         BackendKind::Sim => Box::new(SimMachine::boot(config)?),
         BackendKind::SimGuestEoi => Box::new(SimMachine::boot_with(config, EoiTiming::GuestEoi)?),
     })
+}
+
+/// Boots a second machine of `m`'s kind (backend and EOI timing) from `config`: the target
+/// of a migration test.
+pub fn boot_another(
+    m: &dyn Machine,
+    config: &MachineConfig,
+) -> Result<Box<dyn Machine>, MachineError> {
+    let kind = match (m.kind(), m.eoi_timing()) {
+        ("kvm", _) => BackendKind::Kvm,
+        (_, Some(EoiTiming::GuestEoi)) => BackendKind::SimGuestEoi,
+        _ => BackendKind::Sim,
+    };
+    boot(kind, config)
 }
 
 pub use vmirq_kvm::kvm_test_gate;
@@ -930,4 +990,9 @@ macro_rules! on_every_machine {
             }
         }
     };
+}
+
+/// Locks, recovering from poisoning (a panicked test thread leaves plain data behind).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

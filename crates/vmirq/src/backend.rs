@@ -14,7 +14,7 @@ use crate::msi::MsiMessage;
 use crate::route::{Gsi, Route};
 
 /// Where the interrupt controllers live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum IrqchipMode {
     /// LAPICs, IOAPIC and PICs in the hypervisor (KVM_CREATE_IRQCHIP).
     Kernel,

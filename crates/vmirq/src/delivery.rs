@@ -226,6 +226,38 @@ impl Delivery {
         }
     }
 
+    /// The userspace IOAPIC's state (split irqchip).
+    pub(crate) fn save_ioapic(&self) -> Option<crate::ioapic::IoapicState> {
+        self.ioapic.as_ref().map(|io| lock(io).chip.save())
+    }
+
+    /// Restores the userspace IOAPIC (delivering nothing) and commits its pins' kernel
+    /// routes. `Ok(false)`: this VM has no userspace IOAPIC.
+    pub(crate) fn restore_ioapic(&self, state: &crate::ioapic::IoapicState) -> Result<bool, Error> {
+        let Some(ioapic) = &self.ioapic else {
+            return Ok(false);
+        };
+        let pins: Vec<u32> = {
+            let mut st = lock(ioapic);
+            st.chip.restore(state)?;
+            (0..st.chip.pins()).collect()
+        };
+        self.router
+            // Lock order: the router's writer, then the IOAPIC.
+            .refresh_pin_msis(&pins, |pin| lock(ioapic).chip.pin_msi(pin))?;
+        Ok(true)
+    }
+
+    /// Evaluates every pin of the userspace IOAPIC: delivers each asserted, unmasked level
+    /// pin whose Remote IRR is clear (after a restore, which delivers nothing itself).
+    pub(crate) fn evaluate_pins(&self) {
+        self.with_ioapic(|chip, fx| {
+            for pin in 0..chip.pins() {
+                chip.redeliver_deferred(pin, fx);
+            }
+        });
+    }
+
     /// Commits `pins`' kernel routes (their messages as they are at commit time), then
     /// releases the deliveries that waited for them into `deliver`.
     fn commit_pin_routes(

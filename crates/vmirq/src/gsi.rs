@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::interrupts::restore_check_irqfd as check_irqfd;
 use crate::interrupts::{Error, Interrupts};
 use crate::irqfd::{EdgeIrqfd, IrqfdCore, IrqfdPath, LevelIrqfd};
 use crate::line::{IrqSource, Line};
 use crate::route::{Gsi, Route};
 use crate::router::{lock, GsiLease, Router};
+use crate::snapshot::{IrqfdState, ObjectState, Save};
 
 /// An allocated GSI with its route and the irqfds bound to it. See the module docs.
 ///
@@ -117,6 +119,33 @@ impl GsiRoute {
         self.interrupts.delivery().inject_edge(self.gsi())
     }
 
+    /// Binds `fd` as the edge irqfd a snapshot saved on this GSI
+    /// ([`crate::Restored::irqfd`]); a signal that waited unserved at save is delivered at
+    /// [`Interrupts::resume`].
+    pub fn restore_irqfd(&self, fd: &EventFd, state: &IrqfdState) -> Result<EdgeIrqfd, Error> {
+        check_irqfd(state, self.gsi(), false)?;
+        let irqfd = self.assign_irqfd(fd)?;
+        if state.pending {
+            self.interrupts.signal_at_resume(fd)?;
+        }
+        Ok(irqfd)
+    }
+
+    /// [`GsiRoute::restore_irqfd`] for a level irqfd.
+    pub fn restore_level_irqfd(
+        &self,
+        trigger: &EventFd,
+        resample: &EventFd,
+        state: &IrqfdState,
+    ) -> Result<LevelIrqfd, Error> {
+        check_irqfd(state, self.gsi(), true)?;
+        let irqfd = self.assign_level_irqfd(trigger, resample)?;
+        if state.pending {
+            self.interrupts.signal_at_resume(trigger)?;
+        }
+        Ok(irqfd)
+    }
+
     /// The GSI's level line (for a route to an IOAPIC pin): the OR of any number of sources.
     /// On the kernel irqchip it is refused ([`crate::RouterError::SharedLineSource`]) if a
     /// kernel edge irqfd reaches the same pin: KVM would let its pulses drop the level.
@@ -199,6 +228,12 @@ impl Drop for GsiRoute {
     }
 }
 
+impl Save for GsiRoute {
+    fn save(&self) -> ObjectState {
+        ObjectState::Route { gsi: self.gsi }
+    }
+}
+
 impl std::fmt::Debug for GsiRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GsiRoute")
@@ -266,6 +301,32 @@ impl IoapicPin {
             .interrupts
             .bind_level(trigger, resample, self.gsi(), None)?;
         Ok(LevelIrqfd::from_core(core))
+    }
+
+    /// Binds `fd` as the edge irqfd a snapshot saved on this pin (see
+    /// [`GsiRoute::restore_irqfd`]).
+    pub fn restore_irqfd(&self, fd: &EventFd, state: &IrqfdState) -> Result<EdgeIrqfd, Error> {
+        check_irqfd(state, self.gsi(), false)?;
+        let irqfd = self.assign_irqfd(fd)?;
+        if state.pending {
+            self.interrupts.signal_at_resume(fd)?;
+        }
+        Ok(irqfd)
+    }
+
+    /// Binds the level irqfd a snapshot saved on this pin (see [`GsiRoute::restore_irqfd`]).
+    pub fn restore_level_irqfd(
+        &self,
+        trigger: &EventFd,
+        resample: &EventFd,
+        state: &IrqfdState,
+    ) -> Result<LevelIrqfd, Error> {
+        check_irqfd(state, self.gsi(), true)?;
+        let irqfd = self.assign_level_irqfd(trigger, resample)?;
+        if state.pending {
+            self.interrupts.signal_at_resume(trigger)?;
+        }
+        Ok(irqfd)
     }
 
     /// The pin's level line: the OR of any number of [`IrqSource`]s. On the kernel irqchip it

@@ -11,6 +11,11 @@
 //! binding and unbinding call the hypervisor (`KVM_IRQFD`) with no lock held, and check the
 //! routes they decided on afterwards (a generation check against the router's table).
 
+mod restore;
+
+pub(crate) use restore::check_irqfd as restore_check_irqfd;
+pub use restore::Restored;
+
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -75,6 +80,9 @@ pub enum Error {
     /// The emulated Xen event channels refused the event.
     #[error("Xen event channel: {0}")]
     Xen(#[from] XenError),
+    /// A snapshot cannot be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 impl Error {
@@ -138,6 +146,10 @@ pub struct Interrupts {
     dispatcher: Arc<Dispatcher>,
     /// Identities of the eventfds that back an irqfd (one irqfd per eventfd).
     irqfds: Mutex<HashSet<EventfdId>>,
+    /// Eventfds to signal at [`Interrupts::resume`]: restored irqfds whose signal waited at save.
+    on_resume: Mutex<Vec<EventFd>>,
+    /// Restored: evaluate the userspace IOAPIC's pins at the next resume.
+    evaluate_at_resume: std::sync::atomic::AtomicBool,
 }
 
 impl Interrupts {
@@ -164,6 +176,8 @@ impl Interrupts {
             delivery,
             dispatcher,
             irqfds: Mutex::new(HashSet::new()),
+            on_resume: Mutex::new(Vec::new()),
+            evaluate_at_resume: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -267,6 +281,16 @@ impl Interrupts {
     /// Serves the userspace path again: every signal that arrived while paused is delivered
     /// now (once per eventfd, as edges coalesce). Idempotent.
     pub fn resume(&self) -> Result<(), Error> {
+        if self
+            .evaluate_at_resume
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.delivery.evaluate_pins();
+        }
+        // Written while the dispatcher still waits: it serves them once it resumes.
+        for fd in std::mem::take(&mut *lock(&self.on_resume)) {
+            fd.write(1).map_err(|_| Error::BadEventFd)?;
+        }
         self.dispatcher.resume().map_err(Error::Dispatcher)
     }
 

@@ -142,6 +142,19 @@ impl IrqfdCore {
     fn is_bound(&self) -> bool {
         lock(&self.binding).is_some()
     }
+
+    /// Its snapshot state: a signal waits unserved if vmirq's duplicate of the eventfd still
+    /// has a count (the user path while paused; KVM takes kernel irqfds' counts at once).
+    fn state(&self, level: bool) -> crate::snapshot::IrqfdState {
+        let pending = lock(&self.binding)
+            .as_ref()
+            .is_some_and(|b| crate::snapshot::has_count(&b.fd));
+        crate::snapshot::IrqfdState {
+            gsi: self.gsi,
+            level,
+            pending,
+        }
+    }
 }
 
 /// The handle part both irqfd types share.
@@ -220,9 +233,21 @@ macro_rules! irqfd_handle {
 pub struct EdgeIrqfd(Handle);
 irqfd_handle!(EdgeIrqfd);
 
+impl crate::snapshot::Save for EdgeIrqfd {
+    fn save(&self) -> crate::snapshot::ObjectState {
+        crate::snapshot::ObjectState::Irqfd(self.0 .0.state(false))
+    }
+}
+
 /// A level irqfd with a resamplefd ("on ack, de-assert and notify"): a signal asserts the
 /// line, which stays high until the guest acknowledges it; then the line drops once and every
 /// resamplefd of the GSI is signalled. Dropping it unbinds it; the last one of a GSI leaves the
 /// line de-asserted.
 pub struct LevelIrqfd(Handle);
 irqfd_handle!(LevelIrqfd);
+
+impl crate::snapshot::Save for LevelIrqfd {
+    fn save(&self) -> crate::snapshot::ObjectState {
+        crate::snapshot::ObjectState::Irqfd(self.0 .0.state(true))
+    }
+}

@@ -39,7 +39,9 @@ pub enum MsiError {
 }
 
 /// A raw MSI message: what a device writes, and what a route or `KVM_SIGNAL_MSI` carries.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct MsiMessage {
     /// Full 64-bit address (address_hi in bits 63:32).
     pub address: u64,

@@ -25,7 +25,9 @@ pub const PIC_PINS: u32 = 8;
 /// bare `Gsi` to route or bind: callers hold a [`crate::GsiRoute`] (a GSI they allocated) or an
 /// [`crate::IoapicPin`] (a pin's fixed GSI). Backends receive `Gsi`s in [`crate::KernelRoute`]s
 /// and irqfd calls, and [`Gsi::from_raw`] exists for them and their tests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Gsi(pub(crate) u32);
 
 impl Gsi {
@@ -47,7 +49,9 @@ impl fmt::Display for Gsi {
 }
 
 /// Which interrupt controller an IRQCHIP route drives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum IrqChip {
     /// The master 8259 PIC (pins 0-7).
     PicMaster,
@@ -58,7 +62,7 @@ pub enum IrqChip {
 }
 
 /// Where a GSI's interrupt goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Route {
     /// A pin of an interrupt controller.
     Irqchip {

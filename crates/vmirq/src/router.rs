@@ -120,6 +120,19 @@ pub(crate) struct Router {
     /// GSIs whose last lease went; reclaimed (routes removed, then free) at the next commit.
     released: Arc<Mutex<Vec<u32>>>,
     allocatable: u32,
+    /// The allocator's range: `first..limit`.
+    range: std::ops::Range<u32>,
+}
+
+/// The GSIs the allocator of a VM in `mode` hands out, for a configured first dynamic GSI
+/// and limit: above the IOAPIC pins, at most [`MAX_GSIS`].
+pub(crate) fn dynamic_gsis(
+    mode: IrqchipMode,
+    first_dynamic: u32,
+    limit: u32,
+) -> std::ops::Range<u32> {
+    let limit = limit.min(MAX_GSIS);
+    first_dynamic.max(mode.ioapic_pins()).min(limit)..limit
 }
 
 impl Router {
@@ -147,8 +160,8 @@ impl Router {
             }
             table.add(Gsi(gsi), Route::ioapic(gsi))?;
         }
-        let limit = limit.min(MAX_GSIS);
-        let first = first_dynamic.max(pins).min(limit);
+        let range = dynamic_gsis(mode, first_dynamic, limit);
+        let (first, limit) = (range.start, range.end);
         let pin_msis = match mode {
             IrqchipMode::Kernel => Vec::new(),
             IrqchipMode::Split { .. } => vec![None; pins as usize],
@@ -173,6 +186,7 @@ impl Router {
             committed: Condvar::new(),
             released: Arc::default(),
             allocatable: limit - first,
+            range,
         };
         let mut batch = router.batch();
         batch.dirty = true;
@@ -319,6 +333,38 @@ impl Router {
         }
         w.committing = false;
         own.unwrap_or(Ok(()))
+    }
+
+    /// GSIs leased now (released ones included until a commit reclaims them), lowest first.
+    pub(crate) fn leased(&self) -> Vec<Gsi> {
+        let w = lock(&self.writer);
+        self.range
+            .clone()
+            .filter(|g| !w.free.contains(g))
+            .map(Gsi)
+            .collect()
+    }
+
+    /// Leases `gsi` if it is free (a restored VM takes back the GSIs its snapshot names).
+    pub(crate) fn claim(&self, gsi: Gsi) -> Option<GsiLease> {
+        lock(&self.writer).free.remove(&gsi.0).then(|| GsiLease {
+            gsi,
+            released: Arc::clone(&self.released),
+        })
+    }
+
+    /// Adds `routes` for `gsi`s the caller holds leases on, in one commit (a restore).
+    pub(crate) fn add_routes(&self, routes: &[(Gsi, Vec<Route>)]) -> Result<(), RouterError> {
+        let mut batch = self.batch();
+        for (gsi, list) in routes {
+            batch.table.remove(*gsi);
+            for route in list {
+                batch.check_reserved(*gsi, route)?;
+                batch.table.add(*gsi, *route)?;
+            }
+            batch.dirty = true;
+        }
+        batch.commit()
     }
 
     /// GSIs the allocator can still hand out (excluding released-but-unreclaimed ones).

@@ -10,6 +10,9 @@
 //! assertion, EOI, reprogramming and deferred re-delivery all go through it.
 
 pub mod spec;
+mod state;
+
+pub use state::{IoapicState, PinState};
 
 #[cfg(test)]
 mod tests;

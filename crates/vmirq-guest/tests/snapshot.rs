@@ -1,0 +1,179 @@
+//! Snapshot and restore of a VM's interrupts into a fresh VM, written once and run on the
+//! simulated backend and real KVM, each with the in-kernel and the split irqchip.
+
+use std::time::Duration;
+
+use vmirq::{IrqfdPath, MsiMessage, Route, Save, Snapshot, X86Msi};
+use vmirq_guest::machine::{boot_another, mmio_read_op, wait_fd, Machine, MachineConfig, Mode};
+use vmirq_guest::on_every_machine;
+use vmm_sys_util::eventfd::EventFd;
+
+const WAIT: Duration = Duration::from_secs(5);
+const IOREGSEL: u32 = 0xFEC0_0000;
+const IOWIN: u32 = 0xFEC0_0010;
+const USER_VECTOR: u8 = 0x50;
+const KERNEL_VECTOR: u8 = 0x52;
+const PIN: u32 = 7;
+const PIN_VECTOR: u8 = 0x47;
+
+fn one_vcpu(mode: Mode) -> MachineConfig {
+    MachineConfig::new(1, mode.irqchip())
+}
+
+fn msi(vector: u8) -> MsiMessage {
+    X86Msi::fixed(0, vector).encode().unwrap()
+}
+
+/// Saves `m`'s interrupts (paused) with `objects`, through the byte encoding.
+fn save(m: &dyn Machine, objects: &[(&str, &dyn Save)]) -> Snapshot {
+    let mut snapshot = m.interrupts().save().unwrap();
+    for (key, object) in objects {
+        snapshot.insert(*key, *object).unwrap();
+    }
+    Snapshot::from_bytes(&snapshot.to_bytes()).unwrap()
+}
+
+on_every_machine!(
+    a_restored_vm_keeps_its_routes_and_delivers_what_waited_at_save_once,
+    one_vcpu,
+    |m: &dyn Machine, mode: Mode| {
+        let irq = m.interrupts();
+        let user_route = irq.new_route(Route::msi(msi(USER_VECTOR))).unwrap();
+        let user_fd = EventFd::new(0).unwrap();
+        let user = user_route
+            .assign_irqfd_on(&user_fd, Some(IrqfdPath::User))
+            .unwrap();
+        let kernel_route = irq.new_route(Route::msi(msi(KERNEL_VECTOR))).unwrap();
+        let kernel_fd = EventFd::new(0).unwrap();
+        let kernel = kernel_route
+            .assign_irqfd_on(&kernel_fd, Some(IrqfdPath::Kernel))
+            .unwrap();
+        user_fd.write(1).unwrap();
+        m.wait_isr(Some(0), USER_VECTOR, WAIT)
+            .expect("the source's user irqfd never delivered");
+
+        irq.pause();
+        user_fd.write(1).unwrap(); // waits in the eventfd, unserved
+        let snapshot = save(
+            m,
+            &[
+                ("user/route", &user_route),
+                ("user/irqfd", &user),
+                ("kernel/route", &kernel_route),
+                ("kernel/irqfd", &kernel),
+            ],
+        );
+        let (user_gsi, kernel_gsi) = (user_route.gsi(), kernel_route.gsi());
+
+        let target = boot_another(m, &one_vcpu(mode).restored_from(snapshot)).unwrap();
+        let restored = target.take_restored().expect("booted from a snapshot");
+        let user_route = restored.route("user/route").unwrap();
+        let kernel_route = restored.route("kernel/route").unwrap();
+        assert_eq!(
+            (user_route.gsi(), kernel_route.gsi()),
+            (user_gsi, kernel_gsi)
+        );
+        assert_eq!(user_route.routes(), [Route::msi(msi(USER_VECTOR))]);
+        let user_state = restored.irqfd("user/irqfd").unwrap();
+        let kernel_state = restored.irqfd("kernel/irqfd").unwrap();
+        assert!(user_state.pending, "the waiting signal was not saved");
+        assert!(
+            !kernel_state.pending,
+            "KVM takes kernel irqfds' signals at once"
+        );
+        let (user_fd, kernel_fd) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        let _user = user_route.restore_irqfd(&user_fd, &user_state).unwrap();
+        let _kernel = kernel_route
+            .restore_irqfd(&kernel_fd, &kernel_state)
+            .unwrap();
+        let irq = restored.finish().unwrap();
+
+        // Paused: nothing yet (the control proves the target is live).
+        target.control(0);
+        assert_eq!(target.count(0, USER_VECTOR), 0);
+        target.log().clear();
+        irq.resume().unwrap();
+        target
+            .wait_isr(Some(0), USER_VECTOR, WAIT)
+            .expect("the signal that waited at save was lost");
+        target.control(0);
+        assert_eq!(target.count(0, USER_VECTOR), 1, "delivered twice");
+        // The restored irqfds serve the new eventfds.
+        user_fd.write(1).unwrap();
+        target
+            .wait_isr(Some(0), USER_VECTOR, WAIT)
+            .expect("the restored user irqfd does not deliver");
+        kernel_fd.write(1).unwrap();
+        target
+            .wait_isr(Some(0), KERNEL_VECTOR, WAIT)
+            .expect("the restored kernel irqfd does not deliver");
+    }
+);
+
+on_every_machine!(
+    a_restored_level_irqfd_and_ioapic_pin_deliver_and_resample_after_resume,
+    |mode: Mode| one_vcpu(mode).ioapic_pin(PIN, PIN_VECTOR, 0, true),
+    |m: &dyn Machine, mode: Mode| {
+        let irq = m.interrupts();
+        let pin = irq.pin(PIN).unwrap();
+        let (trigger, resample) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        let level = pin.assign_level_irqfd(&trigger, &resample).unwrap();
+        irq.pause();
+        m.log().clear();
+        trigger.write(1).unwrap();
+        if level.path() == IrqfdPath::Kernel {
+            // KVM's resample irqfd takes the signal at once, paused or not: the source takes it.
+            m.wait_isr(Some(0), PIN_VECTOR, WAIT)
+                .expect("KVM's level irqfd never delivered");
+        }
+        let snapshot = save(m, &[("pin/level", &level)]);
+        let entry = |m: &dyn Machine| {
+            m.guest_mmio(&[(IOREGSEL, 0x10 + 2 * PIN), mmio_read_op(IOWIN)])
+                .unwrap()[1]
+        };
+        let source_entry = entry(m);
+
+        // Split: the IOAPIC comes from the snapshot, so the target's guest programs nothing.
+        // Kernel: KVM's IOAPIC is not in vmirq's snapshot; the guest programs it again.
+        let config = match mode {
+            Mode::Split => one_vcpu(mode),
+            Mode::Kernel => one_vcpu(mode).ioapic_pin(PIN, PIN_VECTOR, 0, true),
+        };
+        let target = boot_another(m, &config.restored_from(snapshot)).unwrap();
+        let restored = target.take_restored().unwrap();
+        let state = restored.irqfd("pin/level").unwrap();
+        assert_eq!(state.pending, level.path() == IrqfdPath::User);
+        let (trigger, resample) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        let pin = restored.interrupts().pin(PIN).unwrap();
+        let _level = pin
+            .restore_level_irqfd(&trigger, &resample, &state)
+            .unwrap();
+        let irq = restored.finish().unwrap();
+        if mode == Mode::Split {
+            assert_eq!(
+                entry(&*target),
+                source_entry,
+                "the IOAPIC entry did not travel"
+            );
+        }
+        target.log().clear();
+        irq.resume().unwrap();
+        if state.pending {
+            target
+                .wait_isr(Some(0), PIN_VECTOR, WAIT)
+                .expect("the level signal that waited at save was lost");
+            assert!(
+                wait_fd(&*target, &resample, WAIT).is_some(),
+                "the guest's EOI never reached the restored resamplefd"
+            );
+        }
+        // The restored level irqfd works from now on.
+        target.log().clear();
+        trigger.write(1).unwrap();
+        target
+            .wait_isr(Some(0), PIN_VECTOR, WAIT)
+            .expect("the restored level irqfd does not deliver");
+        assert!(wait_fd(&*target, &resample, WAIT).is_some());
+        target.control(0);
+    }
+);

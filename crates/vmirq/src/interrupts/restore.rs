@@ -1,0 +1,258 @@
+//! Saving a VM's interrupts into a [`Snapshot`] and restoring them into a fresh VM.
+//!
+//! The order a VMM follows (the REFERENCE's restore order: routes before the irqchip state,
+//! the vCPUs' LAPICs before anything can inject):
+//!
+//! 1. source: stop the vCPUs and devices, [`Interrupts::pause`], [`Interrupts::save`], then
+//!    [`Snapshot::insert`] each object it holds, under its own names;
+//! 2. target: create the VM and its vCPUs and restore their state (LAPICs included), then
+//!    [`Interrupts::restore`] (paused, routes committed, IOAPIC restored without delivering);
+//!    take every object back by name ([`Restored::route`], [`Restored::irqfd`], then
+//!    `restore_irqfd` on its GSI with the VMM's eventfd); [`Restored::finish`];
+//! 3. [`Interrupts::resume`], then run the vCPUs: level pins that should deliver do, and
+//!    every signal that waited unserved at save is delivered, once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Config, Error, Interrupts};
+use crate::backend::Backend;
+use crate::gsi::GsiRoute;
+use crate::ioapic::Ioapic;
+use crate::irqfd::duplicate;
+use crate::route::Gsi;
+use crate::router::{dynamic_gsis, lock, GsiLease};
+use crate::snapshot::{
+    CoreState, IrqfdState, ObjectState, Objects, Snapshot, SnapshotError, VERSION,
+};
+
+impl Interrupts {
+    /// The core's state: GSI leases, their routes and the userspace IOAPIC. Needs the
+    /// userspace path paused ([`Interrupts::pause`]) so that nothing changes under it; add the
+    /// VMM's objects with [`Snapshot::insert`].
+    pub fn save(&self) -> Result<Snapshot, Error> {
+        if !self.is_paused() {
+            return Err(SnapshotError::NotPaused.into());
+        }
+        // GSIs whose last lease went are reclaimed first, so only live leases are saved.
+        self.router().flush_released()?;
+        let allocated = self.router().leased();
+        let table = self.routing_table();
+        let routes = allocated
+            .iter()
+            .map(|gsi| (*gsi, table.get(*gsi).to_vec()))
+            .filter(|(_, routes)| !routes.is_empty())
+            .collect();
+        Ok(Snapshot {
+            version: VERSION,
+            core: CoreState {
+                mode: self.mode(),
+                allocated,
+                routes,
+                ioapic: self.delivery.save_ioapic(),
+            },
+            objects: BTreeMap::new(),
+        })
+    }
+
+    /// The interrupts of a fresh VM (`backend`, with no interrupt state yet) as `snapshot`
+    /// saved them, paused: the GSIs leased again and their routes committed, the userspace
+    /// IOAPIC restored without delivering. Take the VMM's objects back from the returned
+    /// [`Restored`], then [`Restored::finish`] and [`Interrupts::resume`].
+    ///
+    /// Everything is checked before the backend is touched: a snapshot of a newer version,
+    /// of another irqchip mode, leasing GSIs outside `config`'s range, routing a GSI it does
+    /// not lease, or holding register values no IOAPIC can hold is refused with
+    /// [`Error::Snapshot`], and the target VM is left untouched.
+    pub fn restore(
+        backend: Arc<dyn Backend>,
+        config: Config,
+        snapshot: Snapshot,
+    ) -> Result<Restored, Error> {
+        let Snapshot {
+            version: _,
+            core,
+            objects,
+        } = snapshot.migrate()?;
+        let CoreState {
+            mode,
+            allocated,
+            routes,
+            ioapic,
+        } = core;
+        let target = backend.irqchip_mode();
+        if mode != target {
+            return Err(SnapshotError::ModeMismatch {
+                saved: mode,
+                target,
+            }
+            .into());
+        }
+        check_gsis(&allocated, &routes, &objects, &config, &target)?;
+        if let Some(state) = &ioapic {
+            Ioapic::new(target.ioapic_pins()).restore(state)?;
+        }
+        let interrupts = Interrupts::new(backend, config)?;
+        interrupts.pause();
+        let leases = allocated
+            .iter()
+            .map(|gsi| {
+                let lease = interrupts.router().claim(*gsi);
+                // check_gsis proved each is in range and named once; a fresh VM has them free.
+                lease
+                    .map(|l| (*gsi, l))
+                    .ok_or(SnapshotError::Invalid(format!(
+                        "{gsi} is not free in the target VM"
+                    )))
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        interrupts.router().add_routes(&routes)?;
+        if let Some(state) = &ioapic {
+            interrupts.delivery.restore_ioapic(state)?;
+            interrupts.evaluate_at_resume.store(true, Ordering::Release);
+        }
+        Ok(Restored {
+            interrupts,
+            leases: Mutex::new(leases),
+            objects: Objects::new(objects),
+        })
+    }
+
+    /// Signals `fd` at the next [`Interrupts::resume`] (now, if not paused).
+    pub(crate) fn signal_at_resume(&self, fd: &EventFd) -> Result<(), Error> {
+        let mut on_resume = lock(&self.on_resume);
+        if self.is_paused() {
+            on_resume.push(duplicate(fd)?);
+            Ok(())
+        } else {
+            fd.write(1).map_err(|_| Error::BadEventFd)
+        }
+    }
+}
+
+/// Every leased GSI in the target's range and named once; routes and objects only on leased
+/// GSIs or pins.
+fn check_gsis(
+    allocated: &[Gsi],
+    routes: &[(Gsi, Vec<crate::Route>)],
+    objects: &BTreeMap<String, ObjectState>,
+    config: &Config,
+    mode: &crate::IrqchipMode,
+) -> Result<(), SnapshotError> {
+    let range = dynamic_gsis(*mode, config.first_dynamic_gsi, config.gsi_limit);
+    let mut seen = BTreeSet::new();
+    for gsi in allocated {
+        if !range.contains(&gsi.raw()) {
+            return Err(SnapshotError::GsiOutOfRange {
+                gsi: *gsi,
+                first: range.start,
+                limit: range.end,
+            });
+        }
+        if !seen.insert(*gsi) {
+            return Err(SnapshotError::Invalid(format!("{gsi} leased twice")));
+        }
+    }
+    let pins = mode.ioapic_pins();
+    let known = |gsi: &Gsi| seen.contains(gsi) || gsi.raw() < pins;
+    if let Some((gsi, _)) = routes.iter().find(|(gsi, _)| !seen.contains(gsi)) {
+        return Err(SnapshotError::Invalid(format!(
+            "a route for {gsi}, which the snapshot does not lease"
+        )));
+    }
+    for (key, object) in objects {
+        let gsi = match object {
+            ObjectState::Route { gsi } => gsi,
+            ObjectState::Irqfd(s) => &s.gsi,
+        };
+        if !known(gsi) {
+            return Err(SnapshotError::Invalid(format!(
+                "object {key:?} is on {gsi}, which the snapshot does not lease"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A restored VM's interrupts, paused, with the snapshot's objects waiting to be taken back
+/// by name. GSIs whose route object is not taken back are freed at [`Restored::finish`].
+pub struct Restored {
+    interrupts: Arc<Interrupts>,
+    leases: Mutex<BTreeMap<Gsi, GsiLease>>,
+    objects: Objects,
+}
+
+impl Restored {
+    /// The restored interrupts (paused until [`Interrupts::resume`]).
+    pub fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.interrupts
+    }
+
+    /// The [`GsiRoute`] saved under `key`, with its GSI and routes as they were.
+    pub fn route(&self, key: &str) -> Result<GsiRoute, Error> {
+        let gsi = self.objects.take(key, "a route", |o| match o {
+            ObjectState::Route { gsi } => Some(*gsi),
+            _ => None,
+        })?;
+        let lease = lock(&self.leases)
+            .remove(&gsi)
+            .ok_or_else(|| SnapshotError::Invalid(format!("two route objects own {gsi}")))?;
+        Ok(GsiRoute::new(Arc::clone(&self.interrupts), lease))
+    }
+
+    /// The state of the irqfd saved under `key`: bind it again on its GSI with
+    /// [`GsiRoute::restore_irqfd`] / [`crate::IoapicPin::restore_irqfd`] (or the level
+    /// variants), with the VMM's eventfd.
+    pub fn irqfd(&self, key: &str) -> Result<IrqfdState, Error> {
+        Ok(self.objects.take(key, "an irqfd", |o| match o {
+            ObjectState::Irqfd(s) => Some(*s),
+            _ => None,
+        })?)
+    }
+
+    /// Ends the restore: every object must have been taken back (else
+    /// [`SnapshotError::NotRestored`] names them and the restored VM is dropped); GSIs no
+    /// route object claimed are freed. The interrupts stay paused.
+    pub fn finish(self) -> Result<Arc<Interrupts>, Error> {
+        let left = self.objects.left();
+        if !left.is_empty() {
+            return Err(SnapshotError::NotRestored(left).into());
+        }
+        let unclaimed = std::mem::take(&mut *lock(&self.leases));
+        if !unclaimed.is_empty() {
+            drop(unclaimed);
+            self.interrupts.router().flush_released()?;
+        }
+        Ok(self.interrupts)
+    }
+}
+
+impl std::fmt::Debug for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restored")
+            .field("left", &self.objects.left())
+            .finish()
+    }
+}
+
+/// Checks that `state` is an irqfd of `level` kind on `gsi`, for a restore.
+pub(crate) fn check_irqfd(state: &IrqfdState, gsi: Gsi, level: bool) -> Result<(), Error> {
+    if state.gsi != gsi || state.level != level {
+        let kind = |level| {
+            if level {
+                "a level irqfd"
+            } else {
+                "an edge irqfd"
+            }
+        };
+        return Err(SnapshotError::IrqfdMismatch {
+            saved: format!("{} on {}", kind(state.level), state.gsi),
+            target: format!("{} on {gsi}", kind(level)),
+        }
+        .into());
+    }
+    Ok(())
+}
