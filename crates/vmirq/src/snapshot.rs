@@ -36,7 +36,7 @@ pub const MAGIC: [u8; 8] = *b"vmirq-sn";
 const HEADER: usize = 8 + 4 + 8 + 8;
 
 /// Why a snapshot cannot be taken or restored. A refused restore leaves the target untouched.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SnapshotError {
     /// The bytes end before the snapshot does.
