@@ -177,3 +177,76 @@ on_every_machine!(
         target.control(0);
     }
 );
+
+on_every_machine!(
+    a_restored_msix_device_keeps_its_table_pba_and_tags_and_delivers_on,
+    one_vcpu,
+    |m: &dyn Machine, mode: Mode| {
+        use vmirq::msix::{MsixTable, MsixVectors};
+        const VECTORS: u16 = 8;
+        let vector_of = |v: u16| 0x60 + v as u8;
+        let msix = MsixVectors::new(
+            std::sync::Arc::clone(m.interrupts()),
+            MsixTable::new(VECTORS),
+        )
+        .unwrap();
+        assert!(msix.write_message_control(1 << 15).is_empty());
+        for v in 0..VECTORS {
+            let msg = msi(vector_of(v));
+            let at = u64::from(v) * 16;
+            let masked = u32::from(v >= 4);
+            msix.bar_write(at, &msg.address_lo().to_le_bytes());
+            msix.bar_write(at + 8, &msg.data.to_le_bytes());
+            assert!(msix.bar_write(at + 12, &masked.to_le_bytes()).is_empty());
+        }
+        msix.set_tag(6, Some(0xabc)).unwrap();
+        msix.fire(1).unwrap();
+        m.wait_isr(Some(0), vector_of(1), WAIT)
+            .expect("an unmasked vector never delivered");
+        m.interrupts().pause();
+        msix.fire(5).unwrap(); // masked: pending after restore
+        let table_before: Vec<u8> = (0..VECTORS * 16)
+            .map(|off| {
+                let mut b = [0u8; 1];
+                msix.bar_read(u64::from(off), &mut b);
+                b[0]
+            })
+            .collect();
+        let snapshot = save(m, &[("dev/msix", &msix)]);
+
+        let target = boot_another(m, &one_vcpu(mode).restored_from(snapshot)).unwrap();
+        let restored = target.take_restored().unwrap();
+        let (msix, events) = restored.msix("dev/msix").unwrap();
+        assert!(events.is_empty(), "{events:?}");
+        let irq = restored.finish().unwrap();
+        for off in 0..VECTORS * 16 {
+            let mut b = [0u8; 1];
+            msix.bar_read(u64::from(off), &mut b);
+            assert_eq!(b[0], table_before[usize::from(off)], "table byte {off}");
+        }
+        let mut pba = [0u8; 8];
+        msix.bar_read(msix.pba_offset(), &mut pba);
+        assert_eq!(
+            u64::from_le_bytes(pba),
+            1 << 5,
+            "the masked fire's pending bit"
+        );
+        assert_eq!(msix.tag(6).unwrap(), Some(0xabc));
+        assert_eq!(msix.routed_vectors(), 4, "the unmasked vectors' GSIs");
+        irq.resume().unwrap();
+        // Unmasking the pending vector delivers it, once.
+        assert!(msix.bar_write(5 * 16 + 12, &0u32.to_le_bytes()).is_empty());
+        target
+            .wait_isr(Some(0), vector_of(5), WAIT)
+            .expect("the pending masked vector was lost");
+        for v in [0, 2, 5] {
+            target.log().clear();
+            msix.fire(v).unwrap();
+            target
+                .wait_isr(Some(0), vector_of(v), WAIT)
+                .unwrap_or_else(|| panic!("restored vector {v} does not deliver"));
+        }
+        target.control(0);
+        assert_eq!(target.count(0, vector_of(5)), 2);
+    }
+);

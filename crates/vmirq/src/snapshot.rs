@@ -149,6 +149,8 @@ pub enum ObjectState {
     },
     /// An [`crate::EdgeIrqfd`] or [`crate::LevelIrqfd`].
     Irqfd(IrqfdState),
+    /// An [`crate::msix::MsixVectors`] device.
+    Msix(crate::msix::MsixState),
 }
 
 impl ObjectState {
@@ -157,6 +159,7 @@ impl ObjectState {
             ObjectState::Route { gsi } => format!("the route of {gsi}"),
             ObjectState::Irqfd(s) if s.level => format!("a level irqfd on {}", s.gsi),
             ObjectState::Irqfd(s) => format!("an edge irqfd on {}", s.gsi),
+            ObjectState::Msix(s) => format!("MSI-X vectors ({})", s.vectors.len()),
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::backend::Backend;
 use crate::gsi::GsiRoute;
 use crate::ioapic::Ioapic;
 use crate::irqfd::duplicate;
+use crate::msix::{MsixEvent, MsixVectors};
 use crate::route::Gsi;
 use crate::router::{dynamic_gsis, lock, GsiLease};
 use crate::snapshot::{
@@ -164,11 +165,12 @@ fn check_gsis(
         )));
     }
     for (key, object) in objects {
-        let gsi = match object {
-            ObjectState::Route { gsi } => gsi,
-            ObjectState::Irqfd(s) => &s.gsi,
+        let gsis: Vec<Gsi> = match object {
+            ObjectState::Route { gsi } => vec![*gsi],
+            ObjectState::Irqfd(s) => vec![s.gsi],
+            ObjectState::Msix(s) => s.vectors.iter().filter_map(|v| v.gsi).collect(),
         };
-        if !known(gsi) {
+        if let Some(gsi) = gsis.iter().find(|g| !known(g)) {
             return Err(SnapshotError::Invalid(format!(
                 "object {key:?} is on {gsi}, which the snapshot does not lease"
             )));
@@ -197,10 +199,29 @@ impl Restored {
             ObjectState::Route { gsi } => Some(*gsi),
             _ => None,
         })?;
+        self.take_gsi(gsi)
+    }
+
+    /// The lease on `gsi`, as a route object (once).
+    fn take_gsi(&self, gsi: Gsi) -> Result<GsiRoute, Error> {
         let lease = lock(&self.leases)
             .remove(&gsi)
-            .ok_or_else(|| SnapshotError::Invalid(format!("two route objects own {gsi}")))?;
+            .ok_or_else(|| SnapshotError::Invalid(format!("two objects own {gsi}")))?;
         Ok(GsiRoute::new(Arc::clone(&self.interrupts), lease))
+    }
+
+    /// The MSI-X device saved under `key`: its table, PBA and tags as they were, each vector
+    /// on its GSI, deliverable vectors with their irqfds (new eventfds: producers fetch them
+    /// again with [`MsixVectors::trigger`]). A vector pending while deliverable is delivered
+    /// at resume. The events say what the host could not give, as after a guest access.
+    pub fn msix(&self, key: &str) -> Result<(MsixVectors, Vec<MsixEvent>), Error> {
+        let state = self.objects.take(key, "MSI-X vectors", |o| match o {
+            ObjectState::Msix(s) => Some(s.clone()),
+            _ => None,
+        })?;
+        MsixVectors::restore(Arc::clone(&self.interrupts), &state, |gsi| {
+            self.take_gsi(gsi)
+        })
     }
 
     /// The state of the irqfd saved under `key`: bind it again on its GSI with

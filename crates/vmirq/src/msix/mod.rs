@@ -19,9 +19,10 @@ mod table;
 mod tests;
 
 pub use msi::MsiCapability;
-pub use table::{MsixTable, VectorEffects, ENTRY_SIZE, MAX_VECTORS};
+pub use table::{MsixTable, MsixTableState, VectorEffects, ENTRY_SIZE, MAX_VECTORS};
 
 mod vectors;
 pub use vectors::{
-    MsiVectors, MsixError, MsixEvent, MsixLayout, MsixVectors, VectorTable, Vectors,
+    MsiVectors, MsixError, MsixEvent, MsixLayout, MsixState, MsixVectors, VectorState, VectorTable,
+    Vectors,
 };

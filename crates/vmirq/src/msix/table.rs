@@ -77,6 +77,19 @@ impl VectorEffects {
     }
 }
 
+/// An MSI-X function's state in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixTableState {
+    /// Per entry: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    /// The PBA's qwords.
+    pub pba: Vec<u64>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_mask: bool,
+}
+
 /// One 16-byte table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
@@ -358,6 +371,82 @@ impl MsixTable {
         pba.fill(0);
         *enabled = false;
         *function_mask = false;
+    }
+
+    /// Everything the function holds, for a snapshot.
+    pub fn save(&self) -> MsixTableState {
+        let Self {
+            entries,
+            pba,
+            enabled,
+            function_mask,
+        } = self;
+        MsixTableState {
+            entries: entries
+                .iter()
+                .map(|e| {
+                    let Entry {
+                        address_lo,
+                        address_hi,
+                        data,
+                        vector_control,
+                    } = *e;
+                    [address_lo, address_hi, data, vector_control]
+                })
+                .collect(),
+            pba: pba.to_vec(),
+            enabled: *enabled,
+            function_mask: *function_mask,
+        }
+    }
+
+    /// The function as `state` saved it. Refused (`Err` naming why) if `state` has another
+    /// vector count or bits no function holds (reserved vector-control bits, pending bits past
+    /// the last vector).
+    pub fn restore(state: &MsixTableState) -> Result<Self, String> {
+        let MsixTableState {
+            entries,
+            pba,
+            enabled,
+            function_mask,
+        } = state;
+        let vectors = u16::try_from(entries.len())
+            .ok()
+            .filter(|n| (1..=MAX_VECTORS).contains(n))
+            .ok_or_else(|| format!("{} MSI-X vectors", entries.len()))?;
+        let mut table = Self::new(vectors);
+        if pba.len() != table.pba.len() {
+            return Err(format!("{} PBA qwords for {vectors} vectors", pba.len()));
+        }
+        for (n, e) in entries.iter().enumerate() {
+            if e[3] & !spec::VECTOR_CONTROL_MASK != 0 {
+                return Err(format!(
+                    "entry {n}: reserved vector-control bits {:#x}",
+                    e[3]
+                ));
+            }
+            table.entries[n] = Entry {
+                address_lo: e[0],
+                address_hi: e[1],
+                data: e[2],
+                vector_control: e[3],
+            };
+        }
+        for (word, bits) in pba.iter().enumerate() {
+            let valid = usize::from(vectors).saturating_sub(word * 64).min(64);
+            let mask = if valid == 64 {
+                u64::MAX
+            } else {
+                (1u64 << valid) - 1
+            };
+            if bits & !mask != 0 {
+                return Err(format!("pending bits past vector {vectors}"));
+            }
+            table.pba[word] = *bits;
+        }
+        table.enabled = *enabled;
+        table.function_mask = *function_mask;
+        Ok(table)
     }
 
     /// Enabled and not function-masked: entries decide for themselves.
