@@ -250,3 +250,152 @@ on_every_machine!(
         assert_eq!(target.count(0, vector_of(5)), 2);
     }
 );
+
+mod xen {
+    use super::*;
+    use std::sync::Arc;
+    use vmirq::snapshot::ObjectState;
+    use vmirq::xen::{attach, EventChannels, XenConfig};
+    use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
+    use vmirq_guest::machine::hypercall_op;
+
+    const ARGS: u32 = 0x9000;
+    const BIND_IPI: u32 = 7;
+    const UNMASK: u32 = 9;
+
+    pub fn two_vcpus(mode: Mode) -> MachineConfig {
+        MachineConfig::new(2, mode.irqchip())
+    }
+
+    fn config() -> XenConfig {
+        XenConfig {
+            vcpus: 2,
+            long_mode: false,
+            shared_info_gpa: XEN_SHARED_INFO,
+            domid: 1,
+        }
+    }
+
+    pub fn serve_hypercalls(m: &dyn Machine, channels: &Arc<EventChannels>) {
+        let ch = Arc::clone(channels);
+        m.set_hypercall_handler(Arc::new(move |vcpu: usize, cmd: u32, args: u64| {
+            ch.hypercall(vcpu as u32, cmd, args)
+        }));
+    }
+
+    /// The guest issues EVTCHNOP `cmd` with a 4- or 8-byte argument; returns the result and
+    /// the second dword as left.
+    pub fn hypercall(m: &dyn Machine, cmd: u32, first: u32) -> (i64, u32) {
+        let mut args = [0u8; 8];
+        args[..4].copy_from_slice(&first.to_le_bytes());
+        m.write_guest(u64::from(ARGS), &args).unwrap();
+        let r = m.guest_mmio(&[hypercall_op(cmd, ARGS)]).unwrap()[0] as i32;
+        m.read_guest(u64::from(ARGS), &mut args).unwrap();
+        (
+            i64::from(r),
+            u32::from_le_bytes(args[4..].try_into().unwrap()),
+        )
+    }
+
+    pub fn wait_port(m: &dyn Machine, port: u32, n: u32) -> u32 {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            m.pump();
+            let c = m.port_counter(port);
+            if c >= n || std::time::Instant::now() > deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// The guest masks `port` with a plain write of its own mask bit (compat layout).
+    pub fn guest_mask(m: &dyn Machine, port: u32) {
+        let word = XEN_SHARED_INFO + 0x880 + u64::from(port / 32) * 4;
+        let mut b = [0u8; 4];
+        m.read_guest(word, &mut b).unwrap();
+        let w = u32::from_le_bytes(b) | 1 << (port % 32);
+        m.write_guest(word, &w.to_le_bytes()).unwrap();
+    }
+
+    on_every_machine!(
+        restored_xen_ports_keep_their_bindings_and_deliver_what_waited,
+        two_vcpus,
+        |m: &dyn Machine, mode: Mode| {
+            let (channels, upcalls) =
+                attach(m.interrupts(), m.guest_memory().unwrap().clone(), config());
+            for vcpu in 0..2 {
+                upcalls
+                    .set_upcall_vector(vcpu, Some(XEN_UPCALL_VECTOR))
+                    .unwrap();
+            }
+            serve_hypercalls(m, &channels);
+            let (r, port) = hypercall(m, BIND_IPI, 1);
+            assert_eq!(r, 0);
+            let route = m
+                .interrupts()
+                .new_route(Route::XenEvtchn {
+                    port,
+                    vcpu: 1,
+                    priority: 7,
+                })
+                .unwrap();
+            let fd = EventFd::new(0).unwrap();
+            let irqfd = route.assign_irqfd(&fd).unwrap();
+            fd.write(1).unwrap();
+            assert_eq!(wait_port(m, port, 1), 1, "the port never delivered");
+            guest_mask(m, port);
+            m.interrupts().pause();
+            fd.write(1).unwrap(); // waits unserved: delivered at resume, then owed at unmask
+            let mut snapshot = m.interrupts().save().unwrap();
+            snapshot.insert("xen/route", &route).unwrap();
+            snapshot.insert("xen/irqfd", &irqfd).unwrap();
+            snapshot
+                .insert_state("xen", ObjectState::Xen(channels.save(&upcalls)))
+                .unwrap();
+            let snapshot = Snapshot::from_bytes(&snapshot.to_bytes()).unwrap();
+            let mut shared_info = vec![0u8; 4096];
+            m.read_guest(XEN_SHARED_INFO, &mut shared_info).unwrap();
+
+            let target = boot_another(m, &two_vcpus(mode).restored_from(snapshot)).unwrap();
+            // Guest RAM travels with the VM: here, the page the 2-level bits live in.
+            target.write_guest(XEN_SHARED_INFO, &shared_info).unwrap();
+            let restored = target.take_restored().unwrap();
+            let (channels, _upcalls, backends) = restored
+                .xen("xen", target.guest_memory().unwrap().clone(), 2)
+                .unwrap();
+            assert!(backends.is_empty());
+            serve_hypercalls(&*target, &channels);
+            let route = restored.route("xen/route").unwrap();
+            let state = restored.irqfd("xen/irqfd").unwrap();
+            assert!(state.pending);
+            let fd = EventFd::new(0).unwrap();
+            let _irqfd = route.restore_irqfd(&fd, &state).unwrap();
+            let irq = restored.finish().unwrap();
+            let status = channels.port_status(port);
+            assert_eq!(
+                (status.state, status.vcpu, status.masked),
+                (vmirq::xen::PortState::Ipi, 1, true)
+            );
+            irq.resume().unwrap();
+            // The waiting event reaches the masked port at resume; unmasking delivers it.
+            let deadline = std::time::Instant::now() + WAIT;
+            while !channels.port_status(port).pending && std::time::Instant::now() < deadline {
+                target.pump();
+                std::thread::yield_now();
+            }
+            assert!(
+                channels.port_status(port).pending,
+                "the waiting event was lost"
+            );
+            assert_eq!(hypercall(&*target, UNMASK, port).0, 0);
+            assert_eq!(wait_port(&*target, port, 1), 1, "the owed event never came");
+            fd.write(1).unwrap();
+            assert_eq!(
+                wait_port(&*target, port, 2),
+                2,
+                "the restored route is dead"
+            );
+        }
+    );
+}

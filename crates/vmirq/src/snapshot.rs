@@ -151,6 +151,8 @@ pub enum ObjectState {
     Irqfd(IrqfdState),
     /// An [`crate::msix::MsixVectors`] device.
     Msix(crate::msix::MsixState),
+    /// Emulated Xen event channels and their upcalls ([`crate::xen::EventChannels::save`]).
+    Xen(crate::xen::XenState),
 }
 
 impl ObjectState {
@@ -160,6 +162,7 @@ impl ObjectState {
             ObjectState::Irqfd(s) if s.level => format!("a level irqfd on {}", s.gsi),
             ObjectState::Irqfd(s) => format!("an edge irqfd on {}", s.gsi),
             ObjectState::Msix(s) => format!("MSI-X vectors ({})", s.vectors.len()),
+            ObjectState::Xen(_) => "Xen event channels".to_owned(),
         }
     }
 }
@@ -194,6 +197,21 @@ impl Snapshot {
             return Err(SnapshotError::DuplicateObject(key));
         }
         self.objects.insert(key, object.save());
+        Ok(())
+    }
+
+    /// Adds a state saved by other means (such as [`crate::xen::EventChannels::save`]) under
+    /// `key`.
+    pub fn insert_state(
+        &mut self,
+        key: impl Into<String>,
+        state: ObjectState,
+    ) -> Result<(), SnapshotError> {
+        let key = key.into();
+        if self.objects.contains_key(&key) {
+            return Err(SnapshotError::DuplicateObject(key));
+        }
+        self.objects.insert(key, state);
         Ok(())
     }
 

@@ -169,6 +169,7 @@ fn check_gsis(
             ObjectState::Route { gsi } => vec![*gsi],
             ObjectState::Irqfd(s) => vec![s.gsi],
             ObjectState::Msix(s) => s.vectors.iter().filter_map(|v| v.gsi).collect(),
+            ObjectState::Xen(_) => Vec::new(),
         };
         if let Some(gsi) = gsis.iter().find(|g| !known(g)) {
             return Err(SnapshotError::Invalid(format!(
@@ -234,6 +235,23 @@ impl Restored {
         })?)
     }
 
+    /// The Xen event channels saved under `key`, attached to the restored interrupts over the
+    /// restored guest RAM `memory` of a VM with `vcpus` vCPUs (refused if the snapshot names
+    /// more): ports, VIRQs, `vcpu_info` placement and the upcall configuration as they were,
+    /// backend endpoints with new eventfds (in backend-port order).
+    pub fn xen(
+        &self,
+        key: &str,
+        memory: vm_memory::GuestMemoryMmap,
+        vcpus: u32,
+    ) -> Result<XenRestored, Error> {
+        let state = self.objects.take(key, "Xen event channels", |o| match o {
+            ObjectState::Xen(s) => Some(s.clone()),
+            _ => None,
+        })?;
+        crate::xen::restore(&self.interrupts, memory, vcpus, &state)
+    }
+
     /// Ends the restore: every object must have been taken back (else
     /// [`SnapshotError::NotRestored`] names them and the restored VM is dropped); GSIs no
     /// route object claimed are freed. The interrupts stay paused.
@@ -258,6 +276,13 @@ impl std::fmt::Debug for Restored {
             .finish()
     }
 }
+
+/// Restored Xen event channels: the channels, their upcalls, the backend endpoints.
+pub type XenRestored = (
+    Arc<crate::xen::EventChannels>,
+    Arc<crate::xen::Upcalls>,
+    Vec<crate::xen::BackendPort>,
+);
 
 /// Checks that `state` is an irqfd of `level` kind on `gsi`, for a restore.
 pub(crate) fn check_irqfd(state: &IrqfdState, gsi: Gsi, level: bool) -> Result<(), Error> {

@@ -52,6 +52,7 @@ pub mod abi;
 pub mod layout;
 mod ops;
 pub mod ports;
+mod state;
 mod upcall;
 
 #[cfg(test)]
@@ -71,10 +72,12 @@ pub use layout::Layout;
 use layout::{SharedInfo, LEGACY_MAX_VCPUS};
 use ports::{BackendSlot, Binding, PortSlot, Table};
 pub use ports::{PortState, PortStatus, Remote};
+pub(crate) use state::restore;
+pub use state::{XenBackendState, XenState};
 pub use upcall::{attach, Callback, UpcallError, Upcalls};
 
 /// The guest's Xen setup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct XenConfig {
     /// vCPUs, clamped to 1..=32 (the legacy `vcpu_info` array in `shared_info`); a vCPU's
     /// `vcpu_info` may be moved elsewhere with [`EventChannels::register_vcpu_info`].

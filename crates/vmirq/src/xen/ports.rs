@@ -25,7 +25,7 @@ use super::abi::stat;
 pub const DEFAULT_PRIORITY: u8 = 7;
 
 /// Where the other end of an unbound or interdomain port lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Remote {
     /// The guest itself: a loopback pair.
     Guest,
@@ -34,7 +34,7 @@ pub enum Remote {
 }
 
 /// A port's binding, as `EVTCHNOP_status` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PortState {
     /// `EVTCHNSTAT_closed`: free.
     Closed,

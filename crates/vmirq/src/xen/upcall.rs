@@ -23,7 +23,7 @@ use crate::msi::X86Msi;
 use crate::router::lock;
 
 /// Where upcalls go when a vCPU has no per-vCPU vector (HVM_PARAM_CALLBACK_IRQ).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Callback {
     /// Nothing is injected; the guest polls upcall_pending.
     #[default]
@@ -166,6 +166,13 @@ impl Upcalls {
             trigger,
             _resample: resample,
         })
+    }
+
+    /// The per-vCPU vectors and the callback, for a snapshot.
+    pub(crate) fn configuration(&self) -> (Vec<Option<u8>>, Callback) {
+        let config = self.config.load();
+        let Config { per_vcpu, callback } = &**config;
+        (per_vcpu.clone(), *callback)
     }
 
     fn channels(&self) -> Option<Arc<EventChannels>> {

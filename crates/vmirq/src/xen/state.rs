@@ -1,0 +1,221 @@
+//! The event channels' state for a snapshot. The 2-level pending, mask and selector bits and
+//! `upcall_pending` live in guest RAM (`shared_info`, `vcpu_info`) and travel with it; this
+//! is the rest: the port table, VIRQ bindings, `vcpu_info` placement, backend endpoints and
+//! the upcall configuration.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use super::abi::{virq_is_global, NR_VIRQS};
+use super::ports::{BackendSlot, Binding, PortState, Remote, Table};
+use super::{attach, BackendPort, Callback, EventChannels, Upcalls, XenConfig};
+use crate::interrupts::{Error, Interrupts};
+use crate::snapshot::{has_count, SnapshotError};
+
+/// Everything the event channels hold outside guest RAM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XenState {
+    /// The guest's setup.
+    pub config: XenConfig,
+    /// Per port (port 0 first): its binding and vCPU.
+    pub ports: Vec<(PortState, u32)>,
+    /// The port bound to each (vCPU, VIRQ), at `vcpu * NR_VIRQS + virq`; 0 for none.
+    pub virqs: Vec<u32>,
+    /// Per vCPU: where its `vcpu_info` was placed (0: the legacy slot).
+    pub placed: Vec<u64>,
+    /// Per backend port (0 first): the endpoint, if open.
+    pub backends: Vec<Option<XenBackendState>>,
+    /// Per vCPU: its upcall vector (HVMOP_set_evtchn_upcall_vector).
+    pub upcall_vectors: Vec<Option<u8>>,
+    /// The domain's callback (HVM_PARAM_CALLBACK_IRQ).
+    pub callback: Callback,
+}
+
+/// A VMM backend endpoint in a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XenBackendState {
+    /// The guest port it is connected to (0: unconnected).
+    pub guest_port: u32,
+    /// The guest sent and the backend had not read its notify eventfd yet.
+    pub pending: bool,
+}
+
+impl EventChannels {
+    /// These event channels' state, with `upcalls`' configuration.
+    pub fn save(&self, upcalls: &Upcalls) -> XenState {
+        let t = self.lock();
+        let Self {
+            memory: _,
+            config,
+            layout: _,
+            upcall: _,
+            slots: _,
+            virqs,
+            placed,
+            table: _,
+        } = self;
+        let Table { ports, backends } = &*t;
+        let (upcall_vectors, callback) = upcalls.configuration();
+        XenState {
+            config: *config,
+            ports: ports.clone(),
+            virqs: virqs.iter().map(|p| p.load(Ordering::Acquire)).collect(),
+            placed: placed.iter().map(|p| p.load(Ordering::Acquire)).collect(),
+            backends: backends
+                .iter()
+                .map(|b| {
+                    b.as_ref()
+                        .map(|BackendSlot { guest_port, notify }| XenBackendState {
+                            guest_port: *guest_port,
+                            pending: has_count(notify),
+                        })
+                })
+                .collect(),
+            upcall_vectors,
+            callback,
+        }
+    }
+}
+
+/// The event channels `state` saved, attached to `interrupts` over the guest RAM `memory`
+/// (restored already: the 2-level bits are there) of a VM with `vcpus` vCPUs. Returns the
+/// channels, their upcalls and the backend endpoints (new eventfds, in backend-port order;
+/// one whose guest had sent unread is signalled).
+pub(crate) fn restore(
+    interrupts: &Arc<Interrupts>,
+    memory: GuestMemoryMmap,
+    vcpus: u32,
+    state: &XenState,
+) -> Result<(Arc<EventChannels>, Arc<Upcalls>, Vec<BackendPort>), Error> {
+    check(state, vcpus, interrupts.mode().ioapic_pins())?;
+    let XenState {
+        config,
+        ports,
+        virqs,
+        placed,
+        backends,
+        upcall_vectors,
+        callback,
+    } = state;
+    let (channels, upcalls) = attach(interrupts, memory, *config);
+    let mut endpoints = Vec::new();
+    {
+        let mut t = channels.lock();
+        for (port, (state, vcpu)) in ports.iter().enumerate() {
+            t.ports[port] = (*state, *vcpu);
+            if *state != PortState::Closed {
+                channels.slots[port].publish(Binding::new(*state, *vcpu));
+            }
+        }
+        for (slot, port) in channels.virqs.iter().zip(virqs) {
+            slot.store(*port, Ordering::Release);
+        }
+        for (slot, gpa) in channels.placed.iter().zip(placed) {
+            slot.store(*gpa, Ordering::Release);
+        }
+        for (be, saved) in backends.iter().enumerate() {
+            let Some(saved) = saved else { continue };
+            let io =
+                |e: std::io::Error| Error::from(super::XenError::Io(e.raw_os_error().unwrap_or(0)));
+            let notify = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+                .map_err(io)?;
+            let ours = notify.try_clone().map_err(io)?;
+            if saved.pending {
+                ours.write(1).map_err(io)?;
+            }
+            t.backends[be] = Some(BackendSlot {
+                guest_port: saved.guest_port,
+                notify: ours,
+            });
+            endpoints.push(BackendPort {
+                port: be as u32,
+                notify,
+            });
+        }
+    }
+    for (vcpu, vector) in upcall_vectors.iter().enumerate() {
+        upcalls
+            .set_upcall_vector(vcpu as u32, *vector)
+            .map_err(|e| SnapshotError::Invalid(format!("Xen upcall vector: {e}")))?;
+    }
+    upcalls.set_callback(*callback).map_err(|e| match e {
+        super::UpcallError::Gsi(e) => e,
+        e => SnapshotError::Invalid(format!("Xen callback: {e}")).into(),
+    })?;
+    Ok((channels, upcalls, endpoints))
+}
+
+/// Refuses what no event channels can hold, before anything is built.
+fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
+    let bad = |what: String| Err(SnapshotError::Invalid(format!("Xen: {what}")));
+    let c = state.config;
+    if c.vcpus == 0 || c.vcpus > vcpus {
+        return bad(format!(
+            "{} vCPUs saved, the target VM has {vcpus}",
+            c.vcpus
+        ));
+    }
+    let ports = super::Layout::new(c.long_mode).ports as usize;
+    let n = c.vcpus as usize;
+    if state.ports.len() != ports
+        || state.virqs.len() != n * NR_VIRQS as usize
+        || state.placed.len() != n
+        || state.upcall_vectors.len() != n
+        || state.backends.len() != ports
+    {
+        return bad("table sizes do not match the configuration".into());
+    }
+    if state
+        .ports
+        .first()
+        .is_some_and(|p| p.0 != PortState::Closed)
+    {
+        return bad("port 0 is open".into());
+    }
+    for (port, (s, vcpu)) in state.ports.iter().enumerate() {
+        if *vcpu >= c.vcpus {
+            return bad(format!("port {port} on vCPU {vcpu}"));
+        }
+        let peer_ok = |remote: Remote, remote_port: u32| match remote {
+            Remote::Guest => (remote_port as usize) < ports,
+            Remote::Backend => state
+                .backends
+                .get(remote_port as usize)
+                .is_some_and(Option::is_some),
+        };
+        let ok = match *s {
+            PortState::Closed | PortState::Unbound { .. } | PortState::Ipi => true,
+            PortState::Interdomain {
+                remote,
+                remote_port,
+            } => peer_ok(remote, remote_port),
+            PortState::Virq(v) => v < NR_VIRQS,
+            // No PIRQ is ever bound here.
+            PortState::Pirq(_) => false,
+        };
+        if !ok {
+            return bad(format!("port {port}: {s:?}"));
+        }
+    }
+    for (i, port) in state.virqs.iter().enumerate() {
+        let (vcpu, virq) = (i as u32 / NR_VIRQS, i as u32 % NR_VIRQS);
+        if *port as usize >= ports || (virq_is_global(virq) && vcpu != 0 && *port != 0) {
+            return bad(format!("VIRQ {virq} of vCPU {vcpu} on port {port}"));
+        }
+    }
+    if let Some(gpa) = state.placed.iter().find(|g| *g % 8 != 0) {
+        return bad(format!("vcpu_info at {gpa:#x}"));
+    }
+    match state.callback {
+        Callback::Vector(v) if v < 0x10 => return bad(format!("callback vector {v:#x}")),
+        Callback::Gsi(g) if g >= pins => return bad(format!("callback GSI {g}")),
+        _ => {}
+    }
+    if let Some(v) = state.upcall_vectors.iter().flatten().find(|v| **v < 0x10) {
+        return bad(format!("upcall vector {v:#x}"));
+    }
+    Ok(())
+}
