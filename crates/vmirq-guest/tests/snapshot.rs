@@ -125,6 +125,10 @@ on_every_machine!(
             // KVM's resample irqfd takes the signal at once, paused or not: the source takes it.
             m.wait_isr(Some(0), PIN_VECTOR, WAIT)
                 .expect("KVM's level irqfd never delivered");
+            // The guest ends its handler (its EOI acks the pin) before the snapshot: the
+            // LAPIC's in-service vector is vCPU state this test does not carry over.
+            m.control(0);
+            assert!(wait_fd(m, &resample, WAIT).is_some());
         }
         let snapshot = save(m, &[("pin/level", &level)]);
         let entry = |m: &dyn Machine| {
@@ -133,13 +137,9 @@ on_every_machine!(
         };
         let source_entry = entry(m);
 
-        // Split: the IOAPIC comes from the snapshot, so the target's guest programs nothing.
-        // Kernel: KVM's IOAPIC is not in vmirq's snapshot; the guest programs it again.
-        let config = match mode {
-            Mode::Split => one_vcpu(mode),
-            Mode::Kernel => one_vcpu(mode).ioapic_pin(PIN, PIN_VECTOR, 0, true),
-        };
-        let target = boot_another(m, &config.restored_from(snapshot)).unwrap();
+        // The IOAPIC (vmirq's, or the in-kernel one) comes from the snapshot: the target's
+        // guest programs nothing.
+        let target = boot_another(m, &one_vcpu(mode).restored_from(snapshot)).unwrap();
         let restored = target.take_restored().unwrap();
         let state = restored.irqfd("pin/level").unwrap();
         assert_eq!(state.pending, level.path() == IrqfdPath::User);
@@ -149,13 +149,11 @@ on_every_machine!(
             .restore_level_irqfd(&trigger, &resample, &state)
             .unwrap();
         let irq = restored.finish().unwrap();
-        if mode == Mode::Split {
-            assert_eq!(
-                entry(&*target),
-                source_entry,
-                "the IOAPIC entry did not travel"
-            );
-        }
+        assert_eq!(
+            entry(&*target),
+            source_entry,
+            "the IOAPIC entry did not travel"
+        );
         target.log().clear();
         irq.resume().unwrap();
         if state.pending {

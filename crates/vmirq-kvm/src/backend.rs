@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    kvm_irq_routing_msi, kvm_irq_routing_msi__bindgen_ty_1, kvm_msi, KvmIrqRouting,
+    kvm_irq_routing_msi, kvm_irq_routing_msi__bindgen_ty_1, kvm_irqchip, kvm_msi, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES, KVM_MSI_VALID_DEVID,
 };
 use kvm_ioctls::{Cap, VmFd};
 use vmirq::{
-    Backend, BackendError, EoiSink, Gsi, IrqChip, IrqchipMode, KernelRoute, MsiMessage, Route,
+    Backend, BackendError, EoiSink, Gsi, IrqChip, IrqchipMode, KernelIrqchip, KernelRoute,
+    MsiMessage, Route,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -276,7 +277,80 @@ impl Backend for KvmBackend {
             Err(poisoned) => *poisoned.into_inner() = Some(sink),
         }
     }
+
+    /// `KVM_GET_IRQCHIP` for the two PICs and the IOAPIC (kernel irqchip): each chip's
+    /// 512-byte state as KVM lays it out.
+    fn save_irqchip(&self) -> Result<Option<KernelIrqchip>, BackendError> {
+        if self.mode != IrqchipMode::Kernel {
+            return Ok(None);
+        }
+        let mut chips = Vec::with_capacity(CHIPS.len());
+        for id in CHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut chip)
+                .map_err(|e| hypervisor("KVM_GET_IRQCHIP", e))?;
+            // SAFETY: every variant of the union is plain bytes (PIC and IOAPIC register
+            // structs of integers); `dummy` spans the whole union.
+            let bytes = unsafe { chip.chip.dummy };
+            chips.push((id, bytes.iter().map(|b| *b as u8).collect()));
+        }
+        Ok(Some(KernelIrqchip {
+            backend: self.name().to_owned(),
+            chips,
+        }))
+    }
+
+    /// `KVM_SET_IRQCHIP` for each saved chip (routes are committed already: they are not part
+    /// of the chip state). Each blob must be one of this backend's three chips, 512 bytes.
+    fn restore_irqchip(&self, state: &KernelIrqchip) -> Result<(), BackendError> {
+        if self.mode != IrqchipMode::Kernel {
+            return Err(BackendError::Unsupported(
+                "restore an in-kernel irqchip on a split irqchip",
+            ));
+        }
+        let bad = |why: String| BackendError::BadIrqchipState(why);
+        let mut chips = Vec::with_capacity(state.chips.len());
+        for (id, bytes) in &state.chips {
+            if !CHIPS.contains(id) {
+                return Err(bad(format!("no chip {id}")));
+            }
+            let mut chip = kvm_irqchip {
+                chip_id: *id,
+                ..Default::default()
+            };
+            // SAFETY: writing plain bytes into the union's byte view.
+            let dummy = unsafe { &mut chip.chip.dummy };
+            if bytes.len() != dummy.len() {
+                return Err(bad(format!(
+                    "chip {id}: {} bytes, not {}",
+                    bytes.len(),
+                    dummy.len()
+                )));
+            }
+            for (d, b) in dummy.iter_mut().zip(bytes) {
+                *d = *b as std::os::raw::c_char;
+            }
+            chips.push(chip);
+        }
+        for chip in &chips {
+            self.vm
+                .set_irqchip(chip)
+                .map_err(|e| hypervisor("KVM_SET_IRQCHIP", e))?;
+        }
+        Ok(())
+    }
 }
+
+/// The in-kernel chips a snapshot carries (KVM_CREATE_IRQCHIP makes all three).
+const CHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
 
 #[cfg(test)]
 mod tests {

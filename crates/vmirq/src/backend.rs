@@ -72,6 +72,9 @@ pub enum BackendError {
     /// The backend cannot do this in its configuration.
     #[error("this backend cannot {0}")]
     Unsupported(&'static str),
+    /// Saved in-kernel irqchip state this backend cannot load (named in the message).
+    #[error("bad in-kernel irqchip state: {0}")]
+    BadIrqchipState(String),
 }
 
 impl BackendError {
@@ -89,6 +92,7 @@ impl BackendError {
             BackendError::IrqfdBusy => BackendError::IrqfdBusy,
             BackendError::IrqfdNotFound(g) => BackendError::IrqfdNotFound(*g),
             BackendError::Unsupported(what) => BackendError::Unsupported(what),
+            BackendError::BadIrqchipState(why) => BackendError::BadIrqchipState(why.clone()),
         }
     }
 }
@@ -139,4 +143,27 @@ pub trait Backend: Send + Sync {
 
     /// Where to report EOIs of level vectors that the hypervisor hands to userspace.
     fn set_eoi_sink(&self, sink: Weak<dyn EoiSink>);
+
+    /// The hypervisor's own irqchip state (the in-kernel IOAPIC and PICs:
+    /// `KVM_GET_IRQCHIP`), for a snapshot; `None` when it keeps none (a split irqchip). The
+    /// LAPICs are the vCPUs' state, saved by the VMM.
+    fn save_irqchip(&self) -> Result<Option<KernelIrqchip>, BackendError> {
+        Ok(None)
+    }
+
+    /// Loads what [`Backend::save_irqchip`] gave (`KVM_SET_IRQCHIP`), after the routes are
+    /// committed (they are not part of it).
+    fn restore_irqchip(&self, _state: &KernelIrqchip) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported("restore an in-kernel irqchip"))
+    }
+}
+
+/// A hypervisor's in-kernel irqchip state, opaque to the core: which backend wrote it, and
+/// one blob per chip (KVM: `KVM_IRQCHIP_PIC_MASTER`, `_PIC_SLAVE`, `_IOAPIC`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelIrqchip {
+    /// [`Backend::name`] of the backend that saved it; only that kind restores it.
+    pub backend: String,
+    /// (chip id, its state as the backend encodes it).
+    pub chips: Vec<(u32, Vec<u8>)>,
 }

@@ -27,7 +27,7 @@ pub mod sim;
 pub mod snapshot;
 pub mod xen;
 
-pub use backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
+pub use backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelIrqchip, KernelRoute};
 pub use delivery::EventChannelSink;
 pub use dispatch::Dispatch;
 pub use group::{InterruptGroup, InterruptSourceConfig};

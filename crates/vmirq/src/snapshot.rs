@@ -136,6 +136,9 @@ pub struct CoreState {
     pub routes: Vec<(Gsi, Vec<Route>)>,
     /// The userspace IOAPIC (split irqchip only).
     pub ioapic: Option<IoapicState>,
+    /// The hypervisor's in-kernel IOAPIC and PICs (kernel irqchip only).
+    #[serde(default)]
+    pub kernel_irqchip: Option<crate::backend::KernelIrqchip>,
 }
 
 /// One object the VMM holds.

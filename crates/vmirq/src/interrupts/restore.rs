@@ -54,6 +54,7 @@ impl Interrupts {
                 allocated,
                 routes,
                 ioapic: self.delivery.save_ioapic(),
+                kernel_irqchip: self.backend().save_irqchip()?,
             },
             objects: BTreeMap::new(),
         })
@@ -83,6 +84,7 @@ impl Interrupts {
             allocated,
             routes,
             ioapic,
+            kernel_irqchip,
         } = core;
         let target = backend.irqchip_mode();
         if mode != target {
@@ -95,6 +97,17 @@ impl Interrupts {
         check_gsis(&allocated, &routes, &objects, &config, &target)?;
         if let Some(state) = &ioapic {
             Ioapic::new(target.ioapic_pins()).restore(state)?;
+        }
+        if let Some(chip) = kernel_irqchip
+            .as_ref()
+            .filter(|c| c.backend != backend.name())
+        {
+            return Err(SnapshotError::Invalid(format!(
+                "in-kernel irqchip state of a {} VM for a {} VM",
+                chip.backend,
+                backend.name()
+            ))
+            .into());
         }
         let interrupts = Interrupts::new(backend, config)?;
         interrupts.pause();
@@ -111,6 +124,9 @@ impl Interrupts {
             })
             .collect::<Result<BTreeMap<_, _>, _>>()?;
         interrupts.router().add_routes(&routes)?;
+        if let Some(chip) = &kernel_irqchip {
+            interrupts.backend().restore_irqchip(chip)?;
+        }
         if let Some(state) = &ioapic {
             interrupts.delivery.restore_ioapic(state)?;
             interrupts.evaluate_at_resume.store(true, Ordering::Release);

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelRoute};
+use crate::backend::{Backend, BackendError, EoiSink, IrqchipMode, KernelIrqchip, KernelRoute};
 use crate::ioapic::{Effects, Ioapic, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
 use crate::irqfd::{eventfd_id, is_open, EventfdId};
 use crate::msi::{DeliveryMode, MsiMessage, X86Msi};
@@ -61,6 +61,9 @@ pub const MAX_ROUNDS: usize = 100_000;
 
 /// How long the in-"kernel" IOAPIC's storm guard holds a re-delivery back.
 const STORM_DELAY: Duration = Duration::from_millis(10);
+
+/// The chip id of the simulated in-kernel IOAPIC in [`KernelIrqchip`] (KVM's `KVM_IRQCHIP_IOAPIC`).
+const SIM_IOAPIC_CHIP: u32 = 2;
 
 /// KVM's irq source ID for `KVM_IRQ_LINE` and for edge irqfd pulses alike
 /// (`KVM_USERSPACE_IRQ_SOURCE_ID`): one bit per IOAPIC pin, so a pulse's falling half drops a
@@ -770,6 +773,46 @@ impl Backend for SimBackend {
 
     fn supports_resample(&self) -> bool {
         self.mode == IrqchipMode::Kernel
+    }
+
+    fn save_irqchip(&self) -> Result<Option<KernelIrqchip>, BackendError> {
+        let st = lock(&self.state);
+        Ok(st.ioapic.as_ref().map(|ioapic| KernelIrqchip {
+            backend: self.name().to_owned(),
+            chips: vec![(
+                SIM_IOAPIC_CHIP,
+                serde_json::to_vec(&ioapic.save()).unwrap_or_default(),
+            )],
+        }))
+    }
+
+    /// As `KVM_SET_IRQCHIP` for the IOAPIC (Linux `kvm_set_ioapic`): the registers and pin
+    /// levels as saved, the per-source bits cleared (KVM does not save `irq_states`), and
+    /// every asserted level pin re-evaluated (`kvm_ioapic_inject_all`).
+    fn restore_irqchip(&self, state: &KernelIrqchip) -> Result<(), BackendError> {
+        let bad = |why: String| BackendError::BadIrqchipState(why);
+        let blob = match state.chips.as_slice() {
+            [(SIM_IOAPIC_CHIP, blob)] => blob,
+            _ => return Err(bad("the simulator keeps one chip, its IOAPIC".into())),
+        };
+        let saved: crate::ioapic::IoapicState =
+            serde_json::from_slice(blob).map_err(|e| bad(e.to_string()))?;
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let Some(ioapic) = &mut st.ioapic else {
+            return Err(BackendError::Unsupported(
+                "restore an in-kernel IOAPIC on a split irqchip",
+            ));
+        };
+        ioapic.restore(&saved).map_err(|e| bad(e.to_string()))?;
+        st.sources.clear();
+        st.deferred.clear();
+        let mut fx = Effects::default();
+        for pin in 0..ioapic.pins() {
+            ioapic.redeliver_deferred(pin, &mut fx);
+        }
+        st.apply_ioapic_effects(&mut fx);
+        Ok(())
     }
 
     fn assign_irqfd(
