@@ -397,3 +397,87 @@ mod xen {
         }
     );
 }
+
+const SOURCE_PIN: u32 = 9;
+const SOURCE_VECTOR: u8 = 0x49;
+
+on_every_machine!(
+    a_restored_source_holding_an_edge_pin_high_gives_no_second_edge,
+    |mode: Mode| one_vcpu(mode).ioapic_pin(SOURCE_PIN, SOURCE_VECTOR, 0, false),
+    |m: &dyn Machine, mode: Mode| {
+        let line = m.interrupts().pin(SOURCE_PIN).unwrap().line().unwrap();
+        let (held, idle) = (line.source(), line.source());
+        held.assert();
+        m.wait_isr(Some(0), SOURCE_VECTOR, WAIT)
+            .expect("the rising edge was never delivered");
+        m.control(0);
+        m.interrupts().pause();
+        let snapshot = save(m, &[("uart/held", &held), ("uart/idle", &idle)]);
+        assert_eq!(snapshot.core.lines, [line.gsi()]);
+
+        let target = boot_another(m, &one_vcpu(mode).restored_from(snapshot)).unwrap();
+        let restored = target.take_restored().unwrap();
+        let line = restored
+            .interrupts()
+            .pin(SOURCE_PIN)
+            .unwrap()
+            .line()
+            .unwrap();
+        let held = line
+            .restore_source(&restored.source("uart/held").unwrap())
+            .unwrap();
+        let idle = line
+            .restore_source(&restored.source("uart/idle").unwrap())
+            .unwrap();
+        assert!(held.is_asserted() && !idle.is_asserted());
+        let irq = restored.finish().unwrap();
+        irq.resume().unwrap();
+        target.control(0);
+        assert_eq!(
+            target.count(0, SOURCE_VECTOR),
+            0,
+            "the restored source gave a second edge"
+        );
+        // The line is still high: another source asserting gives no edge either; dropping
+        // both and asserting again does.
+        idle.assert();
+        idle.deassert();
+        held.deassert();
+        target.control(0);
+        assert_eq!(target.count(0, SOURCE_VECTOR), 0);
+        target.log().clear();
+        held.assert();
+        target
+            .wait_isr(Some(0), SOURCE_VECTOR, WAIT)
+            .expect("a new rising edge after restore was lost");
+        target.control(0);
+        assert_eq!(target.count(0, SOURCE_VECTOR), 1);
+    }
+);
+
+on_every_machine!(
+    a_restored_line_no_source_holds_drops,
+    |mode: Mode| one_vcpu(mode).ioapic_pin(SOURCE_PIN, SOURCE_VECTOR, 0, false),
+    |m: &dyn Machine, mode: Mode| {
+        let line = m.interrupts().pin(SOURCE_PIN).unwrap().line().unwrap();
+        let held = line.source();
+        held.assert();
+        m.wait_isr(Some(0), SOURCE_VECTOR, WAIT)
+            .expect("the rising edge was never delivered");
+        m.interrupts().pause();
+        // The device that held it is not restored (hot-unplugged across the migration).
+        let snapshot = save(m, &[]);
+        let target = boot_another(m, &one_vcpu(mode).restored_from(snapshot)).unwrap();
+        let restored = target.take_restored().unwrap();
+        let irq = restored.finish().unwrap();
+        irq.resume().unwrap();
+        // Dropped at finish: a new source's assertion is a rising edge.
+        let line = irq.pin(SOURCE_PIN).unwrap().line().unwrap();
+        let source = line.source();
+        target.log().clear();
+        source.assert();
+        target
+            .wait_isr(Some(0), SOURCE_VECTOR, WAIT)
+            .expect("the line stayed high with no source holding it");
+    }
+);

@@ -226,6 +226,18 @@ impl Delivery {
         }
     }
 
+    /// GSIs whose lines hold their irqchip input high now.
+    pub(crate) fn high_lines(&self) -> Vec<Gsi> {
+        let mut high: Vec<Gsi> = lock(&self.lines)
+            .iter()
+            .filter_map(|(gsi, line)| line.upgrade().map(|l| (*gsi, l)))
+            .filter(|(_, line)| line.pushed_level())
+            .map(|(gsi, _)| gsi)
+            .collect();
+        high.sort_unstable();
+        high
+    }
+
     /// The userspace IOAPIC's state (split irqchip).
     pub(crate) fn save_ioapic(&self) -> Option<crate::ioapic::IoapicState> {
         self.ioapic.as_ref().map(|io| lock(io).chip.save())

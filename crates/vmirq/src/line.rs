@@ -71,6 +71,17 @@ impl LevelPush {
         self.asserted.load(Ordering::SeqCst)
     }
 
+    /// The level the irqchip last got from this line.
+    pub(crate) fn pushed(&self) -> bool {
+        self.pushed.load(Ordering::SeqCst)
+    }
+
+    /// A restored line: the irqchip already has `level` (from the snapshot), so the sources
+    /// that re-assert it push nothing. Only on a line nobody pushes yet.
+    pub(crate) fn seed(&self, level: bool) {
+        self.pushed.store(level, Ordering::SeqCst);
+    }
+
     /// After a change: push levels through `push` until the pushed level matches the count
     /// and every requested edge was given, or leave it to the thread already pushing.
     pub(crate) fn sync(&self, push: impl Fn(bool)) {
@@ -148,6 +159,44 @@ impl Line {
         self.state.count()
     }
 
+    /// The level the irqchip last got from this line (for a snapshot).
+    pub(crate) fn pushed_level(&self) -> bool {
+        self.state.pushed()
+    }
+
+    /// Restore: the irqchip already holds `level` for this line.
+    pub(crate) fn seed(&self, level: bool) {
+        self.state.seed(level);
+    }
+
+    /// Restore, once the sources are back: pushes the count's level if it differs from the
+    /// seeded one (a line no source holds any more drops). An unchanged high level is not
+    /// pushed again: KVM restores a level pin's IRR, and re-asserting an edge pin whose edge
+    /// was delivered (KVM saves its IRR without `irr_delivered`) would deliver it twice. KVM's
+    /// per-source bit, not saved, is not needed to lower the line later.
+    pub(crate) fn settle(&self) {
+        self.sync();
+    }
+
+    /// A source on this line as a snapshot saved it: asserted if it was (the line's seeded
+    /// level already says so to the irqchip: nothing is delivered now).
+    pub fn restore_source(
+        self: &Arc<Self>,
+        state: &crate::snapshot::SourceState,
+    ) -> Result<IrqSource, crate::snapshot::SnapshotError> {
+        if state.gsi != self.gsi {
+            return Err(crate::snapshot::SnapshotError::Invalid(format!(
+                "a source of {} restored on the line of {}",
+                state.gsi, self.gsi
+            )));
+        }
+        let source = self.source();
+        if state.asserted {
+            source.assert();
+        }
+        Ok(source)
+    }
+
     /// An edge: raise and drop the line, unless a source holds it high already (then there is
     /// no edge to give, as on a wire).
     pub(crate) fn pulse(&self) {
@@ -216,6 +265,15 @@ impl IrqSource {
     /// The line it drives.
     pub fn line(&self) -> &Arc<Line> {
         &self.line
+    }
+}
+
+impl crate::snapshot::Save for IrqSource {
+    fn save(&self) -> crate::snapshot::ObjectState {
+        crate::snapshot::ObjectState::Source(crate::snapshot::SourceState {
+            gsi: self.line.gsi,
+            asserted: self.is_asserted(),
+        })
     }
 }
 

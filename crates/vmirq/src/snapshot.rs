@@ -139,6 +139,9 @@ pub struct CoreState {
     /// The hypervisor's in-kernel IOAPIC and PICs (kernel irqchip only).
     #[serde(default)]
     pub kernel_irqchip: Option<crate::backend::KernelIrqchip>,
+    /// Level lines a source held high: the level the irqchip has from each.
+    #[serde(default)]
+    pub lines: Vec<Gsi>,
 }
 
 /// One object the VMM holds.
@@ -156,6 +159,17 @@ pub enum ObjectState {
     Msix(crate::msix::MsixState),
     /// Emulated Xen event channels and their upcalls ([`crate::xen::EventChannels::save`]).
     Xen(crate::xen::XenState),
+    /// An [`crate::IrqSource`] on a level line.
+    Source(SourceState),
+}
+
+/// A level source: its line's GSI, and whether it asserted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceState {
+    /// The line's GSI.
+    pub gsi: Gsi,
+    /// Whether the source asserted its line.
+    pub asserted: bool,
 }
 
 impl ObjectState {
@@ -166,6 +180,7 @@ impl ObjectState {
             ObjectState::Irqfd(s) => format!("an edge irqfd on {}", s.gsi),
             ObjectState::Msix(s) => format!("MSI-X vectors ({})", s.vectors.len()),
             ObjectState::Xen(_) => "Xen event channels".to_owned(),
+            ObjectState::Source(s) => format!("a source on the line of {}", s.gsi),
         }
     }
 }

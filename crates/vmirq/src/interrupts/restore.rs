@@ -55,6 +55,7 @@ impl Interrupts {
                 routes,
                 ioapic: self.delivery.save_ioapic(),
                 kernel_irqchip: self.backend().save_irqchip()?,
+                lines: self.delivery.high_lines(),
             },
             objects: BTreeMap::new(),
         })
@@ -85,6 +86,7 @@ impl Interrupts {
             routes,
             ioapic,
             kernel_irqchip,
+            lines,
         } = core;
         let target = backend.irqchip_mode();
         if mode != target {
@@ -94,7 +96,7 @@ impl Interrupts {
             }
             .into());
         }
-        check_gsis(&allocated, &routes, &objects, &config, &target)?;
+        check_gsis(&allocated, &lines, &routes, &objects, &config, &target)?;
         if let Some(state) = &ioapic {
             Ioapic::new(target.ioapic_pins()).restore(state)?;
         }
@@ -127,6 +129,16 @@ impl Interrupts {
         if let Some(chip) = &kernel_irqchip {
             interrupts.backend().restore_irqchip(chip)?;
         }
+        // Lines held high: the irqchip has their level (restored above); the sources the VMM
+        // restores re-assert them without pushing anything.
+        let lines = lines
+            .iter()
+            .map(|gsi| {
+                let line = interrupts.delivery.level_line(*gsi)?;
+                line.seed(true);
+                Ok(line)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         if let Some(state) = &ioapic {
             interrupts.delivery.restore_ioapic(state)?;
             interrupts.evaluate_at_resume.store(true, Ordering::Release);
@@ -135,6 +147,7 @@ impl Interrupts {
             interrupts,
             leases: Mutex::new(leases),
             objects: Objects::new(objects),
+            lines,
         })
     }
 
@@ -154,6 +167,7 @@ impl Interrupts {
 /// GSIs or pins.
 fn check_gsis(
     allocated: &[Gsi],
+    lines: &[Gsi],
     routes: &[(Gsi, Vec<crate::Route>)],
     objects: &BTreeMap<String, ObjectState>,
     config: &Config,
@@ -175,6 +189,11 @@ fn check_gsis(
     }
     let pins = mode.ioapic_pins();
     let known = |gsi: &Gsi| seen.contains(gsi) || gsi.raw() < pins;
+    if let Some(gsi) = lines.iter().find(|g| !known(g)) {
+        return Err(SnapshotError::Invalid(format!(
+            "a line on {gsi}, which the snapshot does not lease"
+        )));
+    }
     if let Some((gsi, _)) = routes.iter().find(|(gsi, _)| !seen.contains(gsi)) {
         return Err(SnapshotError::Invalid(format!(
             "a route for {gsi}, which the snapshot does not lease"
@@ -186,6 +205,7 @@ fn check_gsis(
             ObjectState::Irqfd(s) => vec![s.gsi],
             ObjectState::Msix(s) => s.vectors.iter().filter_map(|v| v.gsi).collect(),
             ObjectState::Xen(_) => Vec::new(),
+            ObjectState::Source(s) => vec![s.gsi],
         };
         if let Some(gsi) = gsis.iter().find(|g| !known(g)) {
             return Err(SnapshotError::Invalid(format!(
@@ -202,6 +222,8 @@ pub struct Restored {
     interrupts: Arc<Interrupts>,
     leases: Mutex<BTreeMap<Gsi, GsiLease>>,
     objects: Objects,
+    /// Lines restored high, held until [`Restored::finish`] settles them.
+    lines: Vec<Arc<crate::Line>>,
 }
 
 impl Restored {
@@ -268,6 +290,15 @@ impl Restored {
         crate::xen::restore(&self.interrupts, memory, vcpus, &state)
     }
 
+    /// The state of the level source saved under `key`: restore it on its line with
+    /// [`crate::Line::restore_source`].
+    pub fn source(&self, key: &str) -> Result<crate::snapshot::SourceState, Error> {
+        Ok(self.objects.take(key, "a level source", |o| match o {
+            ObjectState::Source(s) => Some(*s),
+            _ => None,
+        })?)
+    }
+
     /// Ends the restore: every object must have been taken back (else
     /// [`SnapshotError::NotRestored`] names them and the restored VM is dropped); GSIs no
     /// route object claimed are freed. The interrupts stay paused.
@@ -275,6 +306,10 @@ impl Restored {
         let left = self.objects.left();
         if !left.is_empty() {
             return Err(SnapshotError::NotRestored(left).into());
+        }
+        // A line no restored source holds drops now.
+        for line in &self.lines {
+            line.settle();
         }
         let unclaimed = std::mem::take(&mut *lock(&self.leases));
         if !unclaimed.is_empty() {
