@@ -483,3 +483,56 @@ fn a_route_dropped_inside_a_batch_while_its_irqfd_unbinds_goes_after_the_unbindi
     );
     drop(other);
 }
+
+/// On the in-kernel irqchip, a level line created on a pin while an edge irqfd of that pin's
+/// GSI is inside `KVM_IRQFD` makes the irqfd decide again: edges on a line's pin go through
+/// the line (user path), as KVM gives both one source bit.
+#[test]
+fn a_level_line_made_during_an_edge_irqfds_assign_sends_it_through_the_line() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim.clone(), Config::default()).unwrap();
+    let pin = irq.pin(5).unwrap();
+    sim.hold_irqfd_calls(true);
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let assign = {
+        let (pin, fd) = (pin.clone(), fd.try_clone().unwrap());
+        std::thread::spawn(move || pin.assign_irqfd(&fd))
+    };
+    wait_irqfd_calls_held(&sim, 1);
+    let line = pin.line().unwrap();
+    sim.hold_irqfd_calls(false);
+    let irqfd = assign.join().unwrap().unwrap();
+    assert_eq!(
+        irqfd.path(),
+        IrqfdPath::User,
+        "a kernel edge irqfd on a pin a level line holds"
+    );
+    drop(line);
+}
+
+/// With every dynamic GSI leased, a GSI released but not yet reclaimed (its last lease went
+/// with an irqfd unbound after the route's drop) is reclaimed by the allocator's own commit.
+#[test]
+fn allocation_reclaims_a_released_gsi_when_none_is_free() {
+    let sim = SimBackend::new(1, IrqchipMode::Kernel);
+    let config = Config {
+        gsi_limit: 25,
+        ..Config::default()
+    };
+    let irq = Interrupts::new(sim.clone(), config).unwrap();
+    assert_eq!(irq.free_gsis(), 1);
+    let route = irq.new_route(msi(0x50)).unwrap();
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irqfd = route.assign_irqfd(&fd).unwrap();
+    sim.hold_irqfd_calls(true);
+    let unbind = std::thread::spawn(move || drop(irqfd));
+    wait_irqfd_calls_held(&sim, 1);
+    drop(route); // its route goes now; the GSI waits for the irqfd's lease
+    sim.hold_irqfd_calls(false);
+    unbind.join().unwrap();
+    assert_eq!(irq.free_gsis(), 0, "released, not reclaimed yet");
+    let again = irq
+        .allocate_route()
+        .expect("the released GSI was not reclaimed for the allocation");
+    assert_eq!(again.gsi(), Gsi::from_raw(24));
+}
