@@ -36,6 +36,39 @@ pub enum MachineError {
     NotReady { vcpu: usize, secs: u64 },
     #[error("this machine gives no access to guest memory")]
     NoGuestMemory,
+    #[error("the vCPU state of a {from} machine cannot be loaded into a {to} machine")]
+    ImageKind { from: &'static str, to: &'static str },
+    #[error("simulated vCPUs: {0}")]
+    SimVcpus(#[from] vmirq::BackendError),
+}
+
+/// What a stopped machine leaves for a migration's target: its vCPUs' state and its guest
+/// RAM ([`Machine::stop_for_migration`]). The interrupt state travels in a
+/// [`vmirq::Snapshot`].
+pub struct MachineImage {
+    ram: Vec<u8>,
+    vcpus: VcpuImage,
+}
+
+enum VcpuImage {
+    Kvm(Vec<vmirq_kvm::VcpuState>),
+    Sim(vmirq::sim::SimVcpus),
+}
+
+impl MachineImage {
+    fn kind(&self) -> &'static str {
+        match self.vcpus {
+            VcpuImage::Kvm(_) => "kvm",
+            VcpuImage::Sim(_) => "sim",
+        }
+    }
+}
+
+/// A copy of guest RAM (the machines' RAM is one region at GPA 0).
+fn copy_ram(mem: &GuestMemoryMmap) -> Result<Vec<u8>, MachineError> {
+    let mut ram = vec![0u8; GUEST_RAM];
+    mem.read_slice(&mut ram, GuestAddress(0))?;
+    Ok(ram)
 }
 
 impl From<GuestMemoryError> for MachineError {
@@ -383,6 +416,12 @@ pub trait Machine: Send + Sync {
     /// A machine booted from a snapshot ([`MachineConfig::restored_from`]): the restore in
     /// progress, to take the objects back from (once; then `None`).
     fn take_restored(&self) -> Option<Restored>;
+
+    /// The source side of a migration: stops the vCPUs for good and returns their state and
+    /// guest RAM, for [`boot_migrated`]. Call it after the interrupts are saved and the
+    /// source's irqfds released (see `vmirq::Interrupts::save`), so nothing enters the
+    /// vCPUs' LAPICs after their state is taken.
+    fn stop_for_migration(&self) -> Result<MachineImage, MachineError>;
     fn vcpus(&self) -> usize;
     /// Interrupts the guest counted on (vcpu, vector).
     fn count(&self, vcpu: usize, vector: u8) -> u64;
@@ -532,10 +571,30 @@ impl SimMachine {
 
     /// Boots with the vCPUs retiring interrupts at `eoi_timing`.
     pub fn boot_with(config: &MachineConfig, eoi_timing: EoiTiming) -> Result<Self, MachineError> {
+        Self::boot_image(config, eoi_timing, None)
+    }
+
+    /// Boots fresh, or (with `image`) as a migration's target: vCPUs and RAM from the image,
+    /// before the interrupts are restored; no boot script runs.
+    fn boot_image(
+        config: &MachineConfig,
+        eoi_timing: EoiTiming,
+        image: Option<&MachineImage>,
+    ) -> Result<Self, MachineError> {
         let sim = SimBackend::with_eoi_timing(config.vcpus, config.irqchip, eoi_timing);
-        let (interrupts, restored) = interrupts_for(sim.clone(), config)?;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_RAM)])
             .map_err(|e| MachineError::Guest(program::GuestError::Ram(e.to_string())))?;
+        if let Some(image) = image {
+            let VcpuImage::Sim(vcpus) = &image.vcpus else {
+                return Err(MachineError::ImageKind {
+                    from: image.kind(),
+                    to: "sim",
+                });
+            };
+            sim.restore_vcpus(vcpus)?;
+            mem.write_slice(&image.ram, GuestAddress(0))?;
+        }
+        let (interrupts, restored) = interrupts_for(sim.clone(), config)?;
         let log = Arc::new(IsrLog::default());
         let l = Arc::clone(&log);
         let consumer_mem = mem.clone();
@@ -559,7 +618,9 @@ impl SimMachine {
             mem,
             hypercalls: HandlerSlot::default(),
         };
-        machine.run_script(&config.mmio_script)?;
+        if image.is_none() {
+            machine.run_script(&config.mmio_script)?;
+        }
         for vcpu in 0..config.vcpus {
             machine.log.mark_ready(vcpu);
         }
@@ -627,6 +688,14 @@ impl Machine for SimMachine {
 
     fn take_restored(&self) -> Option<Restored> {
         lock(&self.restored).take()
+    }
+
+    fn stop_for_migration(&self) -> Result<MachineImage, MachineError> {
+        // Simulated vCPUs run only when pumped: they are stopped already.
+        Ok(MachineImage {
+            ram: copy_ram(&self.mem)?,
+            vcpus: VcpuImage::Sim(self.sim.save_vcpus()),
+        })
     }
 
     fn vcpus(&self) -> usize {
@@ -732,15 +801,37 @@ impl KvmMachine {
     }
 
     pub fn boot(config: &MachineConfig) -> Result<Self, MachineError> {
+        Self::boot_image(config, None)
+    }
+
+    /// Boots fresh, or (with `migrated`) as a migration's target: RAM and vCPU state from the
+    /// image (before the interrupts are restored, so nothing they inject is overwritten),
+    /// vCPUs resumed where they stopped.
+    fn boot_image(
+        config: &MachineConfig,
+        migrated: Option<&MachineImage>,
+    ) -> Result<Self, MachineError> {
         let mut vm = KvmVm::new(KvmVmConfig {
             vcpus: config.vcpus,
             mem_size: GUEST_RAM,
             irqchip: config.irqchip,
             halt_poll_ns: config.halt_poll_ns,
         })?;
+        if let Some(image) = migrated {
+            let VcpuImage::Kvm(vcpus) = &image.vcpus else {
+                return Err(MachineError::ImageKind {
+                    from: image.kind(),
+                    to: "kvm",
+                });
+            };
+            vm.memory().write_slice(&image.ram, GuestAddress(0))?;
+            vm.restore_vcpus(vcpus)?;
+        }
         let (interrupts, restored) = interrupts_for(vm.backend(), config)?;
         let image = program::build();
-        program::load(vm.memory(), &image, &config.mmio_script)?;
+        if migrated.is_none() {
+            program::load(vm.memory(), &image, &config.mmio_script)?;
+        }
         let log = Arc::new(IsrLog::default());
         let bus = Arc::new(MmioBus::default());
         let mem = vm.memory().clone();
@@ -752,13 +843,20 @@ impl KvmMachine {
             mem: mem.clone(),
             hypercalls: Arc::clone(&hypercalls),
         });
-        vm.start(
-            &RealModeBoot {
-                ip: image.entry_ip,
-                stack_top: layout::stack_top,
-            },
-            exits,
-        )?;
+        if migrated.is_some() {
+            vm.resume(exits)?;
+            for vcpu in 0..config.vcpus {
+                log.mark_ready(vcpu);
+            }
+        } else {
+            vm.start(
+                &RealModeBoot {
+                    ip: image.entry_ip,
+                    stack_top: layout::stack_top,
+                },
+                exits,
+            )?;
+        }
         let deadline = Instant::now() + READY_TIMEOUT;
         let all = (1u64 << config.vcpus) - 1;
         while log.ready_mask() & all != all {
@@ -797,6 +895,15 @@ impl Machine for KvmMachine {
 
     fn take_restored(&self) -> Option<Restored> {
         lock(&self.restored).take()
+    }
+
+    fn stop_for_migration(&self) -> Result<MachineImage, MachineError> {
+        let mut vm = lock(&self.vm);
+        vm.stop();
+        Ok(MachineImage {
+            ram: copy_ram(&self.mem)?,
+            vcpus: VcpuImage::Kvm(vm.save_vcpus()?),
+        })
     }
 
     fn vcpus(&self) -> usize {
@@ -882,17 +989,41 @@ pub fn boot(kind: BackendKind, config: &MachineConfig) -> Result<Box<dyn Machine
 }
 
 /// Boots a second machine of `m`'s kind (backend and EOI timing) from `config`: the target
-/// of a migration test.
-pub fn boot_another(
-    m: &dyn Machine,
-    config: &MachineConfig,
-) -> Result<Box<dyn Machine>, MachineError> {
-    let kind = match (m.kind(), m.eoi_timing()) {
+/// of a restore test.
+pub fn boot_another(m: &dyn Machine, config: &MachineConfig) -> Result<Box<dyn Machine>, MachineError> {
+    boot(kind_of(m), config)
+}
+
+/// The backend kind `m` runs on.
+pub fn kind_of(m: &dyn Machine) -> BackendKind {
+    match (m.kind(), m.eoi_timing()) {
         ("kvm", _) => BackendKind::Kvm,
         (_, Some(EoiTiming::GuestEoi)) => BackendKind::SimGuestEoi,
         _ => BackendKind::Sim,
-    };
-    boot(kind, config)
+    }
+}
+
+/// A migration's target: a machine of `kind` running on from `image` (vCPUs and RAM of a
+/// machine stopped with [`Machine::stop_for_migration`]), its interrupts restored from
+/// `config`'s snapshot ([`MachineConfig::restored_from`]) and paused.
+pub fn boot_migrated(
+    kind: BackendKind,
+    config: &MachineConfig,
+    image: &MachineImage,
+) -> Result<Box<dyn Machine>, MachineError> {
+    Ok(match kind {
+        BackendKind::Kvm => Box::new(KvmMachine::boot_image(config, Some(image))?),
+        BackendKind::Sim => Box::new(SimMachine::boot_image(
+            config,
+            EoiTiming::AtDelivery,
+            Some(image),
+        )?),
+        BackendKind::SimGuestEoi => Box::new(SimMachine::boot_image(
+            config,
+            EoiTiming::GuestEoi,
+            Some(image),
+        )?),
+    })
 }
 
 pub use vmirq_kvm::kvm_test_gate;

@@ -11,6 +11,14 @@ pub enum KvmError {
     /// `start` was called while the vCPU threads run; `stop` them first.
     #[error("the vCPUs are already running")]
     AlreadyRunning,
+    /// Saved vCPU state for another number of vCPUs.
+    #[error("saved state of {saved} vCPUs cannot be loaded into a VM with {vcpus}")]
+    VcpuCount {
+        /// vCPUs saved.
+        saved: usize,
+        /// vCPUs of this VM.
+        vcpus: usize,
+    },
     /// The anonymous mapping for guest RAM could not be created.
     #[error("cannot allocate guest memory: {0}")]
     GuestMemory(#[source] vm_memory::mmap::FromRangesError),

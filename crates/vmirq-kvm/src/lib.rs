@@ -19,7 +19,7 @@ mod vm;
 pub use backend::KvmBackend;
 pub use error::KvmError;
 pub use vcpu::VcpuExitHandler;
-pub use vm::{set_real_mode, KvmVm, KvmVmConfig, RealModeBoot};
+pub use vm::{set_real_mode, KvmVm, KvmVmConfig, RealModeBoot, VcpuState};
 pub use vmirq::IrqchipMode;
 
 /// For KVM tests: says on stderr (past the test harness's output capture, so CI can count it)

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_mp_state, kvm_segment, kvm_userspace_memory_region, KVM_CAP_HALT_POLL,
-    KVM_CAP_SPLIT_IRQCHIP, KVM_MP_STATE_RUNNABLE,
+    kvm_enable_cap, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, KVM_CAP_HALT_POLL, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -53,6 +54,26 @@ pub struct RealModeBoot {
     pub ip: u16,
     /// Initial SP of each vCPU, by vCPU number.
     pub stack_top: fn(usize) -> u16,
+}
+
+/// One vCPU's state for an in-process migration ([`KvmVm::save_vcpus`]).
+#[derive(Clone)]
+pub struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    lapic: kvm_lapic_state,
+    mp_state: kvm_mp_state,
+    events: kvm_vcpu_events,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &self.regs.rip)
+            .field("mp_state", &self.mp_state.mp_state)
+            .finish()
+    }
 }
 
 /// A KVM VM with its vCPUs. Dropping it stops and joins the vCPU threads.
@@ -187,12 +208,81 @@ impl KvmVm {
         if self.is_running() {
             return Err(KvmError::AlreadyRunning);
         }
-        let vcpus = self.vcpus();
         for (id, slot) in self.idle.iter().enumerate() {
             // A vCPU lost to a thread that never stopped cannot run again.
             let vcpu = slot.as_ref().ok_or(KvmError::VcpuLost { vcpu: id })?;
             set_real_mode(vcpu, boot.ip, (boot.stack_top)(id))?;
         }
+        self.run(handler)
+    }
+
+    /// Starts one `KVM_RUN` thread per vCPU from the state the vCPUs are in (after
+    /// [`KvmVm::stop`], or [`KvmVm::restore_vcpus`] on a migration's target).
+    pub fn resume(&mut self, handler: Arc<dyn VcpuExitHandler>) -> Result<(), KvmError> {
+        if self.is_running() {
+            return Err(KvmError::AlreadyRunning);
+        }
+        if let Some(id) = self.idle.iter().position(Option::is_none) {
+            return Err(KvmError::VcpuLost { vcpu: id });
+        }
+        self.run(handler)
+    }
+
+    /// Each stopped vCPU's state (registers, segments, FPU, LAPIC, MP state and pending
+    /// events), for a migration. The vCPUs must be stopped.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, KvmError> {
+        if self.is_running() {
+            return Err(KvmError::AlreadyRunning);
+        }
+        let ioctl = |op| move |e| KvmError::ioctl(op, e);
+        self.idle
+            .iter()
+            .enumerate()
+            .map(|(id, slot)| {
+                let vcpu = slot.as_ref().ok_or(KvmError::VcpuLost { vcpu: id })?;
+                Ok(VcpuState {
+                    regs: vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
+                    sregs: vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
+                    fpu: vcpu.get_fpu().map_err(ioctl("KVM_GET_FPU"))?,
+                    lapic: vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?,
+                    mp_state: vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+                    events: vcpu
+                        .get_vcpu_events()
+                        .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Loads [`KvmVm::save_vcpus`]'s state into this VM's stopped vCPUs (same count), in
+    /// KVM's order: segments before the LAPIC (its base MSR), pending events last.
+    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<(), KvmError> {
+        if self.is_running() {
+            return Err(KvmError::AlreadyRunning);
+        }
+        if states.len() != self.idle.len() {
+            return Err(KvmError::VcpuCount {
+                saved: states.len(),
+                vcpus: self.idle.len(),
+            });
+        }
+        let ioctl = |op| move |e| KvmError::ioctl(op, e);
+        for (id, (slot, s)) in self.idle.iter().zip(states).enumerate() {
+            let vcpu = slot.as_ref().ok_or(KvmError::VcpuLost { vcpu: id })?;
+            vcpu.set_sregs(&s.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&s.regs).map_err(ioctl("KVM_SET_REGS"))?;
+            vcpu.set_fpu(&s.fpu).map_err(ioctl("KVM_SET_FPU"))?;
+            vcpu.set_lapic(&s.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+            vcpu.set_mp_state(s.mp_state)
+                .map_err(ioctl("KVM_SET_MP_STATE"))?;
+            vcpu.set_vcpu_events(&s.events)
+                .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, handler: Arc<dyn VcpuExitHandler>) -> Result<(), KvmError> {
+        let vcpus = self.vcpus();
         vcpu::install_kick_handler()?;
 
         self.stop.store(false, Ordering::SeqCst);

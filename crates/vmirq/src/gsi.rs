@@ -121,11 +121,14 @@ impl GsiRoute {
 
     /// Binds `fd` as the edge irqfd a snapshot saved on this GSI
     /// ([`crate::Restored::irqfd`]); a signal that waited unserved at save is delivered at
-    /// [`Interrupts::resume`].
+    /// [`Interrupts::resume`], once: by `fd`'s own count if it is the same eventfd, still
+    /// counting (an in-process migration), else by a signal vmirq gives it.
     pub fn restore_irqfd(&self, fd: &EventFd, state: &IrqfdState) -> Result<EdgeIrqfd, Error> {
         check_irqfd(state, self.gsi(), false)?;
+        // The same eventfd, its count still there, delivers by itself once bound.
+        let owed = state.pending && !crate::snapshot::has_count(fd);
         let irqfd = self.assign_irqfd(fd)?;
-        if state.pending {
+        if owed {
             self.interrupts.signal_at_resume(fd)?;
         }
         Ok(irqfd)
@@ -139,8 +142,9 @@ impl GsiRoute {
         state: &IrqfdState,
     ) -> Result<LevelIrqfd, Error> {
         check_irqfd(state, self.gsi(), true)?;
+        let owed = state.pending && !crate::snapshot::has_count(trigger);
         let irqfd = self.assign_level_irqfd(trigger, resample)?;
-        if state.pending {
+        if owed {
             self.interrupts.signal_at_resume(trigger)?;
         }
         Ok(irqfd)
@@ -307,8 +311,10 @@ impl IoapicPin {
     /// [`GsiRoute::restore_irqfd`]).
     pub fn restore_irqfd(&self, fd: &EventFd, state: &IrqfdState) -> Result<EdgeIrqfd, Error> {
         check_irqfd(state, self.gsi(), false)?;
+        // The same eventfd, its count still there, delivers by itself once bound.
+        let owed = state.pending && !crate::snapshot::has_count(fd);
         let irqfd = self.assign_irqfd(fd)?;
-        if state.pending {
+        if owed {
             self.interrupts.signal_at_resume(fd)?;
         }
         Ok(irqfd)
@@ -322,8 +328,9 @@ impl IoapicPin {
         state: &IrqfdState,
     ) -> Result<LevelIrqfd, Error> {
         check_irqfd(state, self.gsi(), true)?;
+        let owed = state.pending && !crate::snapshot::has_count(trigger);
         let irqfd = self.assign_level_irqfd(trigger, resample)?;
-        if state.pending {
+        if owed {
             self.interrupts.signal_at_resume(trigger)?;
         }
         Ok(irqfd)

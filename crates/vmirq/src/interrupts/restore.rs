@@ -254,11 +254,23 @@ impl Restored {
     /// again with [`MsixVectors::trigger`]). A vector pending while deliverable is delivered
     /// at resume. The events say what the host could not give, as after a guest access.
     pub fn msix(&self, key: &str) -> Result<(MsixVectors, Vec<MsixEvent>), Error> {
+        self.msix_on(key, None)
+    }
+
+    /// [`Restored::msix`] on the producers' existing eventfds (`triggers`, one per vector,
+    /// clones of the source device's [`MsixVectors::trigger`]s): an in-process migration
+    /// whose producers keep signalling the same eventfds. Counts still in them are delivered
+    /// (or latched, for a masked vector), once.
+    pub fn msix_on(
+        &self,
+        key: &str,
+        triggers: Option<Vec<EventFd>>,
+    ) -> Result<(MsixVectors, Vec<MsixEvent>), Error> {
         let state = self.objects.take(key, "MSI-X vectors", |o| match o {
             ObjectState::Msix(s) => Some(s.clone()),
             _ => None,
         })?;
-        MsixVectors::restore(Arc::clone(&self.interrupts), &state, |gsi| {
+        MsixVectors::restore(Arc::clone(&self.interrupts), &state, triggers, |gsi| {
             self.take_gsi(gsi)
         })
     }

@@ -231,8 +231,8 @@ impl Ioapic {
     }
 
     /// The guest EOI'd `vector` (a LAPIC's EOI broadcast; on a split irqchip,
-    /// `KVM_EXIT_IOAPIC_EOI`). Every pin programmed with `vector` whose level interrupt was
-    /// pending (Remote IRR) or whose resampled source is asserted is acknowledged: Remote IRR
+    /// `KVM_EXIT_IOAPIC_EOI`). Every level pin programmed with `vector` (pending or not), and
+    /// every pin of it whose resampled source is asserted, is acknowledged: Remote IRR
     /// cleared, resampled source de-asserted, pin reported in [`Effects::resample`]. A pending
     /// level pin still asserted and unmasked is then delivered again, unless that would be the
     /// [`REDELIVERY_STORM_LIMIT`]th back-to-back re-delivery, which is deferred instead.
@@ -242,11 +242,15 @@ impl Ioapic {
             if pin.entry.vector() != vector {
                 continue;
             }
-            let was_pending = pin.entry.is_level() && pin.entry.remote_irr();
+            let level = pin.entry.is_level();
+            let was_pending = level && pin.entry.remote_irr();
             // Linux kvm_ioapic_update_eoi_one runs the ack notifiers (the irqfd resampler:
-            // de-assert, then notify) for every pin of the vector, before clearing Remote IRR.
+            // de-assert, then notify) for every pin of the vector, pending or not, before
+            // clearing Remote IRR; QEMU's ioapic_eoi_broadcast notifies every level pin's
+            // resamplefds likewise. (A level taken through another path, such as a LAPIC
+            // restored by a migration, is acknowledged too.)
             let acked_resampled = std::mem::take(&mut pin.resampled);
-            if !was_pending && !acked_resampled {
+            if !level && !acked_resampled {
                 continue;
             }
             pin.entry = pin.entry.with_remote_irr(false);

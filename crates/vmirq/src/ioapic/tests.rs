@@ -611,11 +611,16 @@ fn effects_are_empty_only_when_every_list_is() {
 }
 
 #[test]
-fn an_eoi_for_a_level_pin_with_nothing_pending_does_nothing() {
+fn an_eoi_for_a_level_pin_with_nothing_pending_only_notifies_its_resamplers() {
     let mut io = Ioapic::new(PINS);
     program(&mut io, 3, level(0x60));
-    // Never asserted, so never delivered: its vector's EOI acknowledges nothing.
-    assert!(eoi(&mut io, 0x60).is_empty());
+    program(&mut io, 4, edge(0x60));
+    // Never asserted, so never delivered here (the vector came another way): KVM and QEMU
+    // still run the level pin's ack notifiers; nothing is delivered, no Remote IRR appears,
+    // and the edge pin of the same vector is not acknowledged.
+    let fx = eoi(&mut io, 0x60);
+    assert_eq!(fx.resample, [3]);
+    assert!(fx.deliver.is_empty() && fx.deferred.is_empty());
     assert!(!io.remote_irr(3));
 }
 

@@ -546,6 +546,7 @@ impl MsixVectors {
     pub(crate) fn restore(
         interrupts: Arc<Interrupts>,
         state: &MsixState,
+        triggers: Option<Vec<EventFd>>,
         mut lease: impl FnMut(Gsi) -> Result<GsiRoute, Error>,
     ) -> Result<(Self, Vec<MsixEvent>), Error> {
         let invalid = |what: String| Error::from(SnapshotError::Invalid(format!("MSI-X: {what}")));
@@ -561,7 +562,23 @@ impl MsixVectors {
             Some(layout) => Self::with_layout(Arc::clone(&interrupts), table, layout),
             None => Self::new(Arc::clone(&interrupts), table),
         };
-        let vectors = made.map_err(|e| invalid(e.to_string()))?;
+        let mut vectors = made.map_err(|e| invalid(e.to_string()))?;
+        if let Some(fds) = triggers {
+            if fds.len() != vectors.triggers.len() {
+                return Err(invalid(format!(
+                    "{} trigger eventfds for {} vectors",
+                    fds.len(),
+                    vectors.triggers.len()
+                )));
+            }
+            vectors.triggers = fds
+                .into_iter()
+                .map(|fd| Trigger {
+                    fd,
+                    id: OnceLock::new(),
+                })
+                .collect();
+        }
         let mut deliverable = Vec::new();
         {
             let mut inner = lock(&vectors.inner);
@@ -579,7 +596,11 @@ impl MsixVectors {
                 if !inner.table.is_masked(vector) {
                     if inner.table.is_pending(vector) {
                         inner.table.set_pending(vector, false);
-                        interrupts.signal_at_resume(&vectors.triggers[v].fd)?;
+                        // A trigger still counting (the same eventfd) delivers by itself.
+                        let fd = &vectors.triggers[v].fd;
+                        if !crate::snapshot::has_count(fd) {
+                            interrupts.signal_at_resume(fd)?;
+                        }
                     }
                     deliverable.push(vector);
                 }

@@ -82,6 +82,7 @@ struct SimIrqfd {
     resample: Option<EventFd>,
 }
 
+#[derive(Clone)]
 struct SimVcpu {
     lapic: Lapic,
     counts: Box<[u64; 256]>,
@@ -102,6 +103,16 @@ struct SimState {
     deferred: Vec<(u32, Instant)>,
     dropped_msis: u64,
     next_token: u64,
+}
+
+/// Saved simulated vCPUs ([`SimBackend::save_vcpus`]).
+#[derive(Clone)]
+pub struct SimVcpus(Vec<SimVcpu>);
+
+impl std::fmt::Debug for SimVcpus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimVcpus").field("vcpus", &self.0.len()).finish()
+    }
 }
 
 /// The thread serving kernel irqfds, and how to stop it.
@@ -374,6 +385,25 @@ fn serve_token(state: &Mutex<SimState>, token: u64) {
 }
 
 impl SimBackend {
+    /// The simulated vCPUs' state (LAPICs and the interrupts each took), as a VMM saves its
+    /// vCPUs for a migration: opaque, for [`SimBackend::restore_vcpus`] of another simulator.
+    pub fn save_vcpus(&self) -> SimVcpus {
+        SimVcpus(lock(&self.state).vcpus.clone())
+    }
+
+    /// Takes the vCPU state another simulator saved (before anything is injected here).
+    /// Refused if the vCPU counts differ.
+    pub fn restore_vcpus(&self, saved: &SimVcpus) -> Result<(), BackendError> {
+        let mut st = lock(&self.state);
+        if saved.0.len() != st.vcpus.len() {
+            return Err(BackendError::Unsupported(
+                "restore vCPU state saved with another vCPU count",
+            ));
+        }
+        st.vcpus = saved.0.clone();
+        Ok(())
+    }
+
     /// Which [`EoiTiming`] the vCPUs follow.
     pub fn eoi_timing(&self) -> EoiTiming {
         self.eoi_timing
