@@ -4,4 +4,5 @@
 
 pub mod layout;
 pub mod machine;
+pub mod migration;
 pub mod program;

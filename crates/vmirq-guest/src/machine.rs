@@ -37,9 +37,14 @@ pub enum MachineError {
     #[error("this machine gives no access to guest memory")]
     NoGuestMemory,
     #[error("the vCPU state of a {from} machine cannot be loaded into a {to} machine")]
-    ImageKind { from: &'static str, to: &'static str },
+    ImageKind {
+        from: &'static str,
+        to: &'static str,
+    },
     #[error("simulated vCPUs: {0}")]
     SimVcpus(#[from] vmirq::BackendError),
+    #[error(transparent)]
+    Snapshot(#[from] vmirq::SnapshotError),
 }
 
 /// What a stopped machine leaves for a migration's target: its vCPUs' state and its guest
@@ -422,6 +427,17 @@ pub trait Machine: Send + Sync {
     /// source's irqfds released (see `vmirq::Interrupts::save`), so nothing enters the
     /// vCPUs' LAPICs after their state is taken.
     fn stop_for_migration(&self) -> Result<MachineImage, MachineError>;
+
+    /// Stops the vCPUs where they are (a VMM pausing its VM); [`Machine::stop_for_migration`]
+    /// takes their state later. The simulated vCPUs run only when pumped: nothing to do.
+    fn pause_vcpus(&self) {}
+
+    /// A migration's target ([`boot_migrated`]) runs its vCPUs from here on: after its
+    /// interrupts are restored, their objects re-attached and resumed (a vCPU running earlier
+    /// would EOI interrupts nobody can acknowledge yet). The simulated vCPUs run when pumped.
+    fn resume_vcpus(&self) -> Result<(), MachineError> {
+        Ok(())
+    }
     fn vcpus(&self) -> usize;
     /// Interrupts the guest counted on (vcpu, vector).
     fn count(&self, vcpu: usize, vector: u8) -> u64;
@@ -779,6 +795,8 @@ impl VcpuExitHandler for GuestExits {
 /// The test guest on real KVM.
 pub struct KvmMachine {
     vm: Mutex<KvmVm>,
+    /// A migration's target: the exit handler its vCPUs run with once resumed.
+    parked: Mutex<Option<Arc<dyn VcpuExitHandler>>>,
     interrupts: Arc<Interrupts>,
     restored: Mutex<Option<Restored>>,
     log: Arc<IsrLog>,
@@ -843,8 +861,9 @@ impl KvmMachine {
             mem: mem.clone(),
             hypercalls: Arc::clone(&hypercalls),
         });
+        let mut parked: Option<Arc<dyn VcpuExitHandler>> = None;
         if migrated.is_some() {
-            vm.resume(exits)?;
+            parked = Some(exits);
             for vcpu in 0..config.vcpus {
                 log.mark_ready(vcpu);
             }
@@ -874,6 +893,7 @@ impl KvmMachine {
         Ok(Self {
             vcpus: config.vcpus,
             vm: Mutex::new(vm),
+            parked: Mutex::new(parked),
             interrupts,
             restored,
             log,
@@ -895,6 +915,17 @@ impl Machine for KvmMachine {
 
     fn take_restored(&self) -> Option<Restored> {
         lock(&self.restored).take()
+    }
+
+    fn pause_vcpus(&self) {
+        lock(&self.vm).stop();
+    }
+
+    fn resume_vcpus(&self) -> Result<(), MachineError> {
+        let Some(exits) = lock(&self.parked).take() else {
+            return Ok(());
+        };
+        Ok(lock(&self.vm).resume(exits)?)
     }
 
     fn stop_for_migration(&self) -> Result<MachineImage, MachineError> {
@@ -990,7 +1021,10 @@ pub fn boot(kind: BackendKind, config: &MachineConfig) -> Result<Box<dyn Machine
 
 /// Boots a second machine of `m`'s kind (backend and EOI timing) from `config`: the target
 /// of a restore test.
-pub fn boot_another(m: &dyn Machine, config: &MachineConfig) -> Result<Box<dyn Machine>, MachineError> {
+pub fn boot_another(
+    m: &dyn Machine,
+    config: &MachineConfig,
+) -> Result<Box<dyn Machine>, MachineError> {
     boot(kind_of(m), config)
 }
 

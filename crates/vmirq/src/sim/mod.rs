@@ -111,7 +111,9 @@ pub struct SimVcpus(Vec<SimVcpu>);
 
 impl std::fmt::Debug for SimVcpus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimVcpus").field("vcpus", &self.0.len()).finish()
+        f.debug_struct("SimVcpus")
+            .field("vcpus", &self.0.len())
+            .finish()
     }
 }
 
