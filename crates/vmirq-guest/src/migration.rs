@@ -446,3 +446,184 @@ impl Migrating {
         Ok((rig, migration))
     }
 }
+
+/// One round of a migration test: which phase the devices fire in, which MSI-X vector and
+/// Xen port they use, and whether the guest masks those first (the trigger is then owed
+/// until the guest unmasks on the target).
+#[derive(Clone, Copy, Debug)]
+pub struct Round {
+    pub phase: Phase,
+    pub msix: u16,
+    pub port: usize,
+    pub mask_msix: bool,
+    pub mask_port: bool,
+}
+
+impl Round {
+    /// Round `n`: the phases in turn, the rest from `rng` (a xorshift64 state).
+    pub fn pick(n: usize, rng: &mut u64) -> Self {
+        let mut next = || {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng
+        };
+        Self {
+            phase: PHASES[n % PHASES.len()],
+            msix: (next() % u64::from(MSIX_VECTORS)) as u16,
+            port: (next() % XEN_PORTS as u64) as usize,
+            mask_msix: next() % 2 == 0,
+            mask_port: next() % 2 == 0,
+        }
+    }
+}
+
+/// What a round saw on the target.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Triggers fired (one per paced path).
+    pub sent: u64,
+    /// Interrupts the guest counted for them.
+    pub delivered: u64,
+    /// Paths whose trigger never arrived, named.
+    pub lost: Vec<String>,
+    /// Paths that delivered more than once, named.
+    pub duplicated: Vec<String>,
+    pub migration: Migration,
+}
+
+/// The paced paths a round fires: a name, where the guest counts it, and its device eventfd.
+fn paced<'a>(
+    rig: &Migrating,
+    devices: &'a Devices,
+    round: &Round,
+) -> Vec<(String, Counter, &'a EventFd)> {
+    let v = round.msix;
+    vec![
+        (
+            "msi-kernel".into(),
+            Counter::Vector(0, MSI_KERNEL_VECTOR),
+            &devices.msi_kernel,
+        ),
+        (
+            "msi-user".into(),
+            Counter::Vector(1, MSI_USER_VECTOR),
+            &devices.msi_user,
+        ),
+        (
+            "pin-edge".into(),
+            Counter::Vector(0, EDGE_VECTOR),
+            &devices.edge,
+        ),
+        (
+            "level-resample".into(),
+            Counter::Vector(1, LEVEL_VECTOR),
+            &devices.level,
+        ),
+        (
+            format!("msix vector {v}"),
+            Counter::Vector(msix_vcpu(v), msix_vector(v)),
+            &devices.msix[usize::from(v)],
+        ),
+        (
+            format!("xen port {}", rig.port(round.port)),
+            Counter::Port(rig.port(round.port)),
+            &devices.xen[round.port],
+        ),
+    ]
+}
+
+/// Where the guest counts a path's interrupts.
+#[derive(Clone, Copy, Debug)]
+enum Counter {
+    Vector(usize, u8),
+    Port(u32),
+}
+
+impl Counter {
+    fn read(self, m: &dyn Machine) -> u64 {
+        match self {
+            Counter::Vector(vcpu, vector) => m.count(vcpu, vector),
+            Counter::Port(port) => u64::from(m.port_counter(port)),
+        }
+    }
+}
+
+/// Fires every paced path once inside `round.phase` of a migration of `rig` to a fresh
+/// machine, then (on the target, after the guest unmasks what it masked) waits up to `wait`
+/// for each, and checks nothing came twice (the vCPUs' control interrupts are taken after
+/// anything pending). The level pin's resamplefd is drained.
+pub fn migrate_round(
+    rig: Migrating,
+    devices: &Devices,
+    round: &Round,
+    wait: Duration,
+) -> Result<(Migrating, Outcome), MachineError> {
+    if round.mask_msix && !rig.mask_msix(round.msix, true) {
+        return Err(vmirq::Error::Unsupported("mask an MSI-X vector").into());
+    }
+    if round.mask_port {
+        rig.mask_port(round.port)?;
+    }
+    let paths = paced(&rig, devices, round);
+    let before: Vec<u64> = paths
+        .iter()
+        .map(|(_, c, _)| c.read(rig.machine()))
+        .collect();
+    let fds: Vec<&EventFd> = paths.iter().map(|(_, _, fd)| *fd).collect();
+    let names: Vec<(String, Counter)> = paths.into_iter().map(|(n, c, _)| (n, c)).collect();
+    let mut fired = Ok(());
+    let (rig, migration) = rig.migrate(devices, |now, _| {
+        if now == round.phase {
+            for fd in &fds {
+                if let Err(e) = fd.write(1) {
+                    fired = Err(e);
+                }
+            }
+        }
+    })?;
+    fired.map_err(|_| vmirq::Error::BadEventFd)?;
+    if round.mask_msix && !rig.mask_msix(round.msix, false) {
+        return Err(vmirq::Error::Unsupported("unmask an MSI-X vector").into());
+    }
+    if round.mask_port {
+        rig.unmask_port(round.port)?;
+    }
+    let m = rig.machine();
+    let mut outcome = Outcome {
+        sent: names.len() as u64,
+        delivered: 0,
+        lost: Vec::new(),
+        duplicated: Vec::new(),
+        migration,
+    };
+    let deadline = Instant::now() + wait;
+    for ((name, counter), was) in names.iter().zip(&before) {
+        while counter.read(m) <= *was && Instant::now() < deadline {
+            m.pump();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if counter.read(m) <= *was {
+            outcome
+                .lost
+                .push(format!("{name} (fired while {:?})", round.phase));
+        }
+    }
+    while devices.resample.read().is_err() && Instant::now() < deadline {
+        m.pump();
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    for vcpu in 0..VCPUS {
+        m.control(vcpu);
+    }
+    for ((name, counter), was) in names.iter().zip(&before) {
+        let got = counter.read(m) - was;
+        outcome.delivered += got;
+        if got > 1 {
+            outcome
+                .duplicated
+                .push(format!("{name} x{got} (fired while {:?})", round.phase));
+        }
+    }
+    Ok((rig, outcome))
+}

@@ -11,69 +11,11 @@ use std::time::{Duration, Instant};
 
 use vmirq_guest::machine::{kvm_test_gate, mmio_read_op, BackendKind, Machine, Mode};
 use vmirq_guest::migration::{
-    msix_vcpu, msix_vector, Devices, Migrating, Phase, EDGE_VECTOR, LEVEL_PIN, LEVEL_VECTOR,
-    MSIX_VECTORS, MSI_KERNEL_VECTOR, MSI_USER_VECTOR, PHASES, STREAM_VECTOR, XEN_PORTS,
+    migrate_round, Migrating, Round, LEVEL_PIN, LEVEL_VECTOR, STREAM_VECTOR,
 };
 
 const MIGRATIONS: usize = 200;
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The paced paths' counters: (vCPU, vector) the guest counts, and Xen ports.
-struct Counts {
-    vectors: Vec<u64>,
-    ports: Vec<u32>,
-}
-
-/// (vCPU, vector) of every paced vector path: MSI kernel, MSI user, edge pin, level pin, then
-/// the MSI-X vectors.
-fn paced_vectors() -> Vec<(usize, u8)> {
-    let mut v = vec![
-        (0, MSI_KERNEL_VECTOR),
-        (1, MSI_USER_VECTOR),
-        (0, EDGE_VECTOR),
-        (1, LEVEL_VECTOR),
-    ];
-    v.extend((0..MSIX_VECTORS).map(|i| (msix_vcpu(i), msix_vector(i))));
-    v
-}
-
-fn counts(rig: &Migrating) -> Counts {
-    let m = rig.machine();
-    Counts {
-        vectors: paced_vectors()
-            .iter()
-            .map(|(c, v)| m.count(*c, *v))
-            .collect(),
-        ports: (0..XEN_PORTS)
-            .map(|i| m.port_counter(rig.port(i)))
-            .collect(),
-    }
-}
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// Fires every paced path once: MSI-X vector `v`, Xen port `p`.
-fn fire(devices: &Devices, v: u16, p: usize) {
-    for fd in [
-        &devices.msi_kernel,
-        &devices.msi_user,
-        &devices.edge,
-        &devices.level,
-    ] {
-        fd.write(1).unwrap();
-    }
-    devices.msix[usize::from(v)].write(1).unwrap();
-    devices.xen[p].write(1).unwrap();
-}
 
 fn wait_until(m: &dyn Machine, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -101,79 +43,25 @@ fn ping_pong(kind: BackendKind, mode: Mode) {
             }
         })
     };
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut rng = 0x9E37_79B9_7F4A_7C15;
     let mut downtime = Duration::ZERO;
-    for round in 0..MIGRATIONS {
-        let phase = PHASES[round % PHASES.len()];
-        let v = (rng.next() % u64::from(MSIX_VECTORS)) as u16;
-        let p = (rng.next() % XEN_PORTS as u64) as usize;
-        let (mask_msix, mask_port) = (rng.next() % 2 == 0, rng.next() % 2 == 0);
-        // Masked on the source: the trigger must come out at the unmask on the target.
-        if mask_msix {
-            assert!(rig.mask_msix(v, true));
-        }
-        if mask_port {
-            rig.mask_port(p).unwrap();
-        }
-        let before = counts(&rig);
-        let mut fired = false;
-        let (next, migration) = rig
-            .migrate(&devices, |now: Phase, _m: &dyn Machine| {
-                if now == phase {
-                    fire(&devices, v, p);
-                    fired = true;
-                }
-            })
-            .unwrap_or_else(|e| panic!("migration {round}: {e}"));
-        assert!(fired);
+    for n in 0..MIGRATIONS {
+        let round = Round::pick(n, &mut rng);
+        let (next, outcome) = migrate_round(rig, &devices, &round, WAIT)
+            .unwrap_or_else(|e| panic!("migration {n} ({round:?}): {e}"));
         rig = next;
-        downtime += migration.downtime;
-        if mask_msix {
-            assert!(rig.mask_msix(v, false));
-        }
-        if mask_port {
-            rig.unmask_port(p).unwrap();
-        }
-        let m = rig.machine();
-        let vectors = paced_vectors();
-        // The four pin and MSI paths each fired once, and MSI-X vector `v`.
-        let msix_index = 4 + usize::from(v);
-        let expect = |i: usize| before.vectors[i] + u64::from(i < 4 || i == msix_index);
-        for (i, (vcpu, vector)) in vectors.iter().enumerate() {
-            let expect = expect(i);
-            wait_until(
-                m,
-                &format!("migration {round} ({phase:?}): vector {vector:#x} on vCPU {vcpu} lost"),
-                || m.count(*vcpu, *vector) >= expect,
-            );
-        }
-        wait_until(
-            m,
-            &format!("migration {round} ({phase:?}): Xen port {p} lost its event"),
-            || m.port_counter(rig.port(p)) > before.ports[p],
+        assert!(
+            outcome.lost.is_empty(),
+            "migration {n}: lost {:?}",
+            outcome.lost
         );
-        wait_until(m, "the level pin's resample", || {
-            devices.resample.read().is_ok()
-        });
-        // Nothing twice: whatever was pending on a vCPU is taken before its control.
-        m.control(0);
-        m.control(1);
-        for (i, (vcpu, vector)) in vectors.iter().enumerate() {
-            let expect = expect(i);
-            assert_eq!(
-                m.count(*vcpu, *vector),
-                expect,
-                "migration {round} ({phase:?}): vector {vector:#x} on vCPU {vcpu} delivered twice"
-            );
-        }
-        for i in 0..XEN_PORTS {
-            let expect = before.ports[i] + u32::from(i == p);
-            assert_eq!(
-                m.port_counter(rig.port(i)),
-                expect,
-                "migration {round} ({phase:?}): Xen port {i}"
-            );
-        }
+        assert!(
+            outcome.duplicated.is_empty(),
+            "migration {n}: delivered twice {:?}",
+            outcome.duplicated
+        );
+        assert_eq!(outcome.delivered, outcome.sent);
+        downtime += outcome.migration.downtime;
     }
     // The stream: stopped, then one last signal must still be delivered.
     stop.store(true, Ordering::Relaxed);
