@@ -39,6 +39,9 @@ enum Command {
         /// Paced triggers per path (each waits for its interrupt).
         #[arg(long, default_value_t = 300, value_parser = at_least_one)]
         count: usize,
+        /// Live migrations in the `migrate` row (every path fired inside each).
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
+        migrate: usize,
     },
     /// Drive every demo path at full rate with masking, re-routing and level-source churn;
     /// print the demo's table; fail on any loss.
@@ -90,7 +93,12 @@ fn pick_backend(force_sim: bool) -> BackendKind {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { json, sim, count } => demo::run(pick_backend(sim), json, count),
+        Command::Demo {
+            json,
+            sim,
+            count,
+            migrate,
+        } => demo::run(pick_backend(sim), json, count, migrate),
         Command::Soak { json, sim, events } => soak::run(pick_backend(sim), json, events as u64),
         Command::Bench { json, sim, samples } => bench::run(pick_backend(sim), json, samples),
     };

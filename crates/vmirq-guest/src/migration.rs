@@ -45,6 +45,9 @@ pub const LEVEL_VECTOR: u8 = 0x47;
 pub const MSIX_VECTORS: u16 = 4;
 /// Xen ports bound by the guest (IPI ports, one per vCPU), each fed by an eventfd route.
 pub const XEN_PORTS: usize = 2;
+/// Triggers a [`migrate_round`] fires: MSI kernel and user, edge pin, level pin, one MSI-X
+/// vector, one Xen port.
+pub const PACED_PATHS: usize = 6;
 
 const ARGS: u32 = 0x9000;
 const EVTCHNOP_BIND_IPI: u32 = 7;
