@@ -734,6 +734,14 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
     let (threads, event_loop) = dispatcher_threads(m, kind, 1000).map_err(bench_err)?;
     results.push(result("dispatcher.threads-idle", threads, "threads", None));
     results.push(result("eventloop.threads", event_loop, "threads", None));
+    let (downtime_us, bytes) = crate::bench_snapshot::figures(kind).map_err(bench_err)?;
+    results.push(result(
+        "snapshot.pause-save-restore-resume",
+        downtime_us,
+        "us",
+        None,
+    ));
+    results.push(result("snapshot.bytes", bytes, "bytes", None));
     if json {
         let report = Report {
             backend: m.kind(),

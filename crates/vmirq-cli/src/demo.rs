@@ -197,7 +197,12 @@ pub fn progress(len: u64, template: &str) -> ProgressBar {
     bar
 }
 
-pub fn run(kind: BackendKind, json: bool, count: usize, migrations: usize) -> Result<(), DemoError> {
+pub fn run(
+    kind: BackendKind,
+    json: bool,
+    count: usize,
+    migrations: usize,
+) -> Result<(), DemoError> {
     let machines = Machines::boot(kind)?;
     let paced = count as u64;
     let per_migration = vmirq_guest::migration::PACED_PATHS as u64;

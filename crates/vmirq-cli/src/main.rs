@@ -2,6 +2,7 @@
 
 mod alloc;
 mod bench;
+mod bench_snapshot;
 mod demo;
 mod paths;
 mod report;

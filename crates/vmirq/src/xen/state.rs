@@ -20,14 +20,14 @@ use crate::snapshot::{has_count, SnapshotError};
 pub struct XenState {
     /// The guest's setup.
     pub config: XenConfig,
-    /// Per port (port 0 first): its binding and vCPU.
-    pub ports: Vec<(PortState, u32)>,
+    /// Every open port: (port, binding, vCPU), lowest first.
+    pub ports: Vec<(u32, PortState, u32)>,
     /// The port bound to each (vCPU, VIRQ), at `vcpu * NR_VIRQS + virq`; 0 for none.
     pub virqs: Vec<u32>,
     /// Per vCPU: where its `vcpu_info` was placed (0: the legacy slot).
     pub placed: Vec<u64>,
-    /// Per backend port (0 first): the endpoint, if open.
-    pub backends: Vec<Option<XenBackendState>>,
+    /// Every open backend endpoint: (backend port, state), lowest first.
+    pub backends: Vec<(u32, XenBackendState)>,
     /// Per vCPU: its upcall vector (HVMOP_set_evtchn_upcall_vector).
     pub upcall_vectors: Vec<Option<u8>>,
     /// The domain's callback (HVM_PARAM_CALLBACK_IRQ).
@@ -61,17 +61,25 @@ impl EventChannels {
         let (upcall_vectors, callback) = upcalls.configuration();
         XenState {
             config: *config,
-            ports: ports.clone(),
+            ports: ports
+                .iter()
+                .enumerate()
+                .filter(|(_, (state, _))| *state != PortState::Closed)
+                .map(|(port, (state, vcpu))| (port as u32, *state, *vcpu))
+                .collect(),
             virqs: virqs.iter().map(|p| p.load(Ordering::Acquire)).collect(),
             placed: placed.iter().map(|p| p.load(Ordering::Acquire)).collect(),
             backends: backends
                 .iter()
-                .map(|b| {
-                    b.as_ref()
-                        .map(|BackendSlot { guest_port, notify }| XenBackendState {
+                .enumerate()
+                .filter_map(|(be, b)| {
+                    b.as_ref().map(|BackendSlot { guest_port, notify }| {
+                        let state = XenBackendState {
                             guest_port: *guest_port,
                             pending: has_count(notify),
-                        })
+                        };
+                        (be as u32, state)
+                    })
                 })
                 .collect(),
             upcall_vectors,
@@ -104,11 +112,9 @@ pub(crate) fn restore(
     let mut endpoints = Vec::new();
     {
         let mut t = channels.lock();
-        for (port, (state, vcpu)) in ports.iter().enumerate() {
-            t.ports[port] = (*state, *vcpu);
-            if *state != PortState::Closed {
-                channels.slots[port].publish(Binding::new(*state, *vcpu));
-            }
+        for (port, state, vcpu) in ports {
+            t.ports[*port as usize] = (*state, *vcpu);
+            channels.slots[*port as usize].publish(Binding::new(*state, *vcpu));
         }
         for (slot, port) in channels.virqs.iter().zip(virqs) {
             slot.store(*port, Ordering::Release);
@@ -116,8 +122,8 @@ pub(crate) fn restore(
         for (slot, gpa) in channels.placed.iter().zip(placed) {
             slot.store(*gpa, Ordering::Release);
         }
-        for (be, saved) in backends.iter().enumerate() {
-            let Some(saved) = saved else { continue };
+        for (be, saved) in backends {
+            let be = *be as usize;
             let io =
                 |e: std::io::Error| Error::from(super::XenError::Io(e.raw_os_error().unwrap_or(0)));
             let notify = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
@@ -160,34 +166,34 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
     }
     let ports = super::Layout::new(c.long_mode).ports as usize;
     let n = c.vcpus as usize;
-    if state.ports.len() != ports
-        || state.virqs.len() != n * NR_VIRQS as usize
+    if state.virqs.len() != n * NR_VIRQS as usize
         || state.placed.len() != n
         || state.upcall_vectors.len() != n
-        || state.backends.len() != ports
     {
         return bad("table sizes do not match the configuration".into());
     }
-    if state
-        .ports
-        .first()
-        .is_some_and(|p| p.0 != PortState::Closed)
-    {
-        return bad("port 0 is open".into());
+    // Ports 1..ports, each named once, lowest first; the same for backend ports.
+    let ascending = |list: Vec<u32>| {
+        let in_range = list.iter().all(|p| *p != 0 && (*p as usize) < ports);
+        in_range && list.windows(2).all(|w| w[0] < w[1])
+    };
+    if !ascending(state.ports.iter().map(|p| p.0).collect()) {
+        return bad("ports out of range, repeated or unordered".into());
     }
-    for (port, (s, vcpu)) in state.ports.iter().enumerate() {
-        if *vcpu >= c.vcpus {
+    if !ascending(state.backends.iter().map(|b| b.0).collect()) {
+        return bad("backend ports out of range, repeated or unordered".into());
+    }
+    for &(port, s, vcpu) in &state.ports {
+        if vcpu >= c.vcpus {
             return bad(format!("port {port} on vCPU {vcpu}"));
         }
         let peer_ok = |remote: Remote, remote_port: u32| match remote {
             Remote::Guest => (remote_port as usize) < ports,
-            Remote::Backend => state
-                .backends
-                .get(remote_port as usize)
-                .is_some_and(Option::is_some),
+            Remote::Backend => state.backends.iter().any(|b| b.0 == remote_port),
         };
-        let ok = match *s {
-            PortState::Closed | PortState::Unbound { .. } | PortState::Ipi => true,
+        let ok = match s {
+            PortState::Closed => false,
+            PortState::Unbound { .. } | PortState::Ipi => true,
             PortState::Interdomain {
                 remote,
                 remote_port,
