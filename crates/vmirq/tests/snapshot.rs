@@ -282,3 +282,61 @@ fn two_objects_cannot_share_a_name() {
         Err(SnapshotError::DuplicateObject("a".into()))
     );
 }
+
+/// Writes seeds for the `snapshot` fuzz target (`fuzz/corpus/snapshot/`): a VM with every
+/// kind of object, as encoded bytes and as a bare JSON body (the target's first byte picks).
+#[test]
+#[ignore = "writes fuzz seeds"]
+fn write_the_fuzz_seeds() {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmirq::msix::{MsixTable, MsixVectors};
+    use vmirq::xen::{attach, XenConfig};
+    let sim = SimBackend::new(2, IrqchipMode::Kernel);
+    let irq = Interrupts::new(sim, Config::default()).unwrap();
+    let route = irq.new_route(msi(0x50)).unwrap();
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irqfd = route.assign_irqfd(&fd).unwrap();
+    let (t, r) = (
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    );
+    let level = irq.pin(7).unwrap().assign_level_irqfd(&t, &r).unwrap();
+    let source = irq.pin(9).unwrap().line().unwrap().source();
+    source.assert();
+    let msix = MsixVectors::new(Arc::clone(&irq), MsixTable::new(4)).unwrap();
+    msix.write_message_control(1 << 15);
+    let m = X86Msi::fixed(1, 0x60).encode().unwrap();
+    msix.bar_write(0, &m.address_lo().to_le_bytes());
+    msix.bar_write(8, &m.data.to_le_bytes());
+    msix.bar_write(12, &0u32.to_le_bytes());
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let config = XenConfig {
+        vcpus: 2,
+        long_mode: false,
+        shared_info_gpa: 0x2_0000,
+        domid: 1,
+    };
+    let (channels, upcalls) = attach(&irq, mem.clone(), config);
+    upcalls.set_upcall_vector(1, Some(0xf3)).unwrap();
+    for vcpu in [0u64, 1] {
+        mem.write_obj(vcpu, GuestAddress(0x1000)).unwrap();
+        assert_eq!(channels.hypercall(0, 7, 0x1000), 0);
+    }
+    irq.pause();
+    let mut s = irq.save().unwrap();
+    s.insert("route", &route).unwrap();
+    s.insert("irqfd", &irqfd).unwrap();
+    s.insert("level", &level).unwrap();
+    s.insert("source", &source).unwrap();
+    s.insert("msix", &msix).unwrap();
+    s.insert_state("xen", ObjectState::Xen(channels.save(&upcalls)))
+        .unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/snapshot");
+    std::fs::create_dir_all(dir).unwrap();
+    let mut encoded = vec![1u8];
+    encoded.extend(s.to_bytes());
+    std::fs::write(format!("{dir}/full.bin"), encoded).unwrap();
+    let mut json = vec![0u8];
+    json.extend(serde_json::to_vec(&s).unwrap());
+    std::fs::write(format!("{dir}/full.json"), json).unwrap();
+}
