@@ -226,6 +226,30 @@ impl Delivery {
         }
     }
 
+    /// What a snapshot keeps of the delivery state: the userspace IOAPIC, and the GSIs whose
+    /// lines hold their irqchip input high.
+    pub(crate) fn save_state(&self) -> (Option<crate::ioapic::IoapicState>, Vec<Gsi>) {
+        let Delivery {
+            // Saved by the caller (leases and routes).
+            router: _,
+            // Saved by the event channels' owner (`EventChannels::save`).
+            xen: _,
+            ioapic: _,
+            // Host counters, not guest state.
+            stats: _,
+            lines: _,
+            // Membership is the level irqfds' (bound again on the target); the resampled
+            // level is in the IOAPIC (userspace or in-kernel).
+            resamplers: _,
+            // A deferred pin is asserted, unmasked, Remote IRR clear in the IOAPIC state: the
+            // target's resume evaluates every pin and delivers it.
+            storm: _,
+            dispatcher: _,
+            me: _,
+        } = self;
+        (self.save_ioapic(), self.high_lines())
+    }
+
     /// GSIs whose lines hold their irqchip input high now.
     pub(crate) fn high_lines(&self) -> Vec<Gsi> {
         let mut high: Vec<Gsi> = lock(&self.lines)

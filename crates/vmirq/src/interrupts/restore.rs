@@ -38,24 +38,36 @@ impl Interrupts {
         if !self.is_paused() {
             return Err(SnapshotError::NotPaused.into());
         }
+        // Every field named: a new one must be saved here or said to be runtime-only.
+        let Interrupts {
+            delivery,
+            // Runtime: re-created by the target; its waiting signals are saved by the irqfds.
+            dispatcher: _,
+            // Runtime: rebuilt as the VMM binds its eventfds again.
+            irqfds: _,
+            // Only a restored VM has these, until its resume.
+            on_resume: _,
+            evaluate_at_resume: _,
+        } = self;
         // GSIs whose last lease went are reclaimed first, so only live leases are saved.
-        self.router().flush_released()?;
-        let allocated = self.router().leased();
-        let table = self.routing_table();
+        delivery.router.flush_released()?;
+        let allocated = delivery.router.leased();
+        let table = delivery.router.load();
         let routes = allocated
             .iter()
             .map(|gsi| (*gsi, table.get(*gsi).to_vec()))
             .filter(|(_, routes)| !routes.is_empty())
             .collect();
+        let (ioapic, lines) = delivery.save_state();
         Ok(Snapshot {
             version: VERSION,
             core: CoreState {
                 mode: self.mode(),
                 allocated,
                 routes,
-                ioapic: self.delivery.save_ioapic(),
+                ioapic,
                 kernel_irqchip: self.backend().save_irqchip()?,
-                lines: self.delivery.high_lines(),
+                lines,
             },
             objects: BTreeMap::new(),
         })
