@@ -14,7 +14,7 @@
 mod restore;
 
 pub(crate) use restore::check_irqfd as restore_check_irqfd;
-pub use restore::Restored;
+pub use restore::{Restored, XenRestored};
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};

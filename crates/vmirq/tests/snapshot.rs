@@ -191,7 +191,7 @@ fn states_the_target_cannot_hold_are_refused_and_leave_it_untouched() {
         refused(s, config, split())
     };
     for bad in [
-        ioapic(&|io| drop(io.pins.pop())),
+        ioapic(&|io| io.pins.truncate(23)),
         ioapic(&|io| io.pins[0].entry |= 1 << 40),
         ioapic(&|io| io.pins[0].entry = 0x30 | 1 << 14),
         ioapic(&|io| io.id = 0x10),

@@ -97,7 +97,7 @@ pub(crate) fn restore(
     memory: GuestMemoryMmap,
     vcpus: u32,
     state: &XenState,
-) -> Result<(Arc<EventChannels>, Arc<Upcalls>, Vec<BackendPort>), Error> {
+) -> Result<crate::interrupts::XenRestored, Error> {
     check(state, vcpus, interrupts.mode().ioapic_pins())?;
     let XenState {
         config,
