@@ -481,3 +481,96 @@ on_every_machine!(
             .expect("the line stayed high with no source holding it");
     }
 );
+
+on_every_machine!(
+    a_restored_msi_device_keeps_its_capability_and_a_masked_vectors_pending_bit,
+    one_vcpu,
+    |m: &dyn Machine, mode: Mode| {
+        use vmirq::msix::{MsiCapability, MsiVectors};
+        let base = msi(0x70);
+        let device = MsiVectors::new(
+            std::sync::Arc::clone(m.interrupts()),
+            MsiCapability::new(4, true, true),
+        )
+        .unwrap();
+        // 64-bit, per-vector mask: address @4/@8, data @0xC, mask @0x10; 4 vectors; vector
+        // 2 masked.
+        let (_, events) = device.update(|c, fx| {
+            c.config_write(0x04, &base.address_lo().to_le_bytes(), fx);
+            c.config_write(0x08, &0u32.to_le_bytes(), fx);
+            c.config_write(0x0C, &(base.data as u16).to_le_bytes(), fx);
+            c.config_write(0x10, &(1u32 << 2).to_le_bytes(), fx);
+            c.config_write(0x02, &(1u16 | 2 << 4).to_le_bytes(), fx);
+        });
+        assert!(events.is_empty());
+        device.fire(1).unwrap();
+        m.wait_isr(Some(0), 0x71, WAIT).expect("MSI vector 1");
+        m.interrupts().pause();
+        device.fire(2).unwrap(); // masked: pending after restore
+        let snapshot = save(m, &[("dev/msi", &device)]);
+        let mut before = [0u8; 0x18];
+        device.read(|c| c.config_read(0, &mut before));
+
+        let target = boot_another(m, &one_vcpu(mode).restored_from(snapshot)).unwrap();
+        let restored = target.take_restored().unwrap();
+        let (device, events) = restored.msi("dev/msi", None).unwrap();
+        assert!(events.is_empty());
+        let irq = restored.finish().unwrap();
+        let mut after = [0u8; 0x18];
+        device.read(|c| c.config_read(0, &mut after));
+        assert_eq!(after, before, "the capability did not travel");
+        assert!(
+            device.read(|c| c.is_pending(2)),
+            "the masked fire's pending bit"
+        );
+        irq.resume().unwrap();
+        let (_, events) = device.update(|c, fx| c.config_write(0x10, &0u32.to_le_bytes(), fx));
+        assert!(events.is_empty());
+        target
+            .wait_isr(Some(0), 0x72, WAIT)
+            .expect("the pending masked vector was lost");
+        device.fire(3).unwrap();
+        target.wait_isr(Some(0), 0x73, WAIT).expect("vector 3");
+        target.control(0);
+        assert_eq!(target.count(0, 0x72), 1);
+    }
+);
+
+on_every_machine!(
+    a_restored_interrupt_group_keeps_its_sources_and_what_waited,
+    one_vcpu,
+    |m: &dyn Machine, mode: Mode| {
+        use vmirq::{InterruptGroup, InterruptSourceConfig};
+        let cfg = |v: u8| InterruptSourceConfig::Msi {
+            msg: msi(v),
+            devid: None,
+        };
+        let group = InterruptGroup::new(m.interrupts(), 2).unwrap();
+        group.update(0, cfg(0x80), false).unwrap();
+        group.update(1, cfg(0x81), true).unwrap();
+        group.enable().unwrap();
+        group.trigger(0).unwrap();
+        m.wait_isr(Some(0), 0x80, WAIT).expect("source 0");
+        m.interrupts().pause();
+        group.trigger(1).unwrap(); // masked: waits in its notifier
+        let snapshot = save(m, &[("dev/group", &group)]);
+
+        let target = boot_another(m, &one_vcpu(mode).restored_from(snapshot)).unwrap();
+        let restored = target.take_restored().unwrap();
+        let group = restored.group("dev/group", None).unwrap();
+        let irq = restored.finish().unwrap();
+        irq.resume().unwrap();
+        target.control(0);
+        assert_eq!(target.count(0, 0x81), 0, "a masked source delivered");
+        group.update(1, cfg(0x81), false).unwrap();
+        target
+            .wait_isr(Some(0), 0x81, WAIT)
+            .expect("the masked source's signal was lost");
+        group.trigger(0).unwrap();
+        target
+            .wait_isr(Some(0), 0x80, WAIT)
+            .expect("source 0 after restore");
+        target.control(0);
+        assert_eq!(target.count(0, 0x81), 1);
+    }
+);

@@ -23,7 +23,7 @@ use crate::route::Route;
 use crate::router::lock;
 
 /// Where one source of a group goes (Cloud Hypervisor's `InterruptSourceConfig`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InterruptSourceConfig {
     /// An MSI message.
     Msi {
@@ -210,6 +210,123 @@ impl InterruptGroup {
             st.irqfd = Some(route.assign_known(&source.notifier, source.id)?);
         }
         Ok(())
+    }
+}
+
+/// An [`InterruptGroup`] in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupState {
+    /// Whether the group was enabled.
+    pub enabled: bool,
+    /// Per source, source 0 first.
+    pub sources: Vec<GroupSourceState>,
+}
+
+/// One source of a group in a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupSourceState {
+    /// Its configuration, once updated.
+    pub config: Option<InterruptSourceConfig>,
+    /// Masked by the device's capability model.
+    pub masked: bool,
+    /// The GSI it holds (its route is in the core's state).
+    pub gsi: Option<crate::route::Gsi>,
+    /// Its notifier held a count nobody injected (masked, disabled, or a paused user path).
+    pub pending: bool,
+}
+
+impl crate::snapshot::Save for InterruptGroup {
+    fn save(&self) -> crate::snapshot::ObjectState {
+        let Self {
+            interrupts: _,
+            sources,
+            enabled,
+        } = self;
+        let enabled = *lock(enabled);
+        let sources = sources
+            .iter()
+            .map(|source| {
+                let Source {
+                    notifier,
+                    id: _,
+                    state,
+                } = source;
+                let st = lock(state);
+                let State {
+                    irqfd: _,
+                    route,
+                    config,
+                    masked,
+                } = &*st;
+                GroupSourceState {
+                    config: *config,
+                    masked: *masked,
+                    gsi: route.as_ref().map(GsiRoute::gsi),
+                    pending: crate::snapshot::has_count(notifier),
+                }
+            })
+            .collect();
+        crate::snapshot::ObjectState::Group(GroupState { enabled, sources })
+    }
+}
+
+impl InterruptGroup {
+    /// The group `state` saved, on the interrupts of a VM being restored (see
+    /// [`crate::Restored::group`]): `notifiers` are the producers' eventfds to take over (an
+    /// in-process migration), else new ones; each source's GSI taken back through `lease`;
+    /// deliverable sources bound. A count that waited is given to the new notifier: at
+    /// [`Interrupts::resume`] for a deliverable source, at once for one that waits anyway.
+    pub(crate) fn restore(
+        interrupts: &Arc<Interrupts>,
+        state: &GroupState,
+        notifiers: Option<Vec<EventFd>>,
+        mut lease: impl FnMut(crate::route::Gsi) -> Result<GsiRoute, Error>,
+    ) -> Result<Self, Error> {
+        let invalid = |what: String| {
+            Error::from(crate::snapshot::SnapshotError::Invalid(format!(
+                "interrupt group: {what}"
+            )))
+        };
+        let mut group = Self::new(interrupts, state.sources.len())?;
+        if let Some(fds) = notifiers {
+            if fds.len() != group.sources.len() {
+                return Err(invalid(format!(
+                    "{} notifiers for {} sources",
+                    fds.len(),
+                    group.sources.len()
+                )));
+            }
+            for (source, fd) in group.sources.iter_mut().zip(fds) {
+                source.id = eventfd_id(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+                source.notifier = fd;
+            }
+        }
+        *lock(&group.enabled) = state.enabled;
+        for (source, saved) in group.sources.iter().zip(&state.sources) {
+            let mut st = lock(&source.state);
+            st.config = saved.config;
+            st.masked = saved.masked;
+            if let Some(gsi) = saved.gsi {
+                let route = lease(gsi)?;
+                let expected = saved.config.map(InterruptSourceConfig::route);
+                if route.routes().first().copied() != expected {
+                    return Err(invalid(format!("{gsi}'s route is not its source's config")));
+                }
+                st.route = Some(route);
+            }
+            if saved.pending && !crate::snapshot::has_count(&source.notifier) {
+                let deliverable = state.enabled && !saved.masked && st.route.is_some();
+                if deliverable {
+                    interrupts.signal_at_resume(&source.notifier)?;
+                } else {
+                    source.notifier.write(1).map_err(|_| Error::BadEventFd)?;
+                }
+            }
+            if state.enabled {
+                Self::bind(source, &mut st)?;
+            }
+        }
+        Ok(group)
     }
 }
 

@@ -157,6 +157,10 @@ pub enum ObjectState {
     Irqfd(IrqfdState),
     /// An [`crate::msix::MsixVectors`] device.
     Msix(crate::msix::MsixState),
+    /// An [`crate::msix::MsiVectors`] device.
+    Msi(crate::msix::MsiState),
+    /// An [`crate::InterruptGroup`].
+    Group(crate::group::GroupState),
     /// Emulated Xen event channels and their upcalls ([`crate::xen::EventChannels::save`]).
     Xen(crate::xen::XenState),
     /// An [`crate::IrqSource`] on a level line.
@@ -179,6 +183,8 @@ impl ObjectState {
             ObjectState::Irqfd(s) if s.level => format!("a level irqfd on {}", s.gsi),
             ObjectState::Irqfd(s) => format!("an edge irqfd on {}", s.gsi),
             ObjectState::Msix(s) => format!("MSI-X vectors ({})", s.vectors.len()),
+            ObjectState::Msi(_) => "MSI vectors".to_owned(),
+            ObjectState::Group(g) => format!("an interrupt group ({})", g.sources.len()),
             ObjectState::Xen(_) => "Xen event channels".to_owned(),
             ObjectState::Source(s) => format!("a source on the line of {}", s.gsi),
         }

@@ -216,6 +216,8 @@ fn check_gsis(
             ObjectState::Route { gsi } => vec![*gsi],
             ObjectState::Irqfd(s) => vec![s.gsi],
             ObjectState::Msix(s) => s.vectors.iter().filter_map(|v| v.gsi).collect(),
+            ObjectState::Msi(s) => s.vectors.iter().filter_map(|v| v.gsi).collect(),
+            ObjectState::Group(g) => g.sources.iter().filter_map(|s| s.gsi).collect(),
             ObjectState::Xen(_) => Vec::new(),
             ObjectState::Source(s) => vec![s.gsi],
         };
@@ -295,6 +297,39 @@ impl Restored {
             ObjectState::Irqfd(s) => Some(*s),
             _ => None,
         })?)
+    }
+
+    /// The MSI device saved under `key` (see [`Restored::msix`]; `triggers` as in
+    /// [`Restored::msix_on`]).
+    pub fn msi(
+        &self,
+        key: &str,
+        triggers: Option<Vec<EventFd>>,
+    ) -> Result<(crate::msix::MsiVectors, Vec<MsixEvent>), Error> {
+        let state = self.objects.take(key, "MSI vectors", |o| match o {
+            ObjectState::Msi(s) => Some(s.clone()),
+            _ => None,
+        })?;
+        crate::msix::MsiVectors::restore(Arc::clone(&self.interrupts), &state, triggers, |gsi| {
+            self.take_gsi(gsi)
+        })
+    }
+
+    /// The interrupt group saved under `key`: sources configured, masked and enabled as they
+    /// were, on their GSIs; `notifiers` are the producers' eventfds to keep (an in-process
+    /// migration), else new ones (hand them out again with `InterruptGroup::notifier`).
+    pub fn group(
+        &self,
+        key: &str,
+        notifiers: Option<Vec<EventFd>>,
+    ) -> Result<crate::InterruptGroup, Error> {
+        let state = self.objects.take(key, "an interrupt group", |o| match o {
+            ObjectState::Group(g) => Some(g.clone()),
+            _ => None,
+        })?;
+        crate::InterruptGroup::restore(&self.interrupts, &state, notifiers, |gsi| {
+            self.take_gsi(gsi)
+        })
     }
 
     /// The Xen event channels saved under `key`, attached to the restored interrupts over the

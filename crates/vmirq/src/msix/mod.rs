@@ -18,11 +18,11 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use msi::MsiCapability;
+pub use msi::{MsiCapability, MsiCapabilityState};
 pub use table::{MsixTable, MsixTableState, VectorEffects, ENTRY_SIZE, MAX_VECTORS};
 
 mod vectors;
 pub use vectors::{
-    MsiVectors, MsixError, MsixEvent, MsixLayout, MsixState, MsixVectors, VectorState, VectorTable,
-    Vectors,
+    MsiState, MsiVectors, MsixError, MsixEvent, MsixLayout, MsixState, MsixVectors, VectorState,
+    VectorTable, Vectors,
 };

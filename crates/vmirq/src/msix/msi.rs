@@ -4,6 +4,33 @@ use super::spec;
 use super::table::VectorEffects;
 use crate::msi::MsiMessage;
 
+/// An MSI capability's registers in a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsiCapabilityState {
+    /// MMC: log2 of the vectors the function has.
+    pub log2_capable: u16,
+    /// 64-bit address capable.
+    pub is_64bit: bool,
+    /// Per-vector masking capable.
+    pub per_vector_mask: bool,
+    /// The next-capability pointer.
+    pub next: u8,
+    /// MSI enable.
+    pub enabled: bool,
+    /// MME: log2 of the vectors software granted.
+    pub log2_enabled: u16,
+    /// Message address, low dword.
+    pub address_lo: u32,
+    /// Message address, high dword.
+    pub address_hi: u32,
+    /// Message data.
+    pub data: u16,
+    /// Per-vector mask bits.
+    pub mask: u32,
+    /// Per-vector pending bits.
+    pub pending: u32,
+}
+
 /// An MSI capability: message control, address, data and (optionally) per-vector mask and
 /// pending bits, as the guest sees them in config space.
 ///
@@ -70,6 +97,81 @@ impl MsiCapability {
             mask: 0,
             pending: 0,
         }
+    }
+
+    /// Everything the capability holds, for a snapshot.
+    pub fn save(&self) -> MsiCapabilityState {
+        let Self {
+            log2_capable,
+            is_64bit,
+            per_vector_mask,
+            next,
+            enabled,
+            log2_enabled,
+            address_lo,
+            address_hi,
+            data,
+            mask,
+            pending,
+        } = *self;
+        MsiCapabilityState {
+            log2_capable,
+            is_64bit,
+            per_vector_mask,
+            next,
+            enabled,
+            log2_enabled,
+            address_lo,
+            address_hi,
+            data,
+            mask,
+            pending,
+        }
+    }
+
+    /// The capability as `state` saved it; refused (`Err` naming why) if it holds what no
+    /// capability can: more than 32 vectors, MME above MMC, an unaligned address, an upper
+    /// address on a 32-bit capability, mask or pending bits without per-vector masking or
+    /// past the last vector.
+    pub fn restore(state: &MsiCapabilityState) -> Result<Self, String> {
+        let MsiCapabilityState {
+            log2_capable,
+            is_64bit,
+            per_vector_mask,
+            next,
+            enabled,
+            log2_enabled,
+            address_lo,
+            address_hi,
+            data,
+            mask,
+            pending,
+        } = *state;
+        let max = u32::from(spec::MSI_MAX_VECTORS).ilog2() as u16;
+        if log2_capable > max || log2_enabled > log2_capable {
+            return Err(format!("MMC {log2_capable}, MME {log2_enabled}"));
+        }
+        if address_lo & 3 != 0 || (!is_64bit && address_hi != 0) {
+            return Err(format!("address {address_hi:#x}:{address_lo:#x}"));
+        }
+        let vectors = 1u64 << (1u32 << log2_capable);
+        let bits = u64::from(mask | pending);
+        if (!per_vector_mask && bits != 0) || bits >= vectors {
+            return Err(format!("mask {mask:#x}, pending {pending:#x}"));
+        }
+        Ok(Self {
+            log2_capable,
+            is_64bit,
+            per_vector_mask,
+            next,
+            enabled,
+            log2_enabled,
+            address_lo,
+            address_hi,
+            data,
+            mask,
+            pending,
+        })
     }
 
     /// Sets the next-capability pointer (offset 0x01), which the guest cannot write.

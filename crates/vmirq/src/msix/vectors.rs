@@ -33,15 +33,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{MsiCapability, MsixTable, MsixTableState, VectorEffects};
+use super::{MsiCapability, MsixTable, VectorEffects};
 use crate::gsi::GsiRoute;
 use crate::interrupts::{Error, Interrupts};
 use crate::irqfd::{eventfd_id, EdgeIrqfd, EventfdId};
 use crate::msi::MsiMessage;
-use crate::route::Gsi;
 use crate::route::Route;
 use crate::router::lock;
-use crate::snapshot::{ObjectState, Save, SnapshotError};
+
+mod snapshot;
+pub use snapshot::{MsiState, MsixState, VectorState};
 
 /// The part of a capability model the vector manager needs.
 pub trait VectorTable: Send {
@@ -480,141 +481,6 @@ impl<T: VectorTable> Vectors<T> {
     fn latch_all(&self, inner: &mut Inner<T>) {
         let all = 0..inner.table.capacity();
         self.latch_locked(inner, all);
-    }
-}
-
-/// An MSI-X device's vectors in a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MsixState {
-    /// The function: message control, table, PBA (with every count nobody injected latched).
-    pub table: MsixTableState,
-    /// Where the device declared the table and PBA, if not the default.
-    pub layout: Option<MsixLayout>,
-    /// Per vector, vector 0 first.
-    pub vectors: Vec<VectorState>,
-}
-
-/// One vector in a snapshot.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VectorState {
-    /// Its tag.
-    pub tag: Option<u64>,
-    /// The GSI it holds (its route is in the core's state).
-    pub gsi: Option<Gsi>,
-}
-
-impl Save for MsixVectors {
-    /// Latches first: a masked vector's count becomes its pending bit (as a PBA read would).
-    /// A deliverable vector's count that waited unserved (a user-path irqfd while paused) is
-    /// saved as pending too, and delivered at resume after restore.
-    fn save(&self) -> ObjectState {
-        let mut inner = lock(&self.inner);
-        self.latch_all(&mut inner);
-        let Inner { table, vectors } = &*inner;
-        let mut table = table.save();
-        for (v, vector) in vectors.iter().enumerate() {
-            if vector.irqfd.is_some() && crate::snapshot::has_count(&self.triggers[v].fd) {
-                table.pba[v / 64] |= 1 << (v % 64);
-            }
-        }
-        ObjectState::Msix(MsixState {
-            table,
-            layout: self.layout,
-            vectors: vectors
-                .iter()
-                .map(|vector| {
-                    let Vector {
-                        tag,
-                        route,
-                        irqfd: _,
-                    } = vector;
-                    VectorState {
-                        tag: *tag,
-                        gsi: route.as_ref().map(|(r, _)| r.gsi()),
-                    }
-                })
-                .collect(),
-        })
-    }
-}
-
-impl MsixVectors {
-    /// The vectors `state` saved, on `interrupts` of a VM being restored: each GSI taken back
-    /// through `lease`, deliverable vectors given their irqfds; a vector pending while
-    /// deliverable is signalled at [`Interrupts::resume`], not now. Returns what the host
-    /// could not give (as a guest access would).
-    pub(crate) fn restore(
-        interrupts: Arc<Interrupts>,
-        state: &MsixState,
-        triggers: Option<Vec<EventFd>>,
-        mut lease: impl FnMut(Gsi) -> Result<GsiRoute, Error>,
-    ) -> Result<(Self, Vec<MsixEvent>), Error> {
-        let invalid = |what: String| Error::from(SnapshotError::Invalid(format!("MSI-X: {what}")));
-        let table = MsixTable::restore(&state.table).map_err(invalid)?;
-        if state.vectors.len() != usize::from(table.vectors()) {
-            return Err(invalid(format!(
-                "{} vector states for {} vectors",
-                state.vectors.len(),
-                table.vectors()
-            )));
-        }
-        let made = match state.layout {
-            Some(layout) => Self::with_layout(Arc::clone(&interrupts), table, layout),
-            None => Self::new(Arc::clone(&interrupts), table),
-        };
-        let mut vectors = made.map_err(|e| invalid(e.to_string()))?;
-        if let Some(fds) = triggers {
-            if fds.len() != vectors.triggers.len() {
-                return Err(invalid(format!(
-                    "{} trigger eventfds for {} vectors",
-                    fds.len(),
-                    vectors.triggers.len()
-                )));
-            }
-            vectors.triggers = fds
-                .into_iter()
-                .map(|fd| Trigger {
-                    fd,
-                    id: OnceLock::new(),
-                })
-                .collect();
-        }
-        let mut deliverable = Vec::new();
-        {
-            let mut inner = lock(&vectors.inner);
-            for (v, saved) in state.vectors.iter().enumerate() {
-                let vector = v as u16;
-                inner.vectors[v].tag = saved.tag;
-                if let Some(gsi) = saved.gsi {
-                    let route = lease(gsi)?;
-                    let message = match route.routes().as_slice() {
-                        [Route::Msi { msg, .. }] => *msg,
-                        _ => return Err(invalid(format!("vector {v}'s {gsi} has no MSI route"))),
-                    };
-                    inner.vectors[v].route = Some((route, message));
-                }
-                if !inner.table.is_masked(vector) {
-                    if inner.table.is_pending(vector) {
-                        inner.table.set_pending(vector, false);
-                        // A trigger still counting (the same eventfd) delivers by itself.
-                        let fd = &vectors.triggers[v].fd;
-                        if !crate::snapshot::has_count(fd) {
-                            interrupts.signal_at_resume(fd)?;
-                        }
-                    }
-                    deliverable.push(vector);
-                }
-            }
-        }
-        let events = {
-            let mut inner = lock(&vectors.inner);
-            let fx = VectorEffects {
-                unmasked: deliverable,
-                ..VectorEffects::default()
-            };
-            vectors.apply(&mut inner, fx)
-        };
-        Ok((vectors, events))
     }
 }
 
