@@ -80,6 +80,18 @@ fuzz_target!(|input: (bool, &[u8])| {
                     kept.push(Box::new(m));
                 }
             }
+            ObjectState::Msi(_) => {
+                if let Ok((m, _)) = restored.msi(key, None) {
+                    m.fire(0).ok();
+                    kept.push(Box::new(m));
+                }
+            }
+            ObjectState::Group(_) => {
+                if let Ok(g) = restored.group(key, None) {
+                    g.trigger(0).ok();
+                    kept.push(Box::new(g));
+                }
+            }
             ObjectState::Xen(_) => {
                 if let Ok(x) = restored.xen(key, mem.clone(), 2) {
                     kept.push(Box::new(x));
