@@ -359,7 +359,17 @@ on_every_machine!(
         assert_eq!(send(m, q), 0);
         assert_eq!(wait_port(m, q, 2), 2, "the second control event");
         let after = m.count(0, XEN_UPCALL_VECTOR) - upcalls;
-        assert!(per_event(1).contains(&after), "{after} upcalls for 1 event");
+        // At-delivery retiring: the first control's own re-assert can land after `upcalls`
+        // was read (its resample races the guest's handler), so it may be counted here.
+        let owed = match m.eoi_timing() {
+            Some(vmirq::EoiTiming::GuestEoi) => 0,
+            _ => 1,
+        };
+        let (low, high) = per_event(1).into_inner();
+        assert!(
+            (low..=high + owed).contains(&after),
+            "{after} upcalls for 1 event"
+        );
         assert_eq!((m.port_counter(p), m.port_counter(q)), (3, 2));
     }
 );
