@@ -44,7 +44,7 @@ impl std::fmt::Display for IrqfdPath {
 
 /// The identity of an eventfd's open file: the same for every descriptor `dup()`ed from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct EventfdId(u64);
+pub(crate) struct EventfdId(pub(crate) u64);
 
 /// Reads `fd`'s identity from `/proc/self/fdinfo` (Linux's `eventfd-id`, since 5.19). A kernel
 /// without it falls back to the descriptor number, which cannot see through a `dup()`.

@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod bypass;
 mod delivery;
 mod dispatch;
 pub mod group;
