@@ -216,10 +216,20 @@ fn states_the_target_cannot_hold_are_refused_and_leave_it_untouched() {
 fn objects_come_back_once_by_name_and_kind_and_all_of_them() {
     let sim = SimBackend::new(1, split());
     let restored = Interrupts::restore(sim.clone(), Config::default(), saved()).unwrap();
-    assert!(matches!(
-        restored.irqfd("dev/route"),
-        Err(Error::Snapshot(SnapshotError::WrongObject { .. }))
-    ));
+    match restored.irqfd("dev/route") {
+        Err(Error::Snapshot(SnapshotError::WrongObject { key, found, wanted })) => {
+            assert_eq!(key, "dev/route");
+            assert!(found.starts_with("the route of"), "{found}");
+            assert_eq!(wanted, "an irqfd");
+        }
+        other => panic!("a route taken back as an irqfd: {other:?}"),
+    }
+    match restored.route("dev/irqfd") {
+        Err(Error::Snapshot(SnapshotError::WrongObject { found, .. })) => {
+            assert!(found.starts_with("an edge irqfd on"), "{found}");
+        }
+        other => panic!("an irqfd taken back as a route: {other:?}"),
+    }
     assert!(matches!(
         restored.route("nobody"),
         Err(Error::Snapshot(SnapshotError::NoSuchObject(_)))
