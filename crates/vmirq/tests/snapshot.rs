@@ -350,3 +350,27 @@ fn write_the_fuzz_seeds() {
     json.extend(serde_json::to_vec(&s).unwrap());
     std::fs::write(format!("{dir}/full.json"), json).unwrap();
 }
+
+#[test]
+fn a_level_irqfd_taken_back_as_another_kind_is_named_a_level_irqfd() {
+    let irq = Interrupts::new(SimBackend::new(1, split()), Config::default()).unwrap();
+    let (trigger, resample) = (
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    );
+    let level = irq
+        .pin(5)
+        .unwrap()
+        .assign_level_irqfd(&trigger, &resample)
+        .unwrap();
+    irq.pause();
+    let mut s = irq.save().unwrap();
+    s.insert("level", &level).unwrap();
+    let restored = Interrupts::restore(SimBackend::new(1, split()), Config::default(), s).unwrap();
+    match restored.route("level") {
+        Err(Error::Snapshot(SnapshotError::WrongObject { found, .. })) => {
+            assert!(found.starts_with("a level irqfd on"), "{found}");
+        }
+        other => panic!("a level irqfd taken back as a route: {other:?}"),
+    }
+}
