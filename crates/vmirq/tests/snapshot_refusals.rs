@@ -19,6 +19,9 @@ fn an_ioapic_refuses_a_storm_count_at_the_limit_and_keeps_its_state() {
     assert!(matches!(io.restore(&bad), Err(SnapshotError::Invalid(_))));
     bad.pins[3].redeliveries = vmirq::ioapic::REDELIVERY_STORM_LIMIT - 1;
     bad.ioregsel = 0x13;
+    // The extremes an IOAPIC holds: ID 15, a level entry waiting for EOI (Remote IRR).
+    bad.id = 15;
+    bad.pins[4].entry = 0x30 | 1 << 15 | 1 << 14;
     io.restore(&bad).unwrap();
     assert_eq!(io.save(), bad, "a valid state is taken as it is");
     let before = io.save();
