@@ -111,11 +111,17 @@ fn xen_state() -> XenState {
         mem.write_obj(vcpu, GuestAddress(0x1000)).unwrap();
         assert_eq!(channels.hypercall(0, 7, 0x1000), 0, "bind_ipi");
     }
-    // bind_virq {virq 0 (timer), vcpu 1, port out}.
-    mem.write_obj(1u64 << 32, GuestAddress(0x1000)).unwrap();
-    mem.write_obj(0u32, GuestAddress(0x1008)).unwrap();
-    assert_eq!(channels.hypercall(0, 1, 0x1000), 0, "bind_virq");
+    // bind_virq {virq, vcpu, port out}: the timer (per vCPU) on vCPU 1, the console (global)
+    // on vCPU 0.
+    for (virq, vcpu) in [(0u64, 1u64), (2, 0)] {
+        mem.write_obj(virq | vcpu << 32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(0u32, GuestAddress(0x1008)).unwrap();
+        assert_eq!(channels.hypercall(0, 1, 0x1000), 0, "bind_virq");
+    }
     upcalls.set_upcall_vector(1, Some(0xf3)).unwrap();
+    // A backend endpoint, not yet connected.
+    let _backend = channels.alloc_backend_unbound().unwrap();
     channels.save(&upcalls)
 }
 
@@ -142,8 +148,25 @@ fn restore_xen(state: XenState, vcpus: u32) -> Result<(), Error> {
 #[test]
 fn xen_event_channels_refuse_impossible_states() {
     let good = xen_state();
-    assert_eq!(good.ports.len(), 3);
+    assert_eq!((good.ports.len(), good.backends.len()), (4, 1));
     restore_xen(good.clone(), 2).unwrap();
+    let backend = good.backends[0].0;
+    let peer = good.ports[1].0;
+    // Valid variations restore: loopback and backend peers that exist.
+    for state in [
+        PortState::Interdomain {
+            remote: Remote::Guest,
+            remote_port: peer,
+        },
+        PortState::Interdomain {
+            remote: Remote::Backend,
+            remote_port: backend,
+        },
+    ] {
+        let mut s = good.clone();
+        s.ports[0].1 = state;
+        restore_xen(s, 2).unwrap_or_else(|e| panic!("{state:?}: {e}"));
+    }
     let refused = |f: &dyn Fn(&mut XenState), vcpus: u32| {
         let mut s = good.clone();
         f(&mut s);
@@ -163,6 +186,26 @@ fn xen_event_channels_refuse_impossible_states() {
         "a port past the layout"
     );
     assert!(refused(&|s| s.ports.swap(0, 1), 2), "ports out of order");
+    assert!(
+        refused(&|s| s.ports.insert(1, s.ports[0]), 2),
+        "a port listed twice"
+    );
+    assert!(
+        refused(&|s| s.ports.push((4096, PortState::Ipi, 0)), 2),
+        "the port just past the layout"
+    );
+    assert!(
+        refused(
+            &|s| {
+                s.ports[0].1 = PortState::Interdomain {
+                    remote: Remote::Guest,
+                    remote_port: 4096,
+                }
+            },
+            2
+        ),
+        "a loopback peer past the layout"
+    );
     assert!(
         refused(&|s| s.ports[1].2 = 2, 2),
         "a port on a vCPU that does not exist"
