@@ -29,6 +29,10 @@ fn an_ioapic_refuses_a_storm_count_at_the_limit_and_keeps_its_state() {
     worse.pins[0].entry = 1 << 12; // delivery status: never held
     assert!(io.restore(&worse).is_err());
     assert_eq!(io.save(), before, "a refused restore changed the IOAPIC");
+    // The largest IOAPIC there is restores too.
+    let mut big = Ioapic::new(vmirq::ioapic::MAX_PINS);
+    let state = big.save();
+    big.restore(&state).unwrap();
 }
 
 #[test]
@@ -152,6 +156,12 @@ fn xen_event_channels_refuse_impossible_states() {
     restore_xen(good.clone(), 2).unwrap();
     let backend = good.backends[0].0;
     let peer = good.ports[1].0;
+    // Valid extremes restore: vector 0x10 for the callback and an upcall, a placed vcpu_info.
+    let mut s = good.clone();
+    s.callback = Callback::Vector(0x10);
+    s.upcall_vectors[0] = Some(0x10);
+    s.placed[1] = 0x3000;
+    restore_xen(s, 2).unwrap();
     // Valid variations restore: loopback and backend peers that exist.
     for state in [
         PortState::Interdomain {
