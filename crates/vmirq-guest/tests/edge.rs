@@ -325,13 +325,18 @@ on_every_machine!(
         let fd = EventFd::new(0).unwrap();
         let unrouted = irq.allocate_route().unwrap();
         assert!(matches!(unrouted.assign_irqfd(&fd), Err(Error::NoRoute(_))));
-        // A descriptor that was closed behind the EventFd's back.
-        let closed = EventFd::new(0).unwrap();
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&closed);
-        // SAFETY: closes a descriptor this test owns; `closed` is forgotten so it is not closed twice.
-        unsafe { libc::close(raw) };
-        let err = irq.pin(PIN).unwrap().assign_irqfd(&closed).unwrap_err();
-        std::mem::forget(closed);
+        // A descriptor that is no longer an eventfd: replaced behind the EventFd's back (with
+        // dup2, atomically: closing it instead would free its number for another test thread
+        // to reuse, and that thread's file would then be closed twice).
+        let replaced = EventFd::new(0).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&replaced);
+        // SAFETY: dup2 onto a descriptor this test owns; `replaced` still owns (and closes) it.
+        assert_eq!(
+            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), raw) },
+            raw
+        );
+        let err = irq.pin(PIN).unwrap().assign_irqfd(&replaced).unwrap_err();
         assert!(matches!(err, Error::BadEventFd), "{err}");
         // A Xen route cannot be served by a kernel irqfd on this host.
         unrouted
