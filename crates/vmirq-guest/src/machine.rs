@@ -507,12 +507,29 @@ pub trait Machine: Send + Sync {
     /// Waits up to `timeout` until the guest counted at least `n` on (vcpu, vector); returns
     /// the count then.
     fn wait_count(&self, vcpu: usize, vector: u8, n: u64, timeout: Duration) -> u64 {
+        self.wait_until(timeout, &mut || self.count(vcpu, vector) >= n);
+        self.count(vcpu, vector)
+    }
+
+    /// Waits up to `timeout` until the guest's event channel consumer acked `port` at least
+    /// `n` times; returns its counter then.
+    fn wait_port_count(&self, port: u32, n: u32, timeout: Duration) -> u32 {
+        self.wait_until(timeout, &mut || self.port_counter(port) >= n);
+        self.port_counter(port)
+    }
+
+    /// Lets the machine run until `done` (a guest counter, or anything the guest's progress
+    /// changes) holds, at most `timeout` or until a vCPU failed; returns whether it holds. The
+    /// one polling loop the guest's counters are waited on with.
+    fn wait_until(&self, timeout: Duration, done: &mut dyn FnMut() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             self.pump();
-            let c = self.count(vcpu, vector);
-            if c >= n || Instant::now() >= deadline || self.log().failure().is_some() {
-                return c;
+            if done() {
+                return true;
+            }
+            if Instant::now() >= deadline || self.log().failure().is_some() {
+                return false;
             }
             std::thread::sleep(Duration::from_micros(200));
         }

@@ -601,21 +601,15 @@ pub fn migrate_round(
         migration,
     };
     let deadline = Instant::now() + wait;
+    let left = || deadline.saturating_duration_since(Instant::now());
     for ((name, counter), was) in names.iter().zip(&before) {
-        while counter.read(m) <= *was && Instant::now() < deadline {
-            m.pump();
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        if counter.read(m) <= *was {
+        if !m.wait_until(left(), &mut || counter.read(m) > *was) {
             outcome
                 .lost
                 .push(format!("{name} (fired while {:?})", round.phase));
         }
     }
-    while devices.resample.read().is_err() && Instant::now() < deadline {
-        m.pump();
-        std::thread::sleep(Duration::from_micros(100));
-    }
+    m.wait_until(left(), &mut || devices.resample.read().is_ok());
     for vcpu in 0..VCPUS {
         m.control(vcpu);
     }

@@ -7,24 +7,15 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vmirq_guest::machine::{kvm_test_gate, mmio_read_op, BackendKind, Machine, Mode};
+use vmirq_guest::machine::{kvm_test_gate, mmio_read_op, BackendKind, Mode};
 use vmirq_guest::migration::{
     migrate_round, Migrating, Round, LEVEL_PIN, LEVEL_VECTOR, STREAM_VECTOR,
 };
 
 const MIGRATIONS: usize = 200;
 const WAIT: Duration = Duration::from_secs(10);
-
-fn wait_until(m: &dyn Machine, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "{}: {what}", m.kind());
-        m.pump();
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
 
 fn ping_pong(kind: BackendKind, mode: Mode) {
     let (mut rig, devices) = Migrating::boot(kind, mode.irqchip()).unwrap();
@@ -75,9 +66,10 @@ fn ping_pong(kind: BackendKind, mode: Mode) {
     );
     assert!(streamed_in > 0);
     devices.stream.write(1).unwrap();
-    wait_until(m, "the stream's last signal", || {
-        m.count(1, STREAM_VECTOR) > streamed_in
-    });
+    assert!(
+        m.wait_count(1, STREAM_VECTOR, streamed_in + 1, WAIT) > streamed_in,
+        "the stream's last signal was lost"
+    );
     // No Remote IRR left stuck on the level pin, and it still delivers.
     let entry = m
         .guest_mmio(&[
@@ -92,9 +84,10 @@ fn ping_pong(kind: BackendKind, mode: Mode) {
     );
     let level = m.count(1, LEVEL_VECTOR);
     devices.level.write(1).unwrap();
-    wait_until(m, "the level pin after the migrations", || {
-        m.count(1, LEVEL_VECTOR) > level
-    });
+    assert!(
+        m.wait_count(1, LEVEL_VECTOR, level + 1, WAIT) > level,
+        "the level pin stopped delivering after the migrations"
+    );
     eprintln!(
         "{kind:?}/{mode:?}: {MIGRATIONS} migrations, mean downtime {:?}",
         downtime / MIGRATIONS as u32

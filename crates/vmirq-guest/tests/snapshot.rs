@@ -295,18 +295,6 @@ mod xen {
         )
     }
 
-    pub fn wait_port(m: &dyn Machine, port: u32, n: u32) -> u32 {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            m.pump();
-            let c = m.port_counter(port);
-            if c >= n || std::time::Instant::now() > deadline {
-                return c;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-
     /// The guest masks `port` with a plain write of its own mask bit (compat layout).
     pub fn guest_mask(m: &dyn Machine, port: u32) {
         let word = XEN_SHARED_INFO + 0x880 + u64::from(port / 32) * 4;
@@ -341,7 +329,11 @@ mod xen {
             let fd = EventFd::new(0).unwrap();
             let irqfd = route.assign_irqfd(&fd).unwrap();
             fd.write(1).unwrap();
-            assert_eq!(wait_port(m, port, 1), 1, "the port never delivered");
+            assert_eq!(
+                m.wait_port_count(port, 1, WAIT),
+                1,
+                "the port never delivered"
+            );
             guest_mask(m, port);
             m.interrupts().pause();
             fd.write(1).unwrap(); // waits unserved: delivered at resume, then owed at unmask
@@ -377,20 +369,19 @@ mod xen {
             );
             irq.resume().unwrap();
             // The waiting event reaches the masked port at resume; unmasking delivers it.
-            let deadline = std::time::Instant::now() + WAIT;
-            while !channels.port_status(port).pending && std::time::Instant::now() < deadline {
-                target.pump();
-                std::thread::yield_now();
-            }
             assert!(
-                channels.port_status(port).pending,
+                target.wait_until(WAIT, &mut || channels.port_status(port).pending),
                 "the waiting event was lost"
             );
             assert_eq!(hypercall(&*target, UNMASK, port).0, 0);
-            assert_eq!(wait_port(&*target, port, 1), 1, "the owed event never came");
+            assert_eq!(
+                target.wait_port_count(port, 1, WAIT),
+                1,
+                "the owed event never came"
+            );
             fd.write(1).unwrap();
             assert_eq!(
-                wait_port(&*target, port, 2),
+                target.wait_port_count(port, 2, WAIT),
                 2,
                 "the restored route is dead"
             );

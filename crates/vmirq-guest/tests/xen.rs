@@ -104,15 +104,7 @@ fn port_control(m: &dyn Machine, vcpu: u32) {
 }
 
 fn wait_port(m: &dyn Machine, port: u32, n: u32) -> u32 {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        m.pump();
-        let c = m.port_counter(port);
-        if c >= n || std::time::Instant::now() > deadline {
-            return c;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    m.wait_port_count(port, n, WAIT)
 }
 
 /// Sets or clears the guest's mask bit for `port` the way the guest does (a plain write to
