@@ -74,25 +74,13 @@ fn a_snapshot_survives_its_byte_encoding_and_restores() {
     assert_eq!(restore_and_run(Snapshot::from_bytes(&bytes).unwrap()), 1);
 }
 
-/// The version-1 state file checked in with the first snapshot format: it must restore in
-/// every later vmirq. (Written by `write_the_version_1_state_file`.)
+/// The version-1 state file checked in with the first snapshot format (`saved().to_bytes()`
+/// of the commit that introduced it, frozen since): it must restore in every later vmirq.
 #[test]
 fn the_version_1_state_file_restores() {
     let bytes = include_bytes!("data/snapshot-v1.bin");
     let snapshot = Snapshot::from_bytes(bytes).unwrap();
     assert_eq!(restore_and_run(snapshot), 1);
-}
-
-/// Regenerates `tests/data/snapshot-v1.bin`; only while version 1 is the current format.
-#[test]
-#[ignore = "writes the checked-in state file"]
-fn write_the_version_1_state_file() {
-    assert_eq!(
-        VERSION, 1,
-        "the version-1 file must not be rewritten by a newer format"
-    );
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/snapshot-v1.bin");
-    std::fs::write(path, saved().to_bytes()).unwrap();
 }
 
 #[test]
@@ -293,11 +281,12 @@ fn two_objects_cannot_share_a_name() {
     );
 }
 
-/// Writes seeds for the `snapshot` fuzz target (`fuzz/corpus/snapshot/`): a VM with every
-/// kind of object, as encoded bytes and as a bare JSON body (the target's first byte picks).
+/// A VM with every kind of object saves, survives both encodings (the checked bytes and a
+/// bare serde body) and restores with each object taken back. With `VMIRQ_WRITE_FUZZ_SEEDS`
+/// set it also writes both as seeds of the `snapshot` fuzz target (`fuzz/corpus/snapshot/`;
+/// the target's first byte picks the encoding).
 #[test]
-#[ignore = "writes fuzz seeds"]
-fn write_the_fuzz_seeds() {
+fn a_snapshot_of_every_object_kind_survives_both_encodings_and_restores() {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmirq::msix::{MsixTable, MsixVectors};
     use vmirq::xen::{attach, XenConfig};
@@ -341,14 +330,37 @@ fn write_the_fuzz_seeds() {
     s.insert("msix", &msix).unwrap();
     s.insert_state("xen", ObjectState::Xen(channels.save(&upcalls)))
         .unwrap();
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/snapshot");
-    std::fs::create_dir_all(dir).unwrap();
-    let mut encoded = vec![1u8];
-    encoded.extend(s.to_bytes());
-    std::fs::write(format!("{dir}/full.bin"), encoded).unwrap();
-    let mut json = vec![0u8];
-    json.extend(serde_json::to_vec(&s).unwrap());
-    std::fs::write(format!("{dir}/full.json"), json).unwrap();
+    let encoded = s.to_bytes();
+    let json = serde_json::to_vec(&s).unwrap();
+    assert_eq!(Snapshot::from_bytes(&encoded).unwrap(), s);
+    assert_eq!(serde_json::from_slice::<Snapshot>(&json).unwrap(), s);
+    let restored = Interrupts::restore(
+        SimBackend::new(2, IrqchipMode::Kernel),
+        Config::default(),
+        s.clone(),
+    )
+    .unwrap();
+    let route = restored.route("route").unwrap();
+    let state = restored.irqfd("irqfd").unwrap();
+    let _irqfd = route.restore_irqfd(&fd, &state).unwrap();
+    let level_state = restored.irqfd("level").unwrap();
+    let pin = restored.interrupts().pin(7).unwrap();
+    let _level = pin.restore_level_irqfd(&t, &r, &level_state).unwrap();
+    let source_state = restored.source("source").unwrap();
+    let line = restored.interrupts().pin(9).unwrap().line().unwrap();
+    let source = line.restore_source(&source_state).unwrap();
+    assert!(source.is_asserted());
+    let (msix, events) = restored.msix("msix").unwrap();
+    assert!(events.is_empty() && msix.routed_vectors() == 1);
+    let (channels, _, _) = restored.xen("xen", mem, 2).unwrap();
+    assert_eq!(channels.port_status(1).state, vmirq::xen::PortState::Ipi);
+    restored.finish().unwrap().resume().unwrap();
+    if std::env::var_os("VMIRQ_WRITE_FUZZ_SEEDS").is_some() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/snapshot");
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(format!("{dir}/full.bin"), [&[1u8][..], &encoded].concat()).unwrap();
+        std::fs::write(format!("{dir}/full.json"), [&[0u8][..], &json].concat()).unwrap();
+    }
 }
 
 #[test]
