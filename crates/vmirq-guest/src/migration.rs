@@ -165,11 +165,21 @@ fn xen_config() -> XenConfig {
 }
 
 /// The machine's guest serves its hypercalls with `channels`.
-fn serve_hypercalls(m: &dyn Machine, channels: &Arc<EventChannels>) {
+pub fn serve_hypercalls(m: &dyn Machine, channels: &Arc<EventChannels>) {
     let ch = Arc::clone(channels);
     m.set_hypercall_handler(Arc::new(move |vcpu: usize, cmd: u32, args: u64| {
         ch.hypercall(vcpu as u32, cmd, args)
     }));
+}
+
+/// The guest masks Xen `port` as Linux does: a plain write of its mask bit in its (compat
+/// layout) shared_info.
+pub fn mask_xen_port(m: &dyn Machine, port: u32) -> Result<(), MachineError> {
+    let word = XEN_SHARED_INFO + 0x880 + u64::from(port / 32) * 4;
+    let mut b = [0u8; 4];
+    m.read_guest(word, &mut b)?;
+    let w = u32::from_le_bytes(b) | 1 << (port % 32);
+    m.write_guest(word, &w.to_le_bytes())
 }
 
 /// The guest issues EVTCHNOP `cmd` with `first` as its first argument dword; returns the
@@ -307,12 +317,7 @@ impl Migrating {
 
     /// The guest masks Xen port `i` (a plain write of its mask bit, as Linux does).
     pub fn mask_port(&self, i: usize) -> Result<(), MachineError> {
-        let port = self.ports[i];
-        let word = XEN_SHARED_INFO + 0x880 + u64::from(port / 32) * 4;
-        let mut b = [0u8; 4];
-        self.machine.read_guest(word, &mut b)?;
-        let w = u32::from_le_bytes(b) | 1 << (port % 32);
-        self.machine.write_guest(word, &w.to_le_bytes())
+        mask_xen_port(&*self.machine, self.ports[i])
     }
 
     /// The guest unmasks Xen port `i` (EVTCHNOP_unmask).

@@ -251,13 +251,11 @@ on_every_machine!(
 
 mod xen {
     use super::*;
-    use std::sync::Arc;
     use vmirq::snapshot::ObjectState;
-    use vmirq::xen::{attach, EventChannels, XenConfig};
+    use vmirq::xen::{attach, XenConfig};
     use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
-    use vmirq_guest::machine::hypercall_op;
+    use vmirq_guest::migration::{mask_xen_port, serve_hypercalls, xen_hypercall};
 
-    const ARGS: u32 = 0x9000;
     const BIND_IPI: u32 = 7;
     const UNMASK: u32 = 9;
 
@@ -274,34 +272,8 @@ mod xen {
         }
     }
 
-    pub fn serve_hypercalls(m: &dyn Machine, channels: &Arc<EventChannels>) {
-        let ch = Arc::clone(channels);
-        m.set_hypercall_handler(Arc::new(move |vcpu: usize, cmd: u32, args: u64| {
-            ch.hypercall(vcpu as u32, cmd, args)
-        }));
-    }
-
-    /// The guest issues EVTCHNOP `cmd` with a 4- or 8-byte argument; returns the result and
-    /// the second dword as left.
-    pub fn hypercall(m: &dyn Machine, cmd: u32, first: u32) -> (i64, u32) {
-        let mut args = [0u8; 8];
-        args[..4].copy_from_slice(&first.to_le_bytes());
-        m.write_guest(u64::from(ARGS), &args).unwrap();
-        let r = m.guest_mmio(&[hypercall_op(cmd, ARGS)]).unwrap()[0] as i32;
-        m.read_guest(u64::from(ARGS), &mut args).unwrap();
-        (
-            i64::from(r),
-            u32::from_le_bytes(args[4..].try_into().unwrap()),
-        )
-    }
-
-    /// The guest masks `port` with a plain write of its own mask bit (compat layout).
-    pub fn guest_mask(m: &dyn Machine, port: u32) {
-        let word = XEN_SHARED_INFO + 0x880 + u64::from(port / 32) * 4;
-        let mut b = [0u8; 4];
-        m.read_guest(word, &mut b).unwrap();
-        let w = u32::from_le_bytes(b) | 1 << (port % 32);
-        m.write_guest(word, &w.to_le_bytes()).unwrap();
+    fn hypercall(m: &dyn Machine, cmd: u32, first: u32) -> (i64, u32) {
+        xen_hypercall(m, cmd, first).unwrap()
     }
 
     on_every_machine!(
@@ -334,7 +306,7 @@ mod xen {
                 1,
                 "the port never delivered"
             );
-            guest_mask(m, port);
+            mask_xen_port(m, port).unwrap();
             m.interrupts().pause();
             fd.write(1).unwrap(); // waits unserved: delivered at resume, then owed at unmask
             let mut snapshot = m.interrupts().save().unwrap();

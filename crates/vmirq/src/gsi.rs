@@ -124,14 +124,9 @@ impl GsiRoute {
     /// [`Interrupts::resume`], once: by `fd`'s own count if it is the same eventfd, still
     /// counting (an in-process migration), else by a signal vmirq gives it.
     pub fn restore_irqfd(&self, fd: &EventFd, state: &IrqfdState) -> Result<EdgeIrqfd, Error> {
-        check_irqfd(state, self.gsi(), false)?;
-        // The same eventfd, its count still there, delivers by itself once bound.
-        let owed = state.pending && !crate::snapshot::has_count(fd);
-        let irqfd = self.assign_irqfd(fd)?;
-        if owed {
-            self.interrupts.signal_at_resume(fd)?;
-        }
-        Ok(irqfd)
+        restore_bound(&self.interrupts, self.gsi(), state, false, fd, || {
+            self.assign_irqfd(fd)
+        })
     }
 
     /// [`GsiRoute::restore_irqfd`] for a level irqfd.
@@ -141,13 +136,9 @@ impl GsiRoute {
         resample: &EventFd,
         state: &IrqfdState,
     ) -> Result<LevelIrqfd, Error> {
-        check_irqfd(state, self.gsi(), true)?;
-        let owed = state.pending && !crate::snapshot::has_count(trigger);
-        let irqfd = self.assign_level_irqfd(trigger, resample)?;
-        if owed {
-            self.interrupts.signal_at_resume(trigger)?;
-        }
-        Ok(irqfd)
+        restore_bound(&self.interrupts, self.gsi(), state, true, trigger, || {
+            self.assign_level_irqfd(trigger, resample)
+        })
     }
 
     /// The GSI's level line (for a route to an IOAPIC pin): the OR of any number of sources.
@@ -232,6 +223,27 @@ impl Drop for GsiRoute {
     }
 }
 
+/// Binds, with `bind`, the irqfd a snapshot saved as `state` on `gsi` (an edge one, or a
+/// level one with `level`), `trigger` being its eventfd: a signal that waited unserved at save
+/// is given at [`Interrupts::resume`], once. The same eventfd, its count still there (an
+/// in-process migration), delivers by itself once bound.
+fn restore_bound<T>(
+    interrupts: &Interrupts,
+    gsi: Gsi,
+    state: &IrqfdState,
+    level: bool,
+    trigger: &EventFd,
+    bind: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    check_irqfd(state, gsi, level)?;
+    let owed = state.pending && !crate::snapshot::has_count(trigger);
+    let irqfd = bind()?;
+    if owed {
+        interrupts.signal_at_resume(trigger)?;
+    }
+    Ok(irqfd)
+}
+
 impl Save for GsiRoute {
     fn save(&self) -> ObjectState {
         ObjectState::Route { gsi: self.gsi }
@@ -310,14 +322,9 @@ impl IoapicPin {
     /// Binds `fd` as the edge irqfd a snapshot saved on this pin (see
     /// [`GsiRoute::restore_irqfd`]).
     pub fn restore_irqfd(&self, fd: &EventFd, state: &IrqfdState) -> Result<EdgeIrqfd, Error> {
-        check_irqfd(state, self.gsi(), false)?;
-        // The same eventfd, its count still there, delivers by itself once bound.
-        let owed = state.pending && !crate::snapshot::has_count(fd);
-        let irqfd = self.assign_irqfd(fd)?;
-        if owed {
-            self.interrupts.signal_at_resume(fd)?;
-        }
-        Ok(irqfd)
+        restore_bound(&self.interrupts, self.gsi(), state, false, fd, || {
+            self.assign_irqfd(fd)
+        })
     }
 
     /// Binds the level irqfd a snapshot saved on this pin (see [`GsiRoute::restore_irqfd`]).
@@ -327,13 +334,9 @@ impl IoapicPin {
         resample: &EventFd,
         state: &IrqfdState,
     ) -> Result<LevelIrqfd, Error> {
-        check_irqfd(state, self.gsi(), true)?;
-        let owed = state.pending && !crate::snapshot::has_count(trigger);
-        let irqfd = self.assign_level_irqfd(trigger, resample)?;
-        if owed {
-            self.interrupts.signal_at_resume(trigger)?;
-        }
-        Ok(irqfd)
+        restore_bound(&self.interrupts, self.gsi(), state, true, trigger, || {
+            self.assign_level_irqfd(trigger, resample)
+        })
     }
 
     /// The pin's level line: the OR of any number of [`IrqSource`]s. On the kernel irqchip it
