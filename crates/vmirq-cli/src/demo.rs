@@ -231,7 +231,7 @@ pub fn run(
     rows.push(drive_migrate(kind, migrations, &bar)?);
     bar.finish_and_clear();
     print_table(
-        kernel_kind(kind),
+        backend_name(kind),
         rows,
         json,
         &format!("latency: host trigger -> guest ISR's report (port write exit); bursts of {BURST} may coalesce, never lose; \
@@ -240,7 +240,7 @@ pub fn run(
 }
 
 /// The name of the backend `kind` runs on.
-fn kernel_kind(kind: BackendKind) -> &'static str {
+fn backend_name(kind: BackendKind) -> &'static str {
     match kind {
         BackendKind::Kvm => "kvm",
         BackendKind::Sim | BackendKind::SimGuestEoi => "sim",
