@@ -147,6 +147,24 @@ fn hypervisor(op: &'static str, err: kvm_ioctls::Error) -> BackendError {
     }
 }
 
+/// KVM's `KVM_IRQFD` assign polls the eventfd and, if a count is already there, injects once
+/// (virt/kvm/eventfd.c `kvm_irqfd_assign`: `schedule_work(&irqfd->inject)`) but leaves the
+/// count in the eventfd; only later signals are consumed, by `irqfd_wakeup` under the eventfd's
+/// lock. Left there, that served count would read as owed in a snapshot and be injected a second
+/// time by the next assign of the same eventfd (a migration target). Every later signal is read
+/// by the wakeup atomically with its write, so what a read finds now is exactly the count the
+/// assign served. `RWF_NOWAIT`: the device's eventfd may be blocking, and the count may be gone.
+fn consume_count_served_at_assign(fd: &EventFd) {
+    let mut count = 0u64;
+    let iov = libc::iovec {
+        iov_base: (&mut count as *mut u64).cast(),
+        iov_len: std::mem::size_of::<u64>(),
+    };
+    // SAFETY: `iov` describes `count`, 8 writable bytes that outlive the call; offset -1 reads
+    // at the file's position, which an eventfd ignores. EAGAIN (no count) is the common answer.
+    let _ = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+}
+
 impl Backend for KvmBackend {
     fn name(&self) -> &'static str {
         "kvm"
@@ -242,6 +260,7 @@ impl Backend for KvmBackend {
         match result {
             Ok(()) => {
                 self.lock_irqfds().insert((fd.as_raw_fd(), gsi.raw()));
+                consume_count_served_at_assign(fd);
                 Ok(())
             }
             Err(e) => Err(match e.errno() {
