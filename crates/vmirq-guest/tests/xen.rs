@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vmirq::xen::{attach, Callback, EventChannels, Upcalls, XenConfig};
 use vmirq::{IrqfdPath, Route};
-use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
+use vmirq_guest::layout::{xen_vcpu_info, XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
 use vmirq_guest::machine::{hypercall_op, Machine, MachineConfig, Mode};
 use vmirq_guest::on_every_machine;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -39,9 +39,9 @@ struct Xen {
     upcalls: Arc<Upcalls>,
 }
 
-/// Event channels on `m`'s guest memory, upcalls on each vCPU's vector, hypercalls from the
-/// guest's doorbell.
-fn xen(m: &dyn Machine) -> Xen {
+/// Event channels on `m`'s guest memory and hypercalls from the guest's doorbell; no upcall
+/// configured yet.
+fn xen_unconfigured(m: &dyn Machine) -> Xen {
     let memory = m.guest_memory().expect("guest RAM").clone();
     let config = XenConfig {
         vcpus: 2,
@@ -50,16 +50,29 @@ fn xen(m: &dyn Machine) -> Xen {
         domid: 1,
     };
     let (channels, upcalls) = attach(m.interrupts(), memory, config);
-    for vcpu in 0..2 {
-        upcalls
-            .set_upcall_vector(vcpu, Some(XEN_UPCALL_VECTOR))
-            .unwrap();
-    }
     let ch = Arc::clone(&channels);
     m.set_hypercall_handler(Arc::new(move |vcpu: usize, cmd: u32, args: u64| {
         ch.hypercall(vcpu as u32, cmd, args)
     }));
     Xen { channels, upcalls }
+}
+
+/// [`xen_unconfigured`], then upcalls on each vCPU's vector. Setting a vector injects it (Xen
+/// `hvmop_set_evtchn_upcall_vector` → `hvm_assert_evtchn_irq`): waited for here, so the tests'
+/// upcall counts start from a machine at rest.
+fn xen(m: &dyn Machine) -> Xen {
+    let x = xen_unconfigured(m);
+    for vcpu in 0..2 {
+        x.upcalls
+            .set_upcall_vector(vcpu, Some(XEN_UPCALL_VECTOR))
+            .unwrap();
+        assert!(
+            m.wait_isr(Some(vcpu as usize), XEN_UPCALL_VECTOR, WAIT)
+                .is_some(),
+            "setting vCPU {vcpu}'s upcall vector injected nothing"
+        );
+    }
+    x
 }
 
 /// The guest issues EVTCHNOP `cmd` with `args` at [`ARGS`]; returns its result and the args
@@ -161,6 +174,7 @@ on_every_machine!(
         let _x = xen(m);
         let p = bind_ipi(m, 0);
         guest_mask(m, p, true);
+        let upcalls = m.count(0, XEN_UPCALL_VECTOR);
         assert_eq!(send(m, p), 0);
         // Control: an unmasked port on the same vCPU, sent after, is consumed; the consumer's
         // pass scans every port, so a deliverable p would have been consumed with it.
@@ -169,7 +183,7 @@ on_every_machine!(
         assert_eq!(wait_port(m, q, 1), 1, "the control port");
         assert_eq!(m.port_counter(p), 0, "a masked port was consumed");
         assert_eq!(
-            m.count(0, XEN_UPCALL_VECTOR),
+            m.count(0, XEN_UPCALL_VECTOR) - upcalls,
             1,
             "a masked port raised an upcall of its own"
         );
@@ -240,7 +254,8 @@ on_every_machine!(
         let route = Route::XenEvtchn {
             port: p,
             vcpu: 1,
-            priority: 7,
+            // The value a VMM hands a KVM with KVM_CAP_XEN_HVM: the same route works here.
+            priority: Route::XEN_PRIO_2LEVEL,
         };
         let gsi = irq.new_route(route).unwrap();
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -320,7 +335,11 @@ on_every_machine!(
     |m: &dyn Machine, _| {
         let x = xen(m);
         x.upcalls.set_upcall_vector(0, None).unwrap();
+        // Setting the callback asserts every vCPU's event-channel interrupt: vCPU 1 still has
+        // its vector and takes it; vCPU 0 has no upcall pending, so its GSI stays low.
         x.upcalls.set_callback(Callback::Gsi(20)).unwrap();
+        assert!(m.wait_isr(Some(1), XEN_UPCALL_VECTOR, WAIT).is_some());
+        let base = m.count(0, XEN_UPCALL_VECTOR);
         let p = bind_ipi(m, 0);
         for n in 1..=3 {
             assert_eq!(send(m, p), 0);
@@ -342,7 +361,7 @@ on_every_machine!(
         // The guest counts a port inside the upcall's handler, before the vector itself: a
         // control interrupt (lower vector) is taken only after that handler returned.
         m.control(0);
-        let upcalls = m.count(0, XEN_UPCALL_VECTOR);
+        let upcalls = m.count(0, XEN_UPCALL_VECTOR) - base;
         assert!(
             per_event(4).contains(&upcalls),
             "{upcalls} upcalls for 4 events"
@@ -354,7 +373,7 @@ on_every_machine!(
         assert_eq!(send(m, q), 0);
         assert_eq!(wait_port(m, q, 2), 2, "the second control event");
         m.control(0);
-        let after = m.count(0, XEN_UPCALL_VECTOR) - upcalls;
+        let after = m.count(0, XEN_UPCALL_VECTOR) - base - upcalls;
         // At-delivery retiring: the first control's own re-assert can land after `upcalls`
         // was read (its resample races the guest's handler), so it may be counted here.
         let owed = match m.eoi_timing() {
@@ -367,5 +386,179 @@ on_every_machine!(
             "{after} upcalls for 1 event"
         );
         assert_eq!((m.port_counter(p), m.port_counter(q)), (3, 2));
+    }
+);
+
+// Linux's boot order (arch/x86/xen/enlighten_hvm.c): events are pending and every vCPU's
+// `vcpu_info` is registered (which sets `upcall_pending`) before the upcall vector is set.
+// Only the injection at `set_upcall_vector` (Xen `hvm_assert_evtchn_irq`) lets the guest see
+// them; an emulation injecting only on `upcall_pending` 0→1 leaves every vCPU silent.
+on_every_machine!(
+    setting_the_upcall_vector_delivers_events_pending_since_registration,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let x = xen_unconfigured(m);
+        let ports = [bind_ipi(m, 0), bind_ipi(m, 1)];
+        for p in ports {
+            assert_eq!(send(m, p), 0);
+        }
+        for vcpu in 0..2u32 {
+            // Registered where the test guest's consumer reads it (its legacy slot's address):
+            // the registration copies it, sets every selector bit and upcall_pending.
+            x.channels
+                .register_vcpu_info(vcpu, xen_vcpu_info(vcpu as usize))
+                .unwrap();
+            assert!(x.channels.upcall_pending(vcpu));
+        }
+        assert_eq!(m.port_counter(ports[0]) + m.port_counter(ports[1]), 0);
+        for vcpu in 0..2u32 {
+            x.upcalls
+                .set_upcall_vector(vcpu, Some(XEN_UPCALL_VECTOR))
+                .unwrap();
+            assert_eq!(
+                wait_port(m, ports[vcpu as usize], 1),
+                1,
+                "vCPU {vcpu}'s event never reached the guest"
+            );
+        }
+        port_control(m, 0);
+        port_control(m, 1);
+        assert_eq!((m.port_counter(ports[0]), m.port_counter(ports[1])), (1, 1));
+    }
+);
+
+// A callback vector (HVM_PARAM_CALLBACK_IRQ type 2) set while upcalls are pending injects
+// on the vCPUs that have one (Xen `hvm_set_callback_via` → `hvm_assert_evtchn_irq`).
+on_every_machine!(
+    setting_the_callback_vector_injects_where_an_upcall_is_pending,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let x = xen_unconfigured(m);
+        let p = bind_ipi(m, 1);
+        assert_eq!(send(m, p), 0);
+        assert!(x.channels.upcall_pending(1) && !x.channels.upcall_pending(0));
+        x.upcalls
+            .set_callback(Callback::Vector(XEN_UPCALL_VECTOR))
+            .unwrap();
+        let ev = m
+            .wait_isr(None, XEN_UPCALL_VECTOR, WAIT)
+            .expect("no injection when the callback was set");
+        assert_eq!(ev.vcpu, 1, "only the vCPU with an upcall pending");
+        assert_eq!(wait_port(m, p, 1), 1);
+        port_control(m, 1);
+        port_control(m, 0);
+        assert_eq!(m.port_counter(p), 1);
+    }
+);
+
+// KVM_XEN_VCPU_ATTR_TYPE_VCPU_ID: the vCPU id Xen sees and the APIC ID vmirq delivers to are
+// mapped, not assumed equal. Here Xen vCPU 0 is APIC 1 and Xen vCPU 1 is APIC 0, each with
+// its `vcpu_info` where that APIC's consumer reads.
+on_every_machine!(
+    upcalls_go_to_the_apic_a_xen_vcpu_is_mapped_to,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let x = xen_unconfigured(m);
+        for (xen_vcpu, apic) in [(0u32, 1usize), (1, 0)] {
+            x.upcalls.set_apic_id(xen_vcpu, apic as u32).unwrap();
+            assert_eq!(x.upcalls.apic_id(xen_vcpu), Some(apic as u32));
+            x.channels
+                .register_vcpu_info(xen_vcpu, xen_vcpu_info(apic))
+                .unwrap();
+        }
+        for (xen_vcpu, apic) in [(0u32, 1usize), (1, 0)] {
+            x.upcalls
+                .set_upcall_vector(xen_vcpu, Some(XEN_UPCALL_VECTOR))
+                .unwrap();
+            assert!(
+                m.wait_isr(Some(apic), XEN_UPCALL_VECTOR, WAIT).is_some(),
+                "Xen vCPU {xen_vcpu}'s vector did not reach APIC {apic}"
+            );
+        }
+        for (xen_vcpu, apic) in [(1u32, 0usize), (0, 1)] {
+            let before = (m.count(0, XEN_UPCALL_VECTOR), m.count(1, XEN_UPCALL_VECTOR));
+            let p = bind_ipi(m, xen_vcpu);
+            assert_eq!(send(m, p), 0);
+            assert_eq!(wait_port(m, p, 1), 1, "Xen vCPU {xen_vcpu}'s port");
+            // The port was consumed by the APIC its vcpu_info belongs to; the other APIC got
+            // no upcall (checked after a control on it, which proves it is running).
+            let other = 1 - apic;
+            let q = bind_ipi(m, 1 - xen_vcpu);
+            assert_eq!(send(m, q), 0);
+            assert_eq!(wait_port(m, q, 1), 1, "the control port");
+            let after = (m.count(0, XEN_UPCALL_VECTOR), m.count(1, XEN_UPCALL_VECTOR));
+            let taken = |c: usize| [after.0 - before.0, after.1 - before.1][c];
+            assert_eq!(
+                taken(apic),
+                1,
+                "APIC {apic} took Xen vCPU {xen_vcpu}'s upcall"
+            );
+            assert_eq!(taken(other), 1, "APIC {other}: its control's upcall only");
+        }
+    }
+);
+
+// Hypercall results as Xen gives them, through the guest's own doorbell.
+on_every_machine!(
+    hypercalls_answer_as_xen_does,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        const EPERM: i64 = -1;
+        const ESRCH: i64 = -3;
+        const EFAULT: i64 = -14;
+        const EBUSY: i64 = -16;
+        const ENOSYS: i64 = -38;
+        const EOPNOTSUPP: i64 = -95;
+        let _x = xen(m);
+        let self_dom = u32::from(DOMID_SELF);
+        // Port 0 is reserved: status says closed, unmask succeeds, close and send do not.
+        let (r, out) = hypercall(m, STATUS, &args(&[(0, self_dom), (4, 0)], 24));
+        assert_eq!((r, u32_at(&out, 8)), (0, 0), "status of port 0");
+        assert_eq!(hypercall(m, UNMASK, &args(&[(0, 0)], 4)).0, 0);
+        assert_eq!(hypercall(m, CLOSE, &args(&[(0, 0)], 4)).0, EINVAL);
+        assert_eq!(send(m, 0), EINVAL);
+        // alloc_unbound: any remote domain, reported by status; dom0 may not be acted on.
+        let (r, out) = hypercall(m, ALLOC_UNBOUND, &args(&[(0, self_dom | 9 << 16)], 8));
+        assert_eq!(r, 0);
+        let p = u32_at(&out, 4);
+        let (r, out) = hypercall(m, STATUS, &args(&[(0, self_dom), (4, p)], 24));
+        assert_eq!((r, u32_at(&out, 8), u32_at(&out, 16) & 0xffff), (0, 1, 9));
+        assert_eq!(
+            hypercall(m, ALLOC_UNBOUND, &args(&[(0, self_dom << 16)], 8)).0,
+            EPERM
+        );
+        assert_eq!(hypercall(m, STATUS, &args(&[(0, 0), (4, p)], 24)).0, EPERM);
+        assert_eq!(hypercall(m, STATUS, &args(&[(0, 9), (4, p)], 24)).0, ESRCH);
+        // Global VIRQs are dom0's.
+        const VIRQ_CONSOLE: u32 = 2;
+        assert_eq!(
+            hypercall(m, BIND_VIRQ, &args(&[(0, VIRQ_CONSOLE)], 12)).0,
+            EBUSY
+        );
+        // FIFO is not there; set_priority checks the port; no reset to continue.
+        const INIT_CONTROL: u32 = 11;
+        const EXPAND_ARRAY: u32 = 12;
+        const SET_PRIORITY: u32 = 13;
+        const RESET_CONT: u32 = 14;
+        assert_eq!(hypercall(m, INIT_CONTROL, &[0; 24]).0, EOPNOTSUPP);
+        assert_eq!(hypercall(m, EXPAND_ARRAY, &[0; 8]).0, EOPNOTSUPP);
+        assert_eq!(hypercall(m, SET_PRIORITY, &args(&[(0, 1024)], 8)).0, EINVAL);
+        assert_eq!(hypercall(m, SET_PRIORITY, &args(&[(0, p)], 8)).0, ENOSYS);
+        assert_eq!(
+            hypercall(m, RESET_CONT, &args(&[(0, self_dom)], 4)).0,
+            EBUSY
+        );
+        // An argument outside guest RAM, for every command that reads one.
+        for cmd in 0..=RESET_CONT {
+            let r = m.guest_mmio(&[hypercall_op(cmd, 0xFFFF_F000)]).unwrap()[0] as i32;
+            assert_eq!(i64::from(r), EFAULT, "cmd {cmd}");
+        }
+        // bind_vcpu moves the port and raises nothing on its own.
+        let q = bind_ipi(m, 0);
+        assert_eq!(hypercall(m, BIND_VCPU, &args(&[(0, p), (4, 1)], 8)).0, 0);
+        let (r, out) = hypercall(m, STATUS, &args(&[(0, self_dom), (4, p)], 24));
+        assert_eq!((r, u32_at(&out, 12)), (0, 1));
+        assert_eq!(send(m, q), 0);
+        assert_eq!(wait_port(m, q, 1), 1);
     }
 );

@@ -84,12 +84,18 @@ pub enum Route {
         port: u32,
         /// The vCPU the port is bound to.
         vcpu: u32,
-        /// FIFO priority (0 highest .. 15); the 2-level ABI ignores it.
+        /// FIFO priority (0 highest .. 15), or [`Route::XEN_PRIO_2LEVEL`]; the 2-level ABI
+        /// ignores it.
         priority: u32,
     },
 }
 
 impl Route {
+    /// KVM's `KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL` (`(u32)~0`), the only priority a KVM with
+    /// `KVM_CAP_XEN_HVM` accepts (virt/kvm/xen.c `kvm_xen_setup_evtchn`): a VMM may hand vmirq
+    /// the same routes it would give such a KVM.
+    pub const XEN_PRIO_2LEVEL: u32 = u32::MAX;
+
     /// A route to IOAPIC pin `pin`.
     pub const fn ioapic(pin: u32) -> Self {
         Route::Irqchip {
@@ -146,8 +152,8 @@ pub enum RouteError {
         /// Pins it has.
         pins: u32,
     },
-    /// Xen priorities are 0..=15.
-    #[error("Xen event channel priority {0} is not 0..=15")]
+    /// Xen priorities are 0..=15, or KVM's 2-level value ([`Route::XEN_PRIO_2LEVEL`]).
+    #[error("Xen event channel priority {0} is not 0..=15 nor KVM's 2-level value (u32::MAX)")]
     XenPriority(u32),
 }
 
@@ -238,7 +244,9 @@ impl RoutingTable {
                     return Err(RouteError::PinOutOfRange { chip, pin, pins });
                 }
             }
-            Route::XenEvtchn { priority, .. } if priority > 15 => {
+            Route::XenEvtchn { priority, .. }
+                if priority > 15 && priority != Route::XEN_PRIO_2LEVEL =>
+            {
                 return Err(RouteError::XenPriority(priority));
             }
             Route::Msi { .. } | Route::XenEvtchn { .. } => {}
@@ -358,5 +366,11 @@ mod tests {
         };
         t.set(Gsi(50), xen(15)).unwrap();
         assert_eq!(t.set(Gsi(50), xen(16)), Err(RouteError::XenPriority(16)));
+        // KVM's KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL, and only that value above 15.
+        t.set(Gsi(50), xen(Route::XEN_PRIO_2LEVEL)).unwrap();
+        assert_eq!(
+            t.set(Gsi(50), xen(u32::MAX - 1)),
+            Err(RouteError::XenPriority(u32::MAX - 1))
+        );
     }
 }

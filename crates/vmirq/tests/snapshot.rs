@@ -317,6 +317,8 @@ fn a_snapshot_of_every_object_kind_survives_both_encodings_and_restores() {
     };
     let (channels, upcalls) = attach(&irq, mem.clone(), config);
     upcalls.set_upcall_vector(1, Some(0xf3)).unwrap();
+    upcalls.set_apic_id(1, 0).unwrap();
+    channels.register_vcpu_info(1, 0).unwrap();
     for vcpu in [0u64, 1] {
         mem.write_obj(vcpu, GuestAddress(0x1000)).unwrap();
         assert_eq!(channels.hypercall(0, 7, 0x1000), 0);
@@ -352,8 +354,13 @@ fn a_snapshot_of_every_object_kind_survives_both_encodings_and_restores() {
     assert!(source.is_asserted());
     let (msix, events) = restored.msix("msix").unwrap();
     assert!(events.is_empty() && msix.routed_vectors() == 1);
-    let (channels, _, _) = restored.xen("xen", mem, 2).unwrap();
+    let (channels, upcalls, _) = restored.xen("xen", mem, 2).unwrap();
     assert_eq!(channels.port_status(1).state, vmirq::xen::PortState::Ipi);
+    assert_eq!((upcalls.apic_id(0), upcalls.apic_id(1)), (Some(0), Some(0)));
+    assert_eq!(
+        (channels.vcpu_info_gpa(0), channels.vcpu_info_gpa(1)),
+        (None, Some(0))
+    );
     restored.finish().unwrap().resume().unwrap();
     if std::env::var_os("VMIRQ_WRITE_FUZZ_SEEDS").is_some() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/snapshot");

@@ -115,9 +115,9 @@ fn xen_state() -> XenState {
         mem.write_obj(vcpu, GuestAddress(0x1000)).unwrap();
         assert_eq!(channels.hypercall(0, 7, 0x1000), 0, "bind_ipi");
     }
-    // bind_virq {virq, vcpu, port out}: the timer (per vCPU) on vCPU 1, the console (global)
+    // bind_virq {virq, vcpu, port out}: the timer (per vCPU) on vCPU 1, Argo's (per domain)
     // on vCPU 0.
-    for (virq, vcpu) in [(0u64, 1u64), (2, 0)] {
+    for (virq, vcpu) in [(0u64, 1u64), (11, 0)] {
         mem.write_obj(virq | vcpu << 32, GuestAddress(0x1000))
             .unwrap();
         mem.write_obj(0u32, GuestAddress(0x1008)).unwrap();
@@ -160,7 +160,15 @@ fn xen_event_channels_refuse_impossible_states() {
     let mut s = good.clone();
     s.callback = Callback::Vector(0x10);
     s.upcall_vectors[0] = Some(0x10);
-    s.placed[1] = 0x3000;
+    s.vcpu_info[1] = Some(0x3000);
+    s.vcpu_info[0] = Some(0);
+    restore_xen(s, 2).unwrap();
+    // A snapshot from before vcpu_info at address 0 was honoured (placements as `placed`, 0
+    // for the legacy slot, no APIC IDs) restores.
+    let mut s = good.clone();
+    s.placed = vec![0, 0x3000];
+    s.vcpu_info.clear();
+    s.apic_ids.clear();
     restore_xen(s, 2).unwrap();
     // Valid variations restore: loopback and backend peers that exist.
     for state in [
@@ -187,8 +195,24 @@ fn xen_event_channels_refuse_impossible_states() {
     };
     assert!(refused(&|_| {}, 1), "more vCPUs than the target has");
     assert!(
-        refused(&|s| s.placed.pop().map(drop).unwrap_or(()), 2),
+        refused(&|s| s.vcpu_info.pop().map(drop).unwrap_or(()), 2),
         "a table size"
+    );
+    assert!(
+        refused(&|s| s.apic_ids.push(2), 2),
+        "an APIC ID for a vCPU that does not exist"
+    );
+    assert!(
+        refused(
+            &|s| {
+                s.ports[0].1 = PortState::Interdomain {
+                    remote: Remote::Domain(9),
+                    remote_port: 1,
+                }
+            },
+            2
+        ),
+        "connected to a domain that does not exist"
     );
     assert!(refused(&|s| s.ports[0].0 = 0, 2), "port 0 open");
     assert!(
@@ -250,8 +274,12 @@ fn xen_event_channels_refuse_impossible_states() {
         "a global VIRQ bound on vCPU 1"
     );
     assert!(
-        refused(&|s| s.placed[0] = 0x3004, 2),
+        refused(&|s| s.vcpu_info[0] = Some(0x3004), 2),
         "an unaligned vcpu_info"
+    );
+    assert!(
+        refused(&|s| s.vcpu_info[0] = Some(0x3fc8), 2),
+        "a vcpu_info crossing a page"
     );
     assert!(
         refused(&|s| s.upcall_vectors[0] = Some(0x0f), 2),

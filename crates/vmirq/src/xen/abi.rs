@@ -41,6 +41,8 @@ pub mod op {
     pub const EXPAND_ARRAY: u32 = 12;
     /// `EVTCHNOP_set_priority`: sets a port's FIFO priority (FIFO ABI).
     pub const SET_PRIORITY: u32 = 13;
+    /// `EVTCHNOP_reset_cont`: continues an `EVTCHNOP_reset` that was preempted.
+    pub const RESET_CONT: u32 = 14;
 }
 
 /// `EVTCHNSTAT_*` values returned by `EVTCHNOP_status`.
@@ -67,6 +69,8 @@ pub mod errno {
     pub const ENOENT: i64 = 2;
     /// No such domain.
     pub const ESRCH: i64 = 3;
+    /// No such device or address (a guest area crossing a page or misaligned).
+    pub const ENXIO: i64 = 6;
     /// Bad guest address.
     pub const EFAULT: i64 = 14;
     /// Resource busy.
@@ -79,6 +83,8 @@ pub mod errno {
     pub const ENOSPC: i64 = 28;
     /// Function not implemented.
     pub const ENOSYS: i64 = 38;
+    /// Operation not supported (an ABI this domain does not have, e.g. FIFO).
+    pub const EOPNOTSUPP: i64 = 95;
 }
 
 /// "This domain" in a `domid_t` argument (xen.h).
@@ -95,16 +101,41 @@ pub const VIRQ_TIMER: u32 = 0;
 pub const VIRQ_DEBUG: u32 = 1;
 /// `VIRQ_CONSOLE`: global, bytes received on the emergency console.
 pub const VIRQ_CONSOLE: u32 = 2;
+/// `VIRQ_DOM_EXC`: global, a domain crashed or shut down (dom0's).
+pub const VIRQ_DOM_EXC: u32 = 3;
 /// `VIRQ_XENOPROF`: per-vCPU, a new Xenoprofile sample is available.
 pub const VIRQ_XENOPROF: u32 = 7;
+/// `VIRQ_ARGO`: per-domain, an Argo ring has space or a message.
+pub const VIRQ_ARGO: u32 = 11;
 /// `VIRQ_XENPMU`: per-vCPU PMC interrupt.
 pub const VIRQ_XENPMU: u32 = 13;
 
-/// Per-vCPU VIRQs are bound on the vCPU they name; all others are global: bound on vCPU 0 and
-/// movable with `bind_vcpu` (Xen event_channel.c `virq_is_global`; QEMU adds XENPMU, as does
+/// Per-vCPU VIRQs are bound on the vCPU they name; all others are bound on vCPU 0 and movable
+/// with `bind_vcpu` (Xen event_channel.c `virq_is_global`; QEMU adds XENPMU, as does
 /// xen.h, which marks it "V." for per-vCPU).
 pub fn virq_is_global(virq: u32) -> bool {
-    !matches!(virq, VIRQ_TIMER | VIRQ_DEBUG | VIRQ_XENOPROF | VIRQ_XENPMU)
+    virq_type(virq) != VirqType::Vcpu
+}
+
+/// Who a VIRQ belongs to (Xen event_channel.c `get_virq_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirqType {
+    /// One per vCPU, bound on the vCPU it names.
+    Vcpu,
+    /// One per domain, bound on vCPU 0 (`VIRQ_ARGO`).
+    Domain,
+    /// One for the whole host, handled by dom0 (console, dom_exc, ...): a guest's bind is
+    /// -EBUSY (`get_global_virq_handler` is the hardware domain).
+    Global,
+}
+
+/// The type of `virq` (below [`NR_VIRQS`]); x86's arch VIRQs are global.
+pub fn virq_type(virq: u32) -> VirqType {
+    match virq {
+        VIRQ_TIMER | VIRQ_DEBUG | VIRQ_XENOPROF | VIRQ_XENPMU => VirqType::Vcpu,
+        VIRQ_ARGO => VirqType::Domain,
+        _ => VirqType::Global,
+    }
 }
 
 /// An error with a Xen errno. Variants sorted.
@@ -114,6 +145,10 @@ pub enum XenError {
     /// The port exists but is closed, or is being closed right now.
     #[error("port is closed")]
     Closed,
+    /// A guest area crosses a page boundary or is misaligned for the ABI width (-ENXIO, Xen
+    /// `map_guest_area`).
+    #[error("the guest area crosses a page or is misaligned")]
+    BadArea,
     /// An argument or guest structure lies outside guest memory or is misaligned (-EFAULT).
     #[error("an argument lies outside guest memory")]
     Fault,
@@ -135,9 +170,12 @@ pub enum XenError {
     /// Every port (or backend port) is in use (-ENOSPC).
     #[error("no free port")]
     NoSpace,
-    /// The operation is not implemented (-ENOSYS), e.g. the FIFO ABI.
+    /// The operation is not implemented (-ENOSYS), e.g. FIFO priorities on 2-level ports.
     #[error("operation not implemented")]
     NoSys,
+    /// The domain does not have that ABI (-EOPNOTSUPP), e.g. FIFO event channels.
+    #[error("operation not supported")]
+    NotSupported,
     /// The domain is neither this guest nor the backend domain where one is accepted (-ESRCH).
     #[error("no such domain")]
     NoSuchDomain,
@@ -158,6 +196,8 @@ impl XenError {
             errno::ENOENT => XenError::NoEntry,
             errno::ENOSPC => XenError::NoSpace,
             errno::ENOSYS => XenError::NoSys,
+            errno::ENXIO => XenError::BadArea,
+            errno::EOPNOTSUPP => XenError::NotSupported,
             errno::ESRCH => XenError::NoSuchDomain,
             errno::EPERM => XenError::Permission,
             _ => return None,
@@ -168,6 +208,7 @@ impl XenError {
     pub fn errno(self) -> i64 {
         match self {
             XenError::Closed | XenError::Invalid => errno::EINVAL,
+            XenError::BadArea => errno::ENXIO,
             XenError::Fault => errno::EFAULT,
             XenError::Busy => errno::EBUSY,
             XenError::Exists => errno::EEXIST,
@@ -176,6 +217,7 @@ impl XenError {
             XenError::NoEntry => errno::ENOENT,
             XenError::NoSpace => errno::ENOSPC,
             XenError::NoSys => errno::ENOSYS,
+            XenError::NotSupported => errno::EOPNOTSUPP,
             XenError::NoSuchDomain => errno::ESRCH,
             XenError::Permission => errno::EPERM,
         }
@@ -299,8 +341,39 @@ pub struct Reset {
     pub dom: u16,
 }
 
-/// `struct evtchn_init_control` (FIFO ABI; only its size is used until FIFO is implemented).
-pub const INIT_CONTROL_SIZE: usize = 24;
+/// `struct evtchn_init_control` (FIFO ABI): IN control_gfn, offset, vcpu; OUT link_bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InitControl {
+    /// IN: the guest frame of the vCPU's control block.
+    pub control_gfn: u64,
+    /// IN: the control block's offset in that frame.
+    pub offset: u32,
+    /// IN: the vCPU.
+    pub vcpu: u32,
+    /// OUT: bits of the LINK field.
+    pub link_bits: u8,
+    /// Padding to the struct's 8-byte alignment.
+    pub _pad: [u8; 7],
+}
+
+/// `struct evtchn_expand_array` (FIFO ABI): IN array_gfn.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpandArray {
+    /// IN: the guest frame of the next event-array page.
+    pub array_gfn: u64,
+}
+
+/// `struct evtchn_set_priority` (FIFO ABI): IN port, priority.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetPriority {
+    /// IN: the port.
+    pub port: u32,
+    /// IN: the priority, 0 (highest) to 15.
+    pub priority: u32,
+}
 
 // SAFETY: all of these are `repr(C)` structs of unsigned integers whose explicit `_pad` fields
 // leave no implicit padding (checked by the size assertions below), so every byte pattern is a
@@ -322,6 +395,12 @@ unsafe impl ByteValued for Status {}
 unsafe impl ByteValued for BindVcpu {}
 // SAFETY: as above.
 unsafe impl ByteValued for Reset {}
+// SAFETY: as above.
+unsafe impl ByteValued for InitControl {}
+// SAFETY: as above.
+unsafe impl ByteValued for ExpandArray {}
+// SAFETY: as above.
+unsafe impl ByteValued for SetPriority {}
 
 const _: () = {
     use std::mem::size_of;
@@ -334,10 +413,13 @@ const _: () = {
     assert!(size_of::<Status>() == 24);
     assert!(size_of::<BindVcpu>() == 8);
     assert!(size_of::<Reset>() == 2);
+    assert!(size_of::<InitControl>() == 24);
+    assert!(size_of::<ExpandArray>() == 8);
+    assert!(size_of::<SetPriority>() == 8);
 };
 
-/// Bytes of the argument struct `cmd` reads, or `None` for commands answered without reading
-/// their argument (FIFO ops and unknown commands, -ENOSYS).
+/// Bytes of the argument struct `cmd` reads, or `None` for unknown commands (-ENOSYS, answered
+/// without reading an argument).
 pub fn arg_size(cmd: u32) -> Option<usize> {
     use std::mem::size_of;
     Some(match cmd {
@@ -349,7 +431,10 @@ pub fn arg_size(cmd: u32) -> Option<usize> {
         op::ALLOC_UNBOUND => size_of::<AllocUnbound>(),
         op::BIND_IPI => size_of::<BindIpi>(),
         op::BIND_VCPU => size_of::<BindVcpu>(),
-        op::RESET => size_of::<Reset>(),
+        op::RESET | op::RESET_CONT => size_of::<Reset>(),
+        op::INIT_CONTROL => size_of::<InitControl>(),
+        op::EXPAND_ARRAY => size_of::<ExpandArray>(),
+        op::SET_PRIORITY => size_of::<SetPriority>(),
         _ => return None,
     })
 }

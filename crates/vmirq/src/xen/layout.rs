@@ -22,6 +22,12 @@ use super::abi::XenError;
 
 /// `XEN_LEGACY_MAX_VCPUS`: vCPUs whose `vcpu_info` sits in `shared_info`.
 pub const LEGACY_MAX_VCPUS: u32 = 32;
+/// vCPUs of an HVM guest (Xen `HVM_MAX_VCPUS`); those from [`LEGACY_MAX_VCPUS`] on have a
+/// `vcpu_info` only once they register one.
+pub const MAX_VCPUS: u32 = 128;
+/// A vCPU's entry in the placement table while it has registered no `vcpu_info` (any
+/// guest address, 0 included, can be registered; this one is never 8-byte aligned).
+pub const NOT_PLACED: u64 = u64::MAX;
 /// Bytes of one `struct vcpu_info`, in `shared_info` or wherever the guest placed it.
 pub const VCPU_INFO_SIZE: u64 = 64;
 /// Offset of the `evtchn_upcall_pending` byte in `vcpu_info`.
@@ -101,7 +107,7 @@ pub struct SharedInfo<'a> {
     /// offset checks); `None` if it is not wholly in guest RAM.
     page: Option<vm_memory::VolatileSlice<'a, ()>>,
     /// Per vCPU: the guest physical address of a `vcpu_info` the guest placed itself
-    /// (VCPUOP_register_vcpu_info), or 0 for the legacy slot in shared_info.
+    /// (VCPUOP_register_vcpu_info), or [`NOT_PLACED`] for the legacy slot in shared_info.
     placed: &'a [AtomicU64],
     /// The layout of the guest's word size.
     pub layout: Layout,
@@ -114,7 +120,8 @@ type Slice<'a> = vm_memory::VolatileSlice<'a, ()>;
 
 impl<'a> SharedInfo<'a> {
     /// The bits of the `shared_info` page at guest physical address `base`, with `vcpu_info`s
-    /// placed as `placed` says (one entry per vCPU, 0 for the legacy slot). Never fails: a page
+    /// placed as `placed` says (one entry per vCPU, [`NOT_PLACED`] for the legacy slot, which
+    /// only vCPUs below [`LEGACY_MAX_VCPUS`] have). Never fails: a page
     /// not wholly in guest RAM makes the accesses to it return `XenError::Fault`.
     pub fn new(
         memory: &'a GuestMemoryMmap,
@@ -135,20 +142,30 @@ impl<'a> SharedInfo<'a> {
         self.page.ok_or(XenError::Fault)
     }
 
+    /// Where `vcpu`'s `vcpu_info` is: placed by the guest, the legacy slot, or nowhere (a vCPU
+    /// from [`LEGACY_MAX_VCPUS`] on that registered none: Xen's `dummy_vcpu_info`).
+    fn placement(&self, vcpu: u32) -> Option<u64> {
+        match self.placed.get(vcpu as usize)?.load(Ordering::Acquire) {
+            NOT_PLACED => (vcpu < LEGACY_MAX_VCPUS).then_some(NOT_PLACED),
+            gpa => Some(gpa),
+        }
+    }
+
+    /// Whether `vcpu` has a `vcpu_info` to receive selector bits and `upcall_pending`.
+    pub fn has_vcpu_info(&self, vcpu: u32) -> bool {
+        self.placement(vcpu).is_some()
+    }
+
     /// The slice holding `vcpu`'s `vcpu_info`, and the offset of the `vcpu_info` in it.
     fn vcpu_area(&self, vcpu: u32) -> Result<(Slice<'a>, u64), XenError> {
-        match self
-            .placed
-            .get(vcpu as usize)
-            .map(|a| a.load(Ordering::Acquire))
-        {
-            Some(gpa) if gpa != 0 => Ok((
+        match self.placement(vcpu).ok_or(XenError::Fault)? {
+            NOT_PLACED => Ok((self.page()?, self.layout.vcpu_info(vcpu))),
+            gpa => Ok((
                 self.memory
                     .get_slice(GuestAddress(gpa), VCPU_INFO_SIZE as usize)
                     .map_err(|_| XenError::Fault)?,
                 0,
             )),
-            _ => Ok((self.page()?, self.layout.vcpu_info(vcpu))),
         }
     }
 

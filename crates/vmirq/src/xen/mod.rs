@@ -69,7 +69,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use abi::{errno, op, virq_is_global, NR_VIRQS};
 pub use abi::{XenError, DOMID_BACKEND, DOMID_SELF};
 pub use layout::Layout;
-use layout::{SharedInfo, LEGACY_MAX_VCPUS};
+use layout::{SharedInfo, LEGACY_MAX_VCPUS, MAX_VCPUS, NOT_PLACED};
 use ports::{BackendSlot, Binding, PortSlot, Table};
 pub use ports::{PortState, PortStatus, Remote};
 pub(crate) use state::restore;
@@ -79,8 +79,9 @@ pub use upcall::{attach, Callback, UpcallError, Upcalls};
 /// The guest's Xen setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct XenConfig {
-    /// vCPUs, clamped to 1..=32 (the legacy `vcpu_info` array in `shared_info`); a vCPU's
-    /// `vcpu_info` may be moved elsewhere with [`EventChannels::register_vcpu_info`].
+    /// vCPUs, clamped to 1..=128 (Xen's HVM limit). vCPUs 0..32 start with their `vcpu_info`
+    /// in `shared_info`; the others have none until they register one with
+    /// [`EventChannels::register_vcpu_info`] (which any vCPU may do).
     pub vcpus: u32,
     /// 64-bit layout; else 32-bit compat (1024 ports, u32 words).
     pub long_mode: bool,
@@ -112,6 +113,9 @@ pub enum SetPending {
     UpcallAlreadyPending,
     /// `upcall_pending` went 0→1 and the upcall was raised.
     Raised,
+    /// Pending, but the vCPU (32 or above) has registered no `vcpu_info` yet: nothing else is
+    /// marked (Xen's `dummy_vcpu_info`); the registration finds the event.
+    NoVcpuInfo,
 }
 
 /// The VMM side of an interdomain channel with the guest (a backend in "domain 0").
@@ -134,8 +138,8 @@ pub struct EventChannels {
     /// Port bound to (vCPU, VIRQ), at `vcpu * NR_VIRQS + virq`; 0 when none. Global VIRQs
     /// live under vCPU 0 (Xen `virq_to_evtchn`). Written under the mutex.
     virqs: Box<[AtomicU32]>,
-    /// Per vCPU: where the guest placed its `vcpu_info` (VCPUOP_register_vcpu_info), or 0
-    /// for the legacy slot in shared_info. Read lock-free by the fast path.
+    /// Per vCPU: where the guest placed its `vcpu_info` (VCPUOP_register_vcpu_info), or
+    /// [`NOT_PLACED`]. Read lock-free by the fast path; written under the table mutex.
     placed: Box<[AtomicU64]>,
     table: Mutex<Table>,
 }
@@ -144,7 +148,7 @@ impl EventChannels {
     /// Event channels for the guest whose RAM is `memory`, raising upcalls through `upcall`.
     pub fn new(memory: GuestMemoryMmap, config: XenConfig, upcall: Arc<dyn UpcallSink>) -> Self {
         let config = XenConfig {
-            vcpus: config.vcpus.clamp(1, LEGACY_MAX_VCPUS),
+            vcpus: config.vcpus.clamp(1, MAX_VCPUS),
             ..config
         };
         let layout = Layout::new(config.long_mode);
@@ -153,7 +157,9 @@ impl EventChannels {
             layout,
             upcall,
             slots: (0..layout.ports).map(|_| PortSlot::default()).collect(),
-            placed: (0..config.vcpus).map(|_| AtomicU64::new(0)).collect(),
+            placed: (0..config.vcpus)
+                .map(|_| AtomicU64::new(NOT_PLACED))
+                .collect(),
             virqs: (0..config.vcpus * NR_VIRQS)
                 .map(|_| AtomicU32::new(0))
                 .collect(),
@@ -173,13 +179,12 @@ impl EventChannels {
     }
 
     /// `EVTCHNOP` hypercall from `vcpu`: `cmd` and the guest physical address of its argument
-    /// struct. Returns 0 or a negative Xen errno; out-fields are written back. All ops act on
-    /// the domain, so `vcpu` only labels the trace.
+    /// struct. Returns 0 or a negative Xen errno; out-fields are written back. Every command
+    /// reads its argument first (-EFAULT outside guest RAM), as Xen's `do_event_channel_op`.
+    /// All ops act on the domain, so `vcpu` only labels the trace.
     pub fn hypercall(&self, vcpu: u32, cmd: u32, args_gpa: u64) -> i64 {
         tracing::trace!(vcpu, cmd, args_gpa, "EVTCHNOP");
         if abi::arg_size(cmd).is_none() {
-            // FIFO ops (init_control, expand_array, set_priority) are answered as QEMU does:
-            // Linux then stays on 2-level.
             return -errno::ENOSYS;
         }
         // Upcalls a hypercall raises (unmask, bind_vcpu, a send to self) wait until the table
@@ -205,9 +210,12 @@ impl EventChannels {
             op::STATUS => self.with_arg(a, true, |x| self.status(&t, x)),
             op::BIND_VCPU => self.with_arg(a, false, |x| self.bind_vcpu(&mut t, x)),
             op::UNMASK => self.with_arg(a, false, |x: &mut abi::PortArg| {
-                self.check_port(x.port)?;
-                // Xen `evtchn_unmask`: any valid port, free ones included (their vCPU is 0).
-                self.unmask_bits(x.port, t.vcpu(x.port), true);
+                // Xen `evtchn_unmask`: any valid port, free ones and the reserved port 0
+                // included (their vCPU is 0).
+                if x.port >= self.layout.ports {
+                    return Err(XenError::Invalid);
+                }
+                self.unmask_bits(x.port, t.vcpu(x.port));
                 Ok(())
             }),
             op::RESET => self.with_arg(a, false, |x: &mut abi::Reset| {
@@ -215,6 +223,22 @@ impl EventChannels {
                 self.close_all(&mut t);
                 Ok(())
             }),
+            // Xen `evtchn_reset(d, true)`: a reset here always completes in one call, so there
+            // is never one to continue.
+            op::RESET_CONT => self.with_arg(a, false, |x: &mut abi::Reset| {
+                self.check_dom(x.dom)?;
+                Err(XenError::Busy)
+            }),
+            // The FIFO ABI is not built: Xen without CONFIG_EVTCHN_FIFO answers -EOPNOTSUPP
+            // (`evtchn_fifo_init_control`, `evtchn_fifo_expand_array`), and Linux stays on
+            // 2-level.
+            op::INIT_CONTROL => self.with_arg(a, false, |_: &mut abi::InitControl| {
+                Err(XenError::NotSupported)
+            }),
+            op::EXPAND_ARRAY => self.with_arg(a, false, |_: &mut abi::ExpandArray| {
+                Err(XenError::NotSupported)
+            }),
+            op::SET_PRIORITY => self.with_arg(a, false, |x| self.set_priority(x)),
             _ => Err(XenError::NoSys),
         };
         drop(t);
@@ -350,41 +374,64 @@ impl EventChannels {
         Ok(())
     }
 
-    /// VCPUOP_register_vcpu_info: `vcpu`'s `vcpu_info` moves to guest physical `gpa` (which
-    /// must hold all 64 bytes within one page, 8-byte aligned, in guest RAM: else
-    /// -EINVAL, as Xen). Like Xen's map_vcpu_info, the old contents are copied over and every
-    /// selector bit is set with upcall_pending, so no event is lost across the move.
+    /// VCPUOP_register_vcpu_info: `vcpu`'s `vcpu_info` moves to guest physical `gpa`, as Xen
+    /// `map_guest_area` places it:
+    /// - once per vCPU: a second registration is -EBUSY (`vcpu_info_area` already mapped);
+    /// - within one page, aligned to the ABI's word (8 bytes, 4 for a compat guest): else
+    ///   -ENXIO; in guest RAM: else -EINVAL. Any address is honoured, 0 included.
+    ///
+    /// The old contents are copied over (`vcpu_info_populate`); a vCPU from 32 on had none and
+    /// gets zeros with `evtchn_upcall_mask` set. Then every selector bit and `upcall_pending` are
+    /// set and the upcall is raised whatever `upcall_pending` was (`arch_evtchn_inject`), so
+    /// no event is lost across the move, including those sent while the vCPU had no
+    /// `vcpu_info`.
     pub fn register_vcpu_info(&self, vcpu: u32, gpa: u64) -> Result<(), XenError> {
         use vm_memory::Bytes;
         let slot = self.placed.get(vcpu as usize).ok_or(XenError::NoEntry)?;
-        let page_offset = gpa % 0x1000;
-        if gpa % 8 != 0 || page_offset + layout::VCPU_INFO_SIZE > 0x1000 {
-            return Err(XenError::Invalid);
+        // One registration at a time: the copy and the publication are not interleaved with
+        // another vCPU's (or a second one of this vCPU's).
+        let t = self.lock();
+        if slot.load(Ordering::Acquire) != NOT_PLACED {
+            return Err(XenError::Busy);
+        }
+        if gpa % self.layout.word_bytes != 0 || gpa % 0x1000 + layout::VCPU_INFO_SIZE > 0x1000 {
+            return Err(XenError::BadArea);
         }
         let mut old = [0u8; layout::VCPU_INFO_SIZE as usize];
-        let from = match slot.load(Ordering::Acquire) {
-            0 => self.config.shared_info_gpa + self.layout.vcpu_info(vcpu),
-            placed => placed,
-        };
-        self.memory
-            .read_slice(&mut old, GuestAddress(from))
-            .map_err(|_| XenError::Invalid)?;
+        if vcpu < LEGACY_MAX_VCPUS {
+            let from = self.config.shared_info_gpa + self.layout.vcpu_info(vcpu);
+            self.memory
+                .read_slice(&mut old, GuestAddress(from))
+                .map_err(|_| XenError::Invalid)?;
+        } else {
+            old[layout::UPCALL_MASK as usize] = 1;
+        }
         self.memory
             .write_slice(&old, GuestAddress(gpa))
             .map_err(|_| XenError::Invalid)?;
         slot.store(gpa, Ordering::Release);
         let sh = self.shared();
         sh.set_all_selectors(vcpu)?;
-        if !sh.test_and_set_upcall_pending(vcpu)? {
-            self.upcall.upcall(vcpu);
-        }
+        sh.test_and_set_upcall_pending(vcpu)?;
+        drop(t);
+        self.upcall.upcall(vcpu);
         Ok(())
+    }
+
+    /// Where `vcpu`'s `vcpu_info` is: the guest address it registered, or `None` while it uses
+    /// the legacy slot in `shared_info` (or, from vCPU 32 on, has none).
+    pub fn vcpu_info_gpa(&self, vcpu: u32) -> Option<u64> {
+        let gpa = self.placed.get(vcpu as usize)?.load(Ordering::Acquire);
+        (gpa != NOT_PLACED).then_some(gpa)
     }
 
     /// Bit 0 of the vCPU's `evtchn_upcall_pending` (false for a bad vCPU or an unreachable
     /// shared_info).
     pub fn upcall_pending(&self, vcpu: u32) -> bool {
-        vcpu < self.config.vcpus && self.shared().upcall_pending(vcpu).unwrap_or(false)
+        let sh = self.shared();
+        vcpu < self.config.vcpus
+            && sh.has_vcpu_info(vcpu)
+            && sh.upcall_pending(vcpu).unwrap_or(false)
     }
 
     /// What EVTCHNOP_status would say of `port`.
@@ -438,10 +485,15 @@ impl EventChannels {
         dom == DOMID_SELF || dom == self.config.domid
     }
 
-    /// Ops naming a domain accept only this one; others do not exist here (-ESRCH).
+    /// Ops acting on a domain (alloc_unbound, status, reset) accept only this one. Domain 0
+    /// exists (the VMM's backends answer as it) but a guest may not act on it: Xen's default
+    /// XSM policy (`xsm_default_action`, XSM_TARGET) gives -EPERM. Any other domain does not
+    /// exist here: -ESRCH (`rcu_lock_domain_by_any_id`).
     fn check_dom(&self, dom: u16) -> Result<(), XenError> {
         if self.is_self(dom) {
             Ok(())
+        } else if dom == DOMID_BACKEND {
+            Err(XenError::Permission)
         } else {
             Err(XenError::NoSuchDomain)
         }
@@ -520,6 +572,9 @@ impl EventChannels {
 
     /// Sets the selector bit of the port's word, then `upcall_pending`.
     fn mark_vcpu(&self, sh: &SharedInfo<'_>, port: u32, vcpu: u32) -> Result<SetPending, XenError> {
+        if !sh.has_vcpu_info(vcpu) {
+            return Ok(SetPending::NoVcpuInfo);
+        }
         let (word, _) = self.layout.word_and_bit(port);
         if sh.test_and_set_selector(vcpu, word)? {
             return Ok(SetPending::SelectorAlreadySet);
@@ -538,17 +593,11 @@ impl EventChannels {
     }
 
     /// Xen event_2l.c `evtchn_2l_unmask`: clear the mask bit; if it was set and the port is
-    /// pending, set the selector bit and upcall_pending as in set-pending. With `clear_mask`
-    /// false this is QEMU's pseudo-unmask after a vCPU move: nothing if masked. Failures to
-    /// reach shared_info are ignored (the guest has nothing there to signal).
-    fn unmask_bits(&self, port: u32, vcpu: u32, clear_mask: bool) {
+    /// pending, set the selector bit and upcall_pending as in set-pending. Failures to reach
+    /// shared_info are ignored (the guest has nothing there to signal).
+    fn unmask_bits(&self, port: u32, vcpu: u32) {
         let sh = self.shared();
-        let proceed = if clear_mask {
-            sh.test_and_clear_mask(port)
-        } else {
-            sh.test_mask(port).map(|m| !m)
-        };
-        if proceed != Ok(true) || sh.test_pending(port) != Ok(true) {
+        if sh.test_and_clear_mask(port) != Ok(true) || sh.test_pending(port) != Ok(true) {
             return;
         }
         let r = self.mark_vcpu(&sh, port, vcpu);

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::abi::{virq_is_global, NR_VIRQS};
+use super::abi::{virq_is_global, virq_type, VirqType, NR_VIRQS};
 use super::tests::{Recorder, ARGS, DOMID, RAM, SHINFO};
 use super::*;
 
@@ -184,7 +184,9 @@ impl Model {
             3 | 4 | 9 => 4,
             5 => 24,
             6..=8 => 8,
-            10 => 2,
+            10 | 14 => 2,
+            11 => 24,
+            12 | 13 => 8,
             _ => return -38,
         };
         if buf.len() < size {
@@ -209,10 +211,25 @@ impl Model {
                 Err(XenError::Invalid)
             }
         };
+        let check_dom = |m: &Self, dom: u16| {
+            if m.is_self(dom) {
+                Ok(())
+            } else if dom == DOMID_BACKEND {
+                Err(XenError::Permission)
+            } else {
+                Err(XenError::NoSuchDomain)
+            }
+        };
         match cmd {
             0 => {
                 let (rdom, rp) = (u16_at(a, 0), u32_at(a, 4));
                 let (remote, lp);
+                if rdom != DOMID_BACKEND && !self.is_self(rdom) {
+                    return Err(XenError::NoSuchDomain);
+                }
+                if !(1..self.nports).any(|p| self.state(p) == PortState::Closed) {
+                    return Err(XenError::NoSpace);
+                }
                 if rdom == DOMID_BACKEND {
                     check(self, rp)?;
                     match self.backends[rp as usize] {
@@ -229,7 +246,7 @@ impl Model {
                         0,
                     )?;
                     self.backends[rp as usize] = Some(lp);
-                } else if self.is_self(rdom) {
+                } else {
                     check(self, rp)?;
                     remote = Remote::Guest;
                     if self.state(rp) != (PortState::Unbound { remote }) {
@@ -246,8 +263,6 @@ impl Model {
                         remote,
                         remote_port: lp,
                     };
-                } else {
-                    return Err(XenError::NoSuchDomain);
                 }
                 put(a, 8, &lp.to_le_bytes());
                 let _ = self.deliver(lp);
@@ -259,6 +274,9 @@ impl Model {
                 }
                 if vcpu >= self.vcpus {
                     return Err(XenError::NoEntry);
+                }
+                if virq_type(virq) == VirqType::Global {
+                    return Err(XenError::Busy);
                 }
                 let i = (vcpu * NR_VIRQS + virq) as usize;
                 if self.virqs[i] != 0 {
@@ -293,14 +311,18 @@ impl Model {
             }
             5 => {
                 let (dom, p) = (u16_at(a, 0), u32_at(a, 4));
-                if !self.is_self(dom) {
-                    return Err(XenError::NoSuchDomain);
+                check_dom(self, dom)?;
+                if p != 0 {
+                    check(self, p)?;
                 }
-                check(self, p)?;
                 let (state, vcpu) = self.ports[p as usize];
                 put(a, 8, &state.stat().to_le_bytes());
                 put(a, 12, &vcpu.to_le_bytes());
-                let dom = |r| if r == Remote::Guest { DOMID } else { 0 };
+                let dom = |r| match r {
+                    Remote::Guest => DOMID,
+                    Remote::Backend => 0,
+                    Remote::Domain(d) => d,
+                };
                 match state {
                     PortState::Unbound { remote } => put(a, 16, &dom(remote).to_le_bytes()),
                     PortState::Interdomain {
@@ -316,13 +338,11 @@ impl Model {
             }
             6 => {
                 let (dom, rdom) = (u16_at(a, 0), u16_at(a, 2));
-                if !self.is_self(dom) {
-                    return Err(XenError::NoSuchDomain);
-                }
+                check_dom(self, dom)?;
                 let remote = match rdom {
                     DOMID_BACKEND => Remote::Backend,
                     d if self.is_self(d) => Remote::Guest,
-                    _ => return Err(XenError::Permission),
+                    d => Remote::Domain(d),
                 };
                 let p = self.alloc(PortState::Unbound { remote }, 0)?;
                 put(a, 4, &p.to_le_bytes());
@@ -347,18 +367,24 @@ impl Model {
                     _ => {}
                 }
                 self.ports[p as usize].1 = vcpu;
-                self.unmask(p, vcpu, false);
             }
             9 => {
                 let p = u32_at(a, 0);
-                check(self, p)?;
+                if p >= self.nports {
+                    return Err(XenError::Invalid);
+                }
                 self.unmask(p, self.ports[p as usize].1, true);
             }
             10 => {
-                if !self.is_self(u16_at(a, 0)) {
-                    return Err(XenError::NoSuchDomain);
-                }
+                check_dom(self, u16_at(a, 0))?;
                 self.close_all();
+            }
+            11 | 12 => return Err(XenError::NotSupported),
+            13 if u32_at(a, 0) >= self.nports => return Err(XenError::Invalid),
+            13 => return Err(XenError::NoSys),
+            14 => {
+                check_dom(self, u16_at(a, 0))?;
+                return Err(XenError::Busy);
             }
             _ => unreachable!(),
         }

@@ -4,39 +4,47 @@
 
 use std::sync::atomic::Ordering;
 
-use super::abi::{self, virq_is_global, NR_VIRQS};
+use super::abi::{self, virq_is_global, virq_type, VirqType, NR_VIRQS};
 use super::ports::{Binding, Table};
 use super::{EventChannels, PortState, Remote, XenError, DOMID_BACKEND};
 
 impl EventChannels {
+    /// Xen `evtchn_alloc_unbound`: any `remote_dom` is accepted and reported by status; only
+    /// this guest (loopback) and the VMM's backends can ever bind such a port here.
     pub(super) fn alloc_unbound(
         &self,
         t: &mut Table,
         a: &mut abi::AllocUnbound,
     ) -> Result<(), XenError> {
         self.check_dom(a.dom)?;
-        // QEMU: only loopback or the VMM's backends are reachable; other domains -EPERM.
         let remote = if a.remote_dom == DOMID_BACKEND {
             Remote::Backend
         } else if self.is_self(a.remote_dom) {
             Remote::Guest
         } else {
-            return Err(XenError::Permission);
+            Remote::Domain(a.remote_dom)
         };
         a.port = self.alloc(t, PortState::Unbound { remote }, 0)?;
         Ok(())
     }
 
-    /// Checks the remote end before allocating, so a failed bind leaves no trace; -ENOSPC is
-    /// therefore reported only for an otherwise valid bind (Xen allocates first).
+    /// Xen `evtchn_bind_interdomain`'s order: the remote domain (-ESRCH), a free local port
+    /// (-ENOSPC, before the remote port is looked at), then the remote port. The local port is
+    /// taken only once everything checked, so a failed bind leaves no trace.
     pub(super) fn bind_interdomain(
         &self,
         t: &mut Table,
         a: &mut abi::BindInterdomain,
     ) -> Result<(), XenError> {
         let rp = a.remote_port;
-        let lp = if a.remote_dom == DOMID_BACKEND {
-            // QEMU: the backend port must exist (-ENOENT) and be unconnected (-EBUSY).
+        let backend = a.remote_dom == DOMID_BACKEND;
+        if !backend && !self.is_self(a.remote_dom) {
+            return Err(XenError::NoSuchDomain);
+        }
+        t.free_port().ok_or(XenError::NoSpace)?;
+        let lp = if backend {
+            // QEMU `xen_evtchn_bind_interdomain_op`: the backend port must exist (-ENOENT) and
+            // be unconnected (-EBUSY).
             self.check_port(rp)?;
             match t.backends.get(rp as usize) {
                 Some(Some(slot)) if slot.guest_port == 0 => {}
@@ -56,8 +64,8 @@ impl EventChannels {
                 slot.guest_port = lp;
             }
             lp
-        } else if self.is_self(a.remote_dom) {
-            // Xen: the remote port must be unbound and waiting for this domain.
+        } else {
+            // Xen: the remote port must be unbound and waiting for this domain (-EINVAL).
             self.check_port(rp)?;
             let remote = Remote::Guest;
             if t.state(rp) != (PortState::Unbound { remote }) {
@@ -80,8 +88,6 @@ impl EventChannels {
                 },
             );
             lp
-        } else {
-            return Err(XenError::NoSuchDomain);
         };
         a.local_port = lp;
         // Xen: "We may have lost notifications on the remote unbound port. Fix that up here by
@@ -90,13 +96,18 @@ impl EventChannels {
         Ok(())
     }
 
+    /// Xen `evtchn_bind_virq`'s order: range (-EINVAL), a non-per-vCPU VIRQ on a vCPU other
+    /// than 0 (-EINVAL), the vCPU (-ENOENT), a global VIRQ, which is the hardware domain's
+    /// (`get_global_virq_handler`: -EBUSY), already bound (-EEXIST).
     pub(super) fn bind_virq(&self, t: &mut Table, a: &mut abi::BindVirq) -> Result<(), XenError> {
-        // Xen's order: range, global-on-vCPU-0, vCPU, already bound.
         if a.virq >= NR_VIRQS || (virq_is_global(a.virq) && a.vcpu != 0) {
             return Err(XenError::Invalid);
         }
         if a.vcpu >= self.config.vcpus {
             return Err(XenError::NoEntry);
+        }
+        if virq_type(a.virq) == VirqType::Global {
+            return Err(XenError::Busy);
         }
         let entry = &self.virqs[(a.vcpu * NR_VIRQS + a.virq) as usize];
         if entry.load(Ordering::Acquire) != 0 {
@@ -132,8 +143,13 @@ impl EventChannels {
                 }
             }
             PortState::Ipi => drop(self.deliver(a.port)),
-            // Xen: "silently drop the notification".
-            PortState::Unbound { .. } => {}
+            // Xen: "silently drop the notification". No port is ever connected to another
+            // domain here.
+            PortState::Unbound { .. }
+            | PortState::Interdomain {
+                remote: Remote::Domain(_),
+                ..
+            } => {}
             // Xen: VIRQ and PIRQ ports are Xen's to send on; closed ports are invalid.
             PortState::Closed | PortState::Virq(_) | PortState::Pirq(_) => {
                 return Err(XenError::Invalid)
@@ -143,16 +159,20 @@ impl EventChannels {
     }
 
     /// Fills the OUT fields Xen sets for the state and leaves the rest of the struct as the
-    /// guest wrote it (Xen copies the whole struct back).
+    /// guest wrote it (Xen copies the whole struct back). Port 0 is reserved and reads closed
+    /// (Xen `evtchn_status`: `ECS_RESERVED` reports `EVTCHNSTAT_closed`).
     pub(super) fn status(&self, t: &Table, a: &mut abi::Status) -> Result<(), XenError> {
         self.check_dom(a.dom)?;
-        self.check_port(a.port)?;
+        if a.port != 0 {
+            self.check_port(a.port)?;
+        }
         let state = t.state(a.port);
         a.status = state.stat();
         a.vcpu = t.vcpu(a.port);
         let dom = |remote| match remote {
             Remote::Guest => self.config.domid,
             Remote::Backend => DOMID_BACKEND,
+            Remote::Domain(d) => d,
         };
         match state {
             PortState::Closed | PortState::Ipi => {}
@@ -169,6 +189,16 @@ impl EventChannels {
         Ok(())
     }
 
+    /// Xen `evtchn_set_priority`: a port beyond the table is -EINVAL; every other one, port 0
+    /// and free ports included, is -ENOSYS, since the 2-level ABI has no priorities
+    /// (`evtchn_port_set_priority`).
+    pub(super) fn set_priority(&self, a: &mut abi::SetPriority) -> Result<(), XenError> {
+        if a.port >= self.layout.ports {
+            return Err(XenError::Invalid);
+        }
+        Err(XenError::NoSys)
+    }
+
     pub(super) fn bind_vcpu(&self, t: &mut Table, a: &mut abi::BindVcpu) -> Result<(), XenError> {
         // Xen checks the vCPU before the port.
         if a.vcpu >= self.config.vcpus {
@@ -181,11 +211,11 @@ impl EventChannels {
             // IPIs and per-vCPU VIRQs are tied to their vCPU; closed ports are invalid.
             _ => return Err(XenError::Invalid),
         }
+        // Xen `evtchn_bind_vcpu` changes the port's vCPU and nothing else: no event is raised
+        // on the new vCPU (Linux masks the port around the move and unmasks it after).
         let state = t.state(a.port);
         t.ports[a.port as usize].1 = a.vcpu;
         self.slots[a.port as usize].publish(Binding::new(state, a.vcpu));
-        // QEMU: re-raise a pending, unmasked event on the new vCPU so the move loses nothing.
-        self.unmask_bits(a.port, a.vcpu, false);
         Ok(())
     }
 
@@ -225,7 +255,13 @@ impl EventChannels {
                     }
                 }
             }
-            PortState::Unbound { .. } | PortState::Pirq(_) | PortState::Ipi => {}
+            PortState::Unbound { .. }
+            | PortState::Interdomain {
+                remote: Remote::Domain(_),
+                ..
+            }
+            | PortState::Pirq(_)
+            | PortState::Ipi => {}
         }
         let slot = self.slot(port)?;
         slot.begin_close();

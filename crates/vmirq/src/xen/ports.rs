@@ -31,6 +31,9 @@ pub enum Remote {
     Guest,
     /// A VMM backend (domain 0); the port number is the backend's.
     Backend,
+    /// Another domain, as `EVTCHNOP_alloc_unbound` named it: no such domain exists here, so
+    /// the port stays unbound (status reports the domain).
+    Domain(u16),
 }
 
 /// A port's binding, as `EVTCHNOP_status` reports it.

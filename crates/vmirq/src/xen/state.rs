@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 use super::abi::{virq_is_global, NR_VIRQS};
+use super::layout::NOT_PLACED;
 use super::ports::{BackendSlot, Binding, PortState, Remote, Table};
 use super::{attach, BackendPort, Callback, EventChannels, Upcalls, XenConfig};
 use crate::interrupts::{Error, Interrupts};
@@ -24,7 +25,13 @@ pub struct XenState {
     pub ports: Vec<(u32, PortState, u32)>,
     /// The port bound to each (vCPU, VIRQ), at `vcpu * NR_VIRQS + virq`; 0 for none.
     pub virqs: Vec<u32>,
-    /// Per vCPU: where its `vcpu_info` was placed (0: the legacy slot).
+    /// Per vCPU: where it registered its `vcpu_info` (`None`: the legacy slot, or none from
+    /// vCPU 32 on).
+    #[serde(default)]
+    pub vcpu_info: Vec<Option<u64>>,
+    /// Written empty. A snapshot from before a `vcpu_info` at guest address 0 was honoured
+    /// lists the placements here instead, 0 meaning the legacy slot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placed: Vec<u64>,
     /// Every open backend endpoint: (backend port, state), lowest first.
     pub backends: Vec<(u32, XenBackendState)>,
@@ -32,6 +39,21 @@ pub struct XenState {
     pub upcall_vectors: Vec<Option<u8>>,
     /// The domain's callback (HVM_PARAM_CALLBACK_IRQ).
     pub callback: Callback,
+    /// Per vCPU: the APIC ID its upcall vectors go to (empty in older snapshots: the
+    /// identity).
+    #[serde(default)]
+    pub apic_ids: Vec<u32>,
+}
+
+impl XenState {
+    /// Per vCPU: the registered `vcpu_info`, from either encoding.
+    fn placements(&self) -> Vec<Option<u64>> {
+        if self.placed.is_empty() {
+            self.vcpu_info.clone()
+        } else {
+            self.placed.iter().map(|&g| (g != 0).then_some(g)).collect()
+        }
+    }
 }
 
 /// A VMM backend endpoint in a snapshot.
@@ -58,7 +80,7 @@ impl EventChannels {
             table: _,
         } = self;
         let Table { ports, backends } = &*t;
-        let (upcall_vectors, callback) = upcalls.configuration();
+        let (upcall_vectors, callback, apic_ids) = upcalls.configuration();
         XenState {
             config: *config,
             ports: ports
@@ -68,7 +90,11 @@ impl EventChannels {
                 .map(|(port, (state, vcpu))| (port as u32, *state, *vcpu))
                 .collect(),
             virqs: virqs.iter().map(|p| p.load(Ordering::Acquire)).collect(),
-            placed: placed.iter().map(|p| p.load(Ordering::Acquire)).collect(),
+            vcpu_info: placed
+                .iter()
+                .map(|p| Some(p.load(Ordering::Acquire)).filter(|g| *g != NOT_PLACED))
+                .collect(),
+            placed: Vec::new(),
             backends: backends
                 .iter()
                 .enumerate()
@@ -84,6 +110,7 @@ impl EventChannels {
                 .collect(),
             upcall_vectors,
             callback,
+            apic_ids,
         }
     }
 }
@@ -99,14 +126,17 @@ pub(crate) fn restore(
     state: &XenState,
 ) -> Result<crate::interrupts::XenRestored, Error> {
     check(state, vcpus, interrupts.mode().ioapic_pins())?;
+    let placements = state.placements();
     let XenState {
         config,
         ports,
         virqs,
-        placed,
+        vcpu_info: _,
+        placed: _,
         backends,
         upcall_vectors,
         callback,
+        apic_ids,
     } = state;
     let (channels, upcalls) = attach(interrupts, memory, *config);
     let mut endpoints = Vec::new();
@@ -119,8 +149,8 @@ pub(crate) fn restore(
         for (slot, port) in channels.virqs.iter().zip(virqs) {
             slot.store(*port, Ordering::Release);
         }
-        for (slot, gpa) in channels.placed.iter().zip(placed) {
-            slot.store(*gpa, Ordering::Release);
+        for (slot, gpa) in channels.placed.iter().zip(&placements) {
+            slot.store(gpa.unwrap_or(NOT_PLACED), Ordering::Release);
         }
         for (be, saved) in backends {
             let be = *be as usize;
@@ -142,12 +172,18 @@ pub(crate) fn restore(
             });
         }
     }
+    // Configured without injecting: the guest's upcalls are in the restored LAPICs already.
     for (vcpu, vector) in upcall_vectors.iter().enumerate() {
         upcalls
-            .set_upcall_vector(vcpu as u32, *vector)
+            .configure_vector(vcpu as u32, *vector)
             .map_err(|e| SnapshotError::Invalid(format!("Xen upcall vector: {e}")))?;
     }
-    upcalls.set_callback(*callback).map_err(|e| match e {
+    for (vcpu, apic_id) in apic_ids.iter().enumerate() {
+        upcalls
+            .set_apic_id(vcpu as u32, *apic_id)
+            .map_err(|e| SnapshotError::Invalid(format!("Xen APIC ID: {e}")))?;
+    }
+    upcalls.configure_callback(*callback).map_err(|e| match e {
         super::UpcallError::Gsi(e) => e,
         e => SnapshotError::Invalid(format!("Xen callback: {e}")).into(),
     })?;
@@ -167,8 +203,9 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
     let ports = super::Layout::new(c.long_mode).ports as usize;
     let n = c.vcpus as usize;
     if state.virqs.len() != n * NR_VIRQS as usize
-        || state.placed.len() != n
+        || state.placements().len() != n
         || state.upcall_vectors.len() != n
+        || !(state.apic_ids.is_empty() || state.apic_ids.len() == n)
     {
         return bad("table sizes do not match the configuration".into());
     }
@@ -190,6 +227,8 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
         let peer_ok = |remote: Remote, remote_port: u32| match remote {
             Remote::Guest => (remote_port as usize) < ports,
             Remote::Backend => state.backends.iter().any(|b| b.0 == remote_port),
+            // No other domain exists here to be connected to.
+            Remote::Domain(_) => false,
         };
         let ok = match s {
             PortState::Closed => false,
@@ -212,7 +251,9 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
             return bad(format!("VIRQ {virq} of vCPU {vcpu} on port {port}"));
         }
     }
-    if let Some(gpa) = state.placed.iter().find(|g| *g % 8 != 0) {
+    let word = super::Layout::new(c.long_mode).word_bytes;
+    let misplaced = |g: &u64| g % word != 0 || g % 0x1000 + super::layout::VCPU_INFO_SIZE > 0x1000;
+    if let Some(gpa) = state.placements().iter().flatten().find(|g| misplaced(g)) {
         return bad(format!("vcpu_info at {gpa:#x}"));
     }
     match state.callback {

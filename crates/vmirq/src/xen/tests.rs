@@ -169,6 +169,11 @@ fn errno_table() {
         -EINVAL,
         "global on vCPU 1"
     );
+    // Xen get_global_virq_handler: global VIRQs are dom0's, after the vCPU check.
+    assert_eq!(vm.bind_virq(abi::VIRQ_CONSOLE, 0).0, -EBUSY, "console");
+    assert_eq!(vm.bind_virq(abi::VIRQ_DOM_EXC, 0).0, -EBUSY, "dom_exc");
+    assert_eq!(vm.bind_virq(abi::VIRQ_CONSOLE, 9).0, -EINVAL);
+    assert_eq!(vm.bind_virq(abi::VIRQ_ARGO, 1).0, -EINVAL, "per-domain");
     // bind_ipi
     assert_eq!(
         vm.call(op::BIND_IPI, abi::BindIpi { vcpu: 2, port: 0 }).0,
@@ -185,8 +190,12 @@ fn errno_table() {
     // status
     let (rc, s) = vm.status(DOMID_SELF, 100);
     assert_eq!((rc, s.status, s.vcpu), (0, stat::CLOSED, 0));
-    assert_eq!(vm.status(DOMID, 0).0, -EINVAL, "port 0");
+    // Port 0 is reserved: closed, successfully (Xen ECS_RESERVED).
+    let (rc, s) = vm.status(DOMID, 0);
+    assert_eq!((rc, s.status), (0, stat::CLOSED), "port 0");
+    assert_eq!(vm.status(DOMID, 4096).0, -EINVAL);
     assert_eq!(vm.status(DOMID + 1, 1).0, -ESRCH);
+    assert_eq!(vm.status(DOMID_BACKEND, 1).0, -EPERM, "dom0: XSM_TARGET");
     // alloc_unbound
     let a = |dom, remote_dom| abi::AllocUnbound {
         dom,
@@ -194,7 +203,25 @@ fn errno_table() {
         port: 0,
     };
     assert_eq!(vm.call(op::ALLOC_UNBOUND, a(9, DOMID_SELF)).0, -ESRCH);
-    assert_eq!(vm.call(op::ALLOC_UNBOUND, a(DOMID_SELF, 9)).0, -EPERM);
+    assert_eq!(
+        vm.call(op::ALLOC_UNBOUND, a(DOMID_BACKEND, DOMID_SELF)).0,
+        -EPERM
+    );
+    // Any remote domain is accepted and reported; nothing can bind it here.
+    let (rc, out) = vm.call(op::ALLOC_UNBOUND, a(DOMID_SELF, 9));
+    assert_eq!(rc, 0);
+    let (rc, s) = vm.status(DOMID_SELF, out.port);
+    assert_eq!((rc, s.status, s.u_dom), (0, stat::UNBOUND, 9));
+    assert_eq!(
+        vm.ec.port_status(out.port).state,
+        PortState::Unbound {
+            remote: Remote::Domain(9)
+        }
+    );
+    assert_eq!(vm.bind_interdomain(9, out.port).0, -ESRCH);
+    assert_eq!(vm.bind_interdomain(DOMID_SELF, out.port).0, -EINVAL);
+    assert_eq!(vm.port_op(op::SEND, out.port), 0, "unbound: dropped");
+    assert_eq!(vm.port_op(op::CLOSE, out.port), 0);
     // bind_interdomain
     assert_eq!(vm.bind_interdomain(9, unbound).0, -ESRCH);
     assert_eq!(
@@ -211,16 +238,44 @@ fn errno_table() {
     let be = vm.ec.alloc_backend_unbound().unwrap();
     assert_eq!(vm.bind_interdomain(DOMID_BACKEND, be.port).0, 0);
     assert_eq!(vm.bind_interdomain(DOMID_BACKEND, be.port).0, -EBUSY);
-    // reset, pirq, FIFO and unknown ops
+    // reset, reset_cont, pirq, FIFO and unknown ops
     assert_eq!(vm.call(op::RESET, abi::Reset { dom: 9 }).0, -ESRCH);
+    assert_eq!(
+        vm.call(op::RESET, abi::Reset { dom: DOMID_BACKEND }).0,
+        -EPERM
+    );
+    assert_eq!(vm.call(op::RESET_CONT, abi::Reset { dom: 9 }).0, -ESRCH);
+    assert_eq!(
+        vm.call(op::RESET_CONT, abi::Reset { dom: DOMID_SELF }).0,
+        -EBUSY,
+        "no reset in progress"
+    );
     let pirq = abi::BindPirq::default();
     assert_eq!(vm.call(op::BIND_PIRQ, pirq).0, -EINVAL);
-    for cmd in [op::INIT_CONTROL, op::EXPAND_ARRAY, op::SET_PRIORITY, 14, 99] {
-        assert_eq!(vm.ec.hypercall(0, cmd, ARGS), -ENOSYS, "cmd {cmd}");
+    assert_eq!(
+        vm.call(op::INIT_CONTROL, abi::InitControl::default()).0,
+        -EOPNOTSUPP
+    );
+    assert_eq!(
+        vm.call(op::EXPAND_ARRAY, abi::ExpandArray::default()).0,
+        -EOPNOTSUPP
+    );
+    let prio = |port| abi::SetPriority { port, priority: 3 };
+    assert_eq!(vm.call(op::SET_PRIORITY, prio(4096)).0, -EINVAL, "bad port");
+    assert_eq!(vm.call(op::SET_PRIORITY, prio(ipi)).0, -ENOSYS, "2-level");
+    assert_eq!(vm.call(op::SET_PRIORITY, prio(0)).0, -ENOSYS, "reserved");
+    assert_eq!(vm.ec.hypercall(0, 99, ARGS), -ENOSYS);
+    // EFAULT for every command that reads an argument: outside RAM, and a struct straddling
+    // the end of RAM.
+    for cmd in 0..=op::RESET_CONT {
+        assert_eq!(vm.ec.hypercall(0, cmd, 0x20_0000), -EFAULT, "cmd {cmd}");
+        let size = abi::arg_size(cmd).unwrap() as u64;
+        assert_eq!(
+            vm.ec.hypercall(0, cmd, RAM as u64 - size + 1),
+            -EFAULT,
+            "cmd {cmd}"
+        );
     }
-    // EFAULT: outside RAM, and a struct straddling the end of RAM.
-    assert_eq!(vm.ec.hypercall(0, op::BIND_IPI, 0x20_0000), -EFAULT);
-    assert_eq!(vm.ec.hypercall(0, op::BIND_VIRQ, RAM as u64 - 8), -EFAULT);
     assert_eq!(vm.ec.hypercall(0, op::SEND, u64::MAX - 1), -EFAULT);
     assert_eq!(vm.call(op::RESET, abi::Reset { dom: DOMID_SELF }).0, 0);
     assert_eq!(vm.ec.port_status(ipi).state, PortState::Closed);
@@ -233,6 +288,19 @@ fn full_table_is_enospc() {
         assert_eq!(vm.bind_ipi(0), port);
     }
     assert_eq!(vm.call(op::BIND_IPI, abi::BindIpi::default()).0, -ENOSPC);
+    // Xen evtchn_bind_interdomain: the remote domain first, then a free local port, and only
+    // then the remote port.
+    assert_eq!(vm.bind_interdomain(9, 0).0, -ESRCH);
+    assert_eq!(
+        vm.bind_interdomain(DOMID_SELF, 0).0,
+        -ENOSPC,
+        "bad remote port"
+    );
+    assert_eq!(
+        vm.bind_interdomain(DOMID_BACKEND, 7).0,
+        -ENOSPC,
+        "no backend port"
+    );
 }
 
 #[test]
@@ -325,14 +393,15 @@ fn virq_bind_and_raise() {
     assert_eq!(vm.ec.raise_virq(abi::VIRQ_TIMER, 1), Ok(()));
     assert!(vm.pending(timer));
     assert_eq!(vm.up.take(), vec![1]);
-    // A global VIRQ follows bind_vcpu.
-    let (_, console) = vm.bind_virq(abi::VIRQ_CONSOLE, 0);
-    assert_eq!(vm.bind_vcpu(console, 1), 0);
+    // A VIRQ bound on vCPU 0 that is not per-vCPU (Argo's, per-domain) follows bind_vcpu.
+    let (rc, argo) = vm.bind_virq(abi::VIRQ_ARGO, 0);
+    assert_eq!(rc, 0);
+    assert_eq!(vm.bind_vcpu(argo, 1), 0);
     vm.ack_upcall(1);
-    assert_eq!(vm.ec.raise_virq(abi::VIRQ_CONSOLE, 0), Ok(()));
+    assert_eq!(vm.ec.raise_virq(abi::VIRQ_ARGO, 0), Ok(()));
     assert_eq!(vm.up.take(), vec![1]);
     assert_eq!(
-        vm.port_op(op::SEND, console),
+        vm.port_op(op::SEND, argo),
         -EINVAL,
         "VIRQ ports are Xen's to send on"
     );
@@ -416,19 +485,28 @@ fn allocation_takes_the_lowest_free_port_and_never_port_0() {
     assert_eq!(vm.alloc_unbound(DOMID_SELF), 2);
     assert_eq!(vm.bind_ipi(0), 4);
     assert_eq!(vm.ec.notify_port(0), Err(XenError::Invalid));
-    assert_eq!(vm.port_op(op::UNMASK, 0), -EINVAL);
+    // Xen evtchn_unmask: port 0 is valid (reserved), so unmasking it succeeds.
+    assert_eq!(vm.port_op(op::UNMASK, 0), 0);
+    assert_eq!(vm.port_op(op::UNMASK, 4096), -EINVAL);
     assert_eq!(vm.ec.port_status(0).state, PortState::Closed);
 }
 
 #[test]
-fn bind_vcpu_moves_a_pending_event() {
+fn bind_vcpu_changes_only_the_ports_vcpu() {
     let vm = vm();
     let p = vm.alloc_unbound(DOMID_SELF);
     assert_eq!(vm.ec.set_pending(p, 0), Ok(SetPending::Raised));
     vm.ack_upcall(0);
+    // Xen evtchn_bind_vcpu raises nothing on the new vCPU (Linux masks around the move and
+    // its unmask raises the event).
     assert_eq!(vm.bind_vcpu(p, 1), 0);
-    assert_eq!(vm.up.take(), vec![0, 1]);
+    assert_eq!(vm.up.take(), vec![0]);
     assert_eq!(vm.ec.port_status(p).vcpu, 1);
+    assert!(!vm.ec.upcall_pending(1));
+    // The next event goes to vCPU 1.
+    vm.clear_pending(p);
+    assert_eq!(vm.ec.notify_port(p), Ok(()));
+    assert_eq!(vm.up.take(), vec![1]);
 }
 
 /// Senders hammer a port that the slow path keeps closing and rebinding: after every close the
@@ -482,18 +560,30 @@ fn a_vcpu_info_the_guest_placed_itself_receives_the_upcall_bits() {
     let vm = vm();
     let port = vm.bind_ipi(1);
     let placed = SHINFO + 0x1000 + 0x40;
+    // Xen map_guest_area: misaligned for the 64-bit ABI, or crossing a page, is -ENXIO.
     assert_eq!(
         vm.ec.register_vcpu_info(1, placed + 4),
-        Err(XenError::Invalid),
+        Err(XenError::BadArea),
         "misaligned"
     );
     assert_eq!(
         vm.ec.register_vcpu_info(1, SHINFO + 0x1fe0),
-        Err(XenError::Invalid),
+        Err(XenError::BadArea),
         "crosses a page"
+    );
+    assert_eq!(
+        vm.ec.register_vcpu_info(1, RAM as u64 + 0x1000),
+        Err(XenError::Invalid),
+        "outside RAM"
     );
     assert_eq!(vm.ec.register_vcpu_info(9, placed), Err(XenError::NoEntry));
     vm.ec.register_vcpu_info(1, placed).unwrap();
+    assert_eq!(vm.ec.vcpu_info_gpa(1), Some(placed));
+    // Xen: a second registration is -EBUSY.
+    assert_eq!(
+        vm.ec.register_vcpu_info(1, placed + 0x100),
+        Err(XenError::Busy)
+    );
     // Registration marks everything pending, as Xen's map_vcpu_info does.
     assert!(vm.ec.upcall_pending(1));
     assert_eq!(
@@ -518,91 +608,88 @@ fn a_vcpu_info_the_guest_placed_itself_receives_the_upcall_bits() {
     );
 }
 
-/// A sink that records whether the table mutex was free when it was called.
-struct LockProbe {
-    channels: std::sync::OnceLock<std::sync::Weak<EventChannels>>,
-    free: Mutex<Vec<bool>>,
+#[test]
+fn registration_raises_the_upcall_even_with_upcall_pending_already_set() {
+    let vm = vm();
+    // The legacy slot already says upcall_pending (copied over): Xen's arch_evtchn_inject
+    // raises the upcall anyway, or the guest would wait for a 0→1 that never comes.
+    let p = vm.bind_ipi(0);
+    assert_eq!(vm.port_op(op::SEND, p), 0);
+    assert_eq!(vm.up.take(), [0]);
+    vm.ec.register_vcpu_info(0, SHINFO + 0x2000).unwrap();
+    assert_eq!(vm.up.take(), [0]);
 }
 
-impl UpcallSink for LockProbe {
-    fn upcall(&self, _vcpu: u32) {
-        let ec = self
-            .channels
-            .get()
-            .and_then(std::sync::Weak::upgrade)
-            .unwrap();
-        let free = ec.table.try_lock().is_ok();
-        self.free.lock().unwrap().push(free);
+#[test]
+fn a_vcpu_info_at_guest_address_0_is_honoured() {
+    for long_mode in [true, false] {
+        let vm = vm_with(long_mode, 2);
+        vm.ec.register_vcpu_info(1, 0).unwrap();
+        assert_eq!(vm.ec.vcpu_info_gpa(1), Some(0));
+        vm.up.take();
+        vm.mem.write_obj(0u8, GuestAddress(0)).unwrap();
+        let sel = vm.ec.layout().pending_sel;
+        vm.mem.write_obj(0u64, GuestAddress(sel)).unwrap();
+        let p = vm.bind_ipi(1);
+        assert_eq!(vm.port_op(op::SEND, p), 0);
+        assert_eq!(vm.up.take(), [1], "long_mode {long_mode}");
+        assert_eq!(vm.mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 1);
+        assert_ne!(vm.mem.read_obj::<u64>(GuestAddress(sel)).unwrap(), 0);
+        // The legacy slot, where the guest no longer looks, got nothing.
+        let legacy = SHINFO + vm.ec.layout().vcpu_info(1);
+        assert_eq!(vm.mem.read_obj::<u8>(GuestAddress(legacy)).unwrap(), 0);
     }
 }
 
 #[test]
-fn hypercalls_raise_upcalls_with_the_table_mutex_released() {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
-    let probe = Arc::new(LockProbe {
-        channels: std::sync::OnceLock::new(),
-        free: Mutex::new(Vec::new()),
-    });
-    let config = XenConfig {
-        vcpus: 2,
-        long_mode: true,
-        shared_info_gpa: SHINFO,
-        domid: DOMID,
-    };
-    let ec = Arc::new(EventChannels::new(mem.clone(), config, probe.clone()));
-    probe.channels.set(Arc::downgrade(&ec)).ok().unwrap();
-    mem.write_obj(abi::BindIpi { vcpu: 1, port: 0 }, GuestAddress(ARGS))
-        .unwrap();
-    assert_eq!(ec.hypercall(0, op::BIND_IPI, ARGS), 0);
-    let p = mem
-        .read_obj::<abi::BindIpi>(GuestAddress(ARGS))
-        .unwrap()
-        .port;
-    let call = |cmd: u32| {
-        mem.write_obj(abi::PortArg { port: p }, GuestAddress(ARGS))
-            .unwrap();
-        ec.hypercall(0, cmd, ARGS)
-    };
-    // A send to an IPI port raises vCPU 1's upcall from inside the hypercall.
-    assert_eq!(call(op::SEND), 0);
+fn a_compat_vcpu_info_needs_only_4_byte_alignment() {
+    let vm = vm_with(false, 2);
     assert_eq!(
-        *probe.free.lock().unwrap(),
-        [true],
-        "send raised the upcall under the mutex"
+        vm.ec.register_vcpu_info(1, SHINFO + 0x1002),
+        Err(XenError::BadArea)
     );
-    // The guest consumes it and masks the port; a send now only marks it pending...
-    let word = |base: u64| GuestAddress(SHINFO + base + u64::from(p / 64) * 8);
-    mem.write_obj(0u8, GuestAddress(SHINFO + 64)).unwrap(); // vCPU 1's upcall_pending
-    mem.write_obj(0u64, GuestAddress(SHINFO + 64 + 8)).unwrap(); // and pending_sel
-    mem.write_obj(0u64, word(0x800)).unwrap(); // pending
-    mem.write_obj(1u64 << (p % 64), word(0xA00)).unwrap(); // mask
-    assert_eq!(call(op::SEND), 0);
+    vm.ec.register_vcpu_info(1, SHINFO + 0x1004).unwrap();
+    let vm = vm_with(true, 2);
     assert_eq!(
-        probe.free.lock().unwrap().len(),
-        1,
-        "a masked port raised an upcall"
-    );
-    // ...and the unmask raises it, with the mutex released.
-    assert_eq!(call(op::UNMASK), 0);
-    assert_eq!(
-        *probe.free.lock().unwrap(),
-        [true, true],
-        "unmask raised the upcall under the mutex"
+        vm.ec.register_vcpu_info(1, SHINFO + 0x1004),
+        Err(XenError::BadArea),
+        "64-bit: 8-byte alignment"
     );
 }
 
 #[test]
-fn a_backend_port_the_guest_closed_can_be_bound_again() {
-    // QEMU: closing the guest end leaves the backend endpoint open and unconnected.
-    let vm = vm();
-    let be = vm.ec.alloc_backend_unbound().unwrap();
-    let (r, gp) = vm.bind_interdomain(DOMID_BACKEND, be.port);
-    assert_eq!(r, 0);
-    assert_eq!(vm.bind_interdomain(DOMID_BACKEND, be.port).0, -EBUSY);
-    assert_eq!(vm.port_op(op::CLOSE, gp), 0);
+fn vcpus_from_32_on_have_no_vcpu_info_until_they_register_one() {
+    let vm = vm_with(true, 200);
+    assert_eq!(vm.ec.config().vcpus, 128, "Xen's HVM limit");
+    let (rc, timer) = vm.bind_virq(abi::VIRQ_TIMER, 127);
+    assert_eq!(rc, 0);
+    let ipi = vm.bind_ipi(40);
+    // Events mark the port pending in shared_info and raise nothing (Xen's dummy vcpu_info).
+    assert_eq!(vm.ec.raise_virq(abi::VIRQ_TIMER, 127), Ok(()));
+    assert_eq!(vm.ec.set_pending(ipi, 40), Ok(SetPending::NoVcpuInfo));
+    assert!(vm.pending(timer) && vm.pending(ipi));
+    assert!(vm.up.take().is_empty());
+    assert!(!vm.ec.upcall_pending(40));
+    // The registration starts from zeros with the upcall mask set (vcpu_info_populate), then
+    // marks every selector and raises the upcall: the events sent before are found.
+    let area = SHINFO + 0x3000;
+    vm.mem.write_slice(&[0xAA; 64], GuestAddress(area)).unwrap();
+    vm.ec.register_vcpu_info(40, area).unwrap();
+    assert_eq!(vm.up.take(), [40]);
+    assert_eq!(vm.mem.read_obj::<u8>(GuestAddress(area)).unwrap(), 1);
+    assert_eq!(vm.mem.read_obj::<u8>(GuestAddress(area + 1)).unwrap(), 1);
     assert_eq!(
-        vm.bind_interdomain(DOMID_BACKEND, be.port).0,
-        0,
-        "the backend endpoint stayed connected to a closed port"
+        vm.mem.read_obj::<u64>(GuestAddress(area + 8)).unwrap(),
+        u64::MAX
     );
+    assert_eq!(vm.mem.read_obj::<u64>(GuestAddress(area + 16)).unwrap(), 0);
+    // From now on vCPU 40 is served like any other.
+    vm.mem.write_obj(0u8, GuestAddress(area)).unwrap();
+    vm.mem.write_obj(0u64, GuestAddress(area + 8)).unwrap();
+    vm.clear_pending(ipi);
+    assert_eq!(vm.ec.set_pending(ipi, 40), Ok(SetPending::Raised));
+    assert_eq!(vm.up.take(), [40]);
+    // vCPU 127 still has none.
+    assert_eq!(vm.ec.register_vcpu_info(128, area), Err(XenError::NoEntry));
+    assert!(!vm.ec.upcall_pending(127));
 }

@@ -8,6 +8,14 @@
 //! upcall_pending is still set — so it stays asserted exactly while the guest has not cleared
 //! it (QEMU xen_evtchn.c does the same check at EOI). Works on both irqchip modes.
 //!
+//! Setting a vector or the callback injects at once, as Xen's `hvm_assert_evtchn_irq` does at
+//! the end of `hvmop_set_evtchn_upcall_vector` and `hvm_set_callback_via`: Linux registers its
+//! `vcpu_info` (which sets `upcall_pending`) before it sets the vector, and would otherwise never
+//! get another upcall. Restoring a snapshot configures without injecting.
+//!
+//! Upcall vectors go to the vCPU's APIC ID, which is the Xen vCPU id unless the VMM maps it
+//! ([`Upcalls::set_apic_id`], KVM's `KVM_XEN_VCPU_ATTR_TYPE_VCPU_ID` in reverse).
+//!
 //! The configuration is read lock-free (`arc-swap`) on every upcall; changing it is rare.
 
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -57,6 +65,8 @@ pub enum UpcallError {
 struct Config {
     per_vcpu: Vec<Option<u8>>,
     callback: Callback,
+    /// Per Xen vCPU: the APIC ID its upcall vectors are sent to.
+    apic_ids: Vec<u32>,
 }
 
 /// The callback GSI's level irqfd: its trigger, and the watch on its resamplefd.
@@ -86,6 +96,7 @@ impl Upcalls {
             config: ArcSwap::from_pointee(Config {
                 per_vcpu: vec![None; vcpus as usize],
                 callback: Callback::None,
+                apic_ids: (0..vcpus).collect(),
             }),
             gsi: Mutex::new(None),
             gsi_trigger: ArcSwap::from_pointee(None),
@@ -94,8 +105,22 @@ impl Upcalls {
     }
 
     /// HVMOP_set_evtchn_upcall_vector: `vcpu`'s upcalls go to `vector` (None: back to the
-    /// callback).
+    /// callback). A new vector is injected at once, whatever `upcall_pending` says (Xen
+    /// `hvmop_set_evtchn_upcall_vector` → `hvm_assert_evtchn_irq` → `vlapic_set_irq`).
     pub fn set_upcall_vector(&self, vcpu: u32, vector: Option<u8>) -> Result<(), UpcallError> {
+        self.configure_vector(vcpu, vector)?;
+        if vector.is_some() {
+            self.assert_evtchn_irq(vcpu);
+        }
+        Ok(())
+    }
+
+    /// Sets `vcpu`'s upcall vector without injecting anything (restore).
+    pub(crate) fn configure_vector(
+        &self,
+        vcpu: u32,
+        vector: Option<u8>,
+    ) -> Result<(), UpcallError> {
         if let Some(v) = vector.filter(|v| *v < 0x10) {
             return Err(UpcallError::BadVector(v));
         }
@@ -109,8 +134,43 @@ impl Upcalls {
         Ok(())
     }
 
-    /// HVM_PARAM_CALLBACK_IRQ: the domain's callback.
+    /// Upcall vectors of Xen vCPU `vcpu` go to APIC ID `apic_id` from now on (the identity
+    /// until set). Callback GSIs go where the IOAPIC sends them.
+    pub fn set_apic_id(&self, vcpu: u32, apic_id: u32) -> Result<(), UpcallError> {
+        let mut config = Config::clone(&self.config.load());
+        let slot = config
+            .apic_ids
+            .get_mut(vcpu as usize)
+            .ok_or(UpcallError::NoSuchVcpu(vcpu))?;
+        *slot = apic_id;
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// The APIC ID Xen vCPU `vcpu`'s upcall vectors go to.
+    pub fn apic_id(&self, vcpu: u32) -> Option<u32> {
+        self.config.load().apic_ids.get(vcpu as usize).copied()
+    }
+
+    /// HVM_PARAM_CALLBACK_IRQ: the domain's callback. Then every vCPU's event-channel
+    /// interrupt is asserted as Xen's `hvm_set_callback_via` does: a per-vCPU vector is
+    /// injected; the callback vector is injected where `upcall_pending` is set; the callback
+    /// GSI is asserted if vCPU 0's is.
     pub fn set_callback(self: &Arc<Self>, callback: Callback) -> Result<(), UpcallError> {
+        self.configure_callback(callback)?;
+        let vcpus = self.config.load().per_vcpu.len() as u32;
+        for vcpu in 0..vcpus {
+            self.assert_evtchn_irq(vcpu);
+        }
+        Ok(())
+    }
+
+    /// Sets the callback; injects nothing but a callback GSI's assertion while vCPU 0's
+    /// `upcall_pending` is set (the level the line must have, also on restore).
+    pub(crate) fn configure_callback(
+        self: &Arc<Self>,
+        callback: Callback,
+    ) -> Result<(), UpcallError> {
         if let Callback::Vector(v) = callback {
             if v < 0x10 {
                 return Err(UpcallError::BadVector(v));
@@ -129,6 +189,7 @@ impl Upcalls {
         let mut config = Config::clone(&self.config.load());
         config.callback = callback;
         self.config.store(Arc::new(config));
+        drop(gsi);
         // An upcall already pending on vCPU 0 asserts the new GSI at once.
         if let (Callback::Gsi(_), Some(ch)) = (callback, self.channels()) {
             if ch.upcall_pending(0) {
@@ -136,6 +197,20 @@ impl Upcalls {
             }
         }
         Ok(())
+    }
+
+    /// Xen `hvm_assert_evtchn_irq` for one vCPU: its vector if it has one; else the callback
+    /// vector or (vCPU 0) GSI while `upcall_pending` is set (`hvm_vcpu_has_pending_irq`).
+    fn assert_evtchn_irq(&self, vcpu: u32) {
+        let has_vector = self
+            .config
+            .load()
+            .per_vcpu
+            .get(vcpu as usize)
+            .is_some_and(Option::is_some);
+        if has_vector || self.channels().is_some_and(|ch| ch.upcall_pending(vcpu)) {
+            self.upcall(vcpu);
+        }
     }
 
     fn wire_gsi(self: &Arc<Self>, gsi: u32) -> Result<CallbackGsi, UpcallError> {
@@ -168,11 +243,15 @@ impl Upcalls {
         })
     }
 
-    /// The per-vCPU vectors and the callback, for a snapshot.
-    pub(crate) fn configuration(&self) -> (Vec<Option<u8>>, Callback) {
+    /// The per-vCPU vectors, the callback and the APIC IDs, for a snapshot.
+    pub(crate) fn configuration(&self) -> (Vec<Option<u8>>, Callback, Vec<u32>) {
         let config = self.config.load();
-        let Config { per_vcpu, callback } = &**config;
-        (per_vcpu.clone(), *callback)
+        let Config {
+            per_vcpu,
+            callback,
+            apic_ids,
+        } = &**config;
+        (per_vcpu.clone(), *callback, apic_ids.clone())
     }
 
     fn channels(&self) -> Option<Arc<EventChannels>> {
@@ -204,7 +283,8 @@ impl UpcallSink for Upcalls {
             (None, Callback::None) => None,
         };
         if let Some(vector) = vector {
-            let msg = X86Msi::fixed(vcpu, vector).encode();
+            let apic_id = config.apic_ids.get(vcpu as usize).copied().unwrap_or(vcpu);
+            let msg = X86Msi::fixed(apic_id, vector).encode();
             if let Err(e) = msg
                 .map_err(|e| e.to_string())
                 .and_then(|m| self.interrupts.signal_msi(m).map_err(|e| e.to_string()))
@@ -234,7 +314,8 @@ pub fn attach(
     memory: vm_memory::GuestMemoryMmap,
     config: super::XenConfig,
 ) -> (Arc<EventChannels>, Arc<Upcalls>) {
-    let upcalls = Upcalls::new(Arc::clone(interrupts), config.vcpus);
+    let vcpus = config.vcpus.clamp(1, super::layout::MAX_VCPUS);
+    let upcalls = Upcalls::new(Arc::clone(interrupts), vcpus);
     let sink: Arc<dyn UpcallSink> = upcalls.clone();
     let channels = Arc::new(EventChannels::new(memory, config, sink));
     upcalls.bind(&channels);
