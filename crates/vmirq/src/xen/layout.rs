@@ -269,6 +269,36 @@ impl<'a> SharedInfo<'a> {
         self.upcall_byte(vcpu, |b| b.load(Ordering::SeqCst) & 1 != 0)
     }
 
+    /// ORs into this page every pending bit, and into each legacy `vcpu_info` slot the
+    /// selector bits and `upcall_pending`, that `old` has: what deliveries set on a page that
+    /// was moved away from after it was copied. Returns the vCPUs whose `upcall_pending` this
+    /// set (those below `vcpus` in the legacy slots).
+    pub fn merge_from(&self, old: &SharedInfo<'_>, vcpus: u32) -> Result<Vec<u32>, XenError> {
+        let words = u64::from(self.layout.ports / self.layout.word_bits());
+        for w in 0..words {
+            let offset = self.layout.pending + w * self.layout.word_bytes;
+            let bits = old.rmw(offset, Rmw::Load, 0)?;
+            if bits != 0 {
+                self.rmw(offset, Rmw::Or, bits)?;
+            }
+        }
+        let mut raised = Vec::new();
+        for vcpu in 0..vcpus.min(LEGACY_MAX_VCPUS) {
+            if self.placement(vcpu) != Some(NOT_PLACED) {
+                continue;
+            }
+            let sel = self.layout.vcpu_info(vcpu) + self.layout.pending_sel;
+            let bits = old.rmw(sel, Rmw::Load, 0)?;
+            if bits != 0 {
+                self.rmw(sel, Rmw::Or, bits)?;
+            }
+            if old.upcall_pending(vcpu)? && !self.test_and_set_upcall_pending(vcpu)? {
+                raised.push(vcpu);
+            }
+        }
+        Ok(raised)
+    }
+
     /// Marks every selector bit of `vcpu` (Xen map_vcpu_info: "mark everything as being
     /// pending just to make sure nothing gets lost").
     pub fn set_all_selectors(&self, vcpu: u32) -> Result<(), XenError> {

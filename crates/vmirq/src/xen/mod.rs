@@ -49,18 +49,24 @@
 //! [`EventChannels`].
 
 pub mod abi;
+pub mod hypercall;
 pub mod layout;
 mod ops;
 pub mod ports;
+mod shinfo;
 mod state;
+pub mod timer;
 mod upcall;
+mod vcpu;
 
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vcpu_tests;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -68,6 +74,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use abi::{errno, op, virq_is_global, NR_VIRQS};
 pub use abi::{XenError, DOMID_BACKEND, DOMID_SELF};
+pub use hypercall::Hypercalls;
 pub use layout::Layout;
 use layout::{SharedInfo, LEGACY_MAX_VCPUS, MAX_VCPUS, NOT_PLACED};
 use ports::{BackendSlot, Binding, PortSlot, Table};
@@ -75,6 +82,8 @@ pub use ports::{PortState, PortStatus, Remote};
 pub(crate) use state::restore;
 pub use state::{XenBackendState, XenState};
 pub use upcall::{attach, Callback, UpcallError, Upcalls};
+pub use vcpu::{timer_service, XenTimerState, MAX_POLL_PORTS, MIN_PERIOD_NS, STIME_DELTA_MAX};
+use vcpu::{GuestClock, PollState, VcpuTimers};
 
 /// The guest's Xen setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -130,8 +139,14 @@ pub struct BackendPort {
 /// The event channels of one guest. See the module doc for what runs lock-free.
 pub struct EventChannels {
     memory: GuestMemoryMmap,
+    /// The setup as created; the shared_info address and the width live below.
     config: XenConfig,
-    layout: Layout,
+    /// The ABI width (KVM_XEN_ATTR_TYPE_LONG_MODE); switched with [`Self::set_long_mode`].
+    long_mode: AtomicBool,
+    /// Where shared_info is (XENMAPSPACE_shared_info); moved with [`Self::move_shared_info`].
+    /// Deliveries load it after taking their port's hold, so a mover that publishes a new
+    /// address and then sees every port without readers knows nobody uses the old page.
+    shared_info_gpa: AtomicU64,
     upcall: Arc<dyn UpcallSink>,
     /// Binding words, indexed by port.
     slots: Box<[PortSlot]>,
@@ -142,6 +157,12 @@ pub struct EventChannels {
     /// [`NOT_PLACED`]. Read lock-free by the fast path; written under the table mutex.
     placed: Box<[AtomicU64]>,
     table: Mutex<Table>,
+    /// Xen system time.
+    clock: GuestClock,
+    /// Per vCPU: its single-shot and periodic timers.
+    vcpu_timers: Mutex<Vec<VcpuTimers>>,
+    /// vCPUs blocked in SCHEDOP_poll.
+    poll: PollState,
 }
 
 impl EventChannels {
@@ -151,31 +172,40 @@ impl EventChannels {
             vcpus: config.vcpus.clamp(1, MAX_VCPUS),
             ..config
         };
-        let layout = Layout::new(config.long_mode);
+        // Port storage has the 64-bit size whatever the width: the width can switch.
+        let ports = Layout::LONG_MODE.ports;
         Self {
             memory,
-            layout,
+            long_mode: AtomicBool::new(config.long_mode),
+            shared_info_gpa: AtomicU64::new(config.shared_info_gpa),
             upcall,
-            slots: (0..layout.ports).map(|_| PortSlot::default()).collect(),
+            slots: (0..ports).map(|_| PortSlot::default()).collect(),
             placed: (0..config.vcpus)
                 .map(|_| AtomicU64::new(NOT_PLACED))
                 .collect(),
             virqs: (0..config.vcpus * NR_VIRQS)
                 .map(|_| AtomicU32::new(0))
                 .collect(),
-            table: Mutex::new(Table::new(layout.ports)),
+            table: Mutex::new(Table::new(ports)),
+            clock: GuestClock::new(),
+            vcpu_timers: Mutex::new((0..config.vcpus).map(|_| VcpuTimers::default()).collect()),
+            poll: PollState::default(),
             config,
         }
     }
 
-    /// The setup (vCPUs clamped).
+    /// The setup (vCPUs clamped), with shared_info's current address and width.
     pub fn config(&self) -> XenConfig {
-        self.config
+        XenConfig {
+            long_mode: self.long_mode.load(Ordering::SeqCst),
+            shared_info_gpa: self.shared_info_gpa.load(Ordering::SeqCst),
+            ..self.config
+        }
     }
 
-    /// The ABI width's shared_info layout.
+    /// The current ABI width's shared_info layout.
     pub fn layout(&self) -> Layout {
-        self.layout
+        Layout::new(self.long_mode.load(Ordering::SeqCst))
     }
 
     /// `EVTCHNOP` hypercall from `vcpu`: `cmd` and the guest physical address of its argument
@@ -212,7 +242,7 @@ impl EventChannels {
             op::UNMASK => self.with_arg(a, false, |x: &mut abi::PortArg| {
                 // Xen `evtchn_unmask`: any valid port, free ones and the reserved port 0
                 // included (their vCPU is 0).
-                if x.port >= self.layout.ports {
+                if x.port >= self.layout().ports {
                     return Err(XenError::Invalid);
                 }
                 self.unmask_bits(x.port, t.vcpu(x.port));
@@ -394,12 +424,12 @@ impl EventChannels {
         if slot.load(Ordering::Acquire) != NOT_PLACED {
             return Err(XenError::Busy);
         }
-        if gpa % self.layout.word_bytes != 0 || gpa % 0x1000 + layout::VCPU_INFO_SIZE > 0x1000 {
+        if gpa % self.layout().word_bytes != 0 || gpa % 0x1000 + layout::VCPU_INFO_SIZE > 0x1000 {
             return Err(XenError::BadArea);
         }
         let mut old = [0u8; layout::VCPU_INFO_SIZE as usize];
         if vcpu < LEGACY_MAX_VCPUS {
-            let from = self.config.shared_info_gpa + self.layout.vcpu_info(vcpu);
+            let from = self.shared_info_gpa.load(Ordering::SeqCst) + self.layout().vcpu_info(vcpu);
             self.memory
                 .read_slice(&mut old, GuestAddress(from))
                 .map_err(|_| XenError::Invalid)?;
@@ -414,6 +444,7 @@ impl EventChannels {
         sh.set_all_selectors(vcpu)?;
         sh.test_and_set_upcall_pending(vcpu)?;
         drop(t);
+        self.poll.check(None, Some(vcpu));
         self.upcall.upcall(vcpu);
         Ok(())
     }
@@ -463,10 +494,19 @@ impl EventChannels {
     fn shared(&self) -> SharedInfo<'_> {
         SharedInfo::new(
             &self.memory,
-            self.config.shared_info_gpa,
-            self.layout,
+            self.shared_info_gpa.load(Ordering::SeqCst),
+            self.layout(),
             &self.placed,
         )
+    }
+
+    /// Waits until no delivery holds a port: every delivery that read the shared_info address
+    /// or width before they changed has finished. A port held continuously by a stream of
+    /// deliveries is seen free between two of them.
+    fn quiesce(&self) {
+        for slot in self.slots.iter() {
+            slot.wait_no_readers();
+        }
     }
 
     fn slot(&self, port: u32) -> Result<&PortSlot, XenError> {
@@ -475,7 +515,7 @@ impl EventChannels {
 
     /// Port 0 is never valid (QEMU `valid_port`; Xen keeps it reserved).
     fn check_port(&self, port: u32) -> Result<(), XenError> {
-        if port == 0 || port >= self.layout.ports {
+        if port == 0 || port >= self.layout().ports {
             return Err(XenError::Invalid);
         }
         Ok(())
@@ -519,7 +559,7 @@ impl EventChannels {
     }
 
     fn alloc(&self, t: &mut Table, state: PortState, vcpu: u32) -> Result<u32, XenError> {
-        let port = t.free_port().ok_or(XenError::NoSpace)?;
+        let port = t.free_port(self.layout().ports).ok_or(XenError::NoSpace)?;
         t.ports[port as usize] = (state, vcpu);
         self.slots[port as usize].publish(Binding::new(state, vcpu));
         Ok(port)
@@ -564,10 +604,14 @@ impl EventChannels {
         if sh.test_and_set_pending(port)? {
             return Ok(SetPending::Coalesced);
         }
-        if sh.test_mask(port)? {
-            return Ok(SetPending::Masked);
-        }
-        self.mark_vcpu(&sh, port, vcpu)
+        let r = if sh.test_mask(port)? {
+            Ok(SetPending::Masked)
+        } else {
+            self.mark_vcpu(&sh, port, vcpu)
+        };
+        // Xen evtchn_2l_set_pending ends with evtchn_check_pollers, masked or not.
+        self.poll.check(Some(port), None);
+        r
     }
 
     /// Sets the selector bit of the port's word, then `upcall_pending`.
@@ -575,7 +619,7 @@ impl EventChannels {
         if !sh.has_vcpu_info(vcpu) {
             return Ok(SetPending::NoVcpuInfo);
         }
-        let (word, _) = self.layout.word_and_bit(port);
+        let (word, _) = self.layout().word_and_bit(port);
         if sh.test_and_set_selector(vcpu, word)? {
             return Ok(SetPending::SelectorAlreadySet);
         }
@@ -586,8 +630,12 @@ impl EventChannels {
     }
 
     fn raise_if(&self, r: Result<SetPending, XenError>, vcpu: u32) -> Result<SetPending, XenError> {
-        if r == Ok(SetPending::Raised) && !DeferredUpcalls::defer(vcpu) {
-            self.upcall.upcall(vcpu);
+        if r == Ok(SetPending::Raised) {
+            // Xen vcpu_mark_events_pending → vcpu_kick: a polling vCPU wakes.
+            self.poll.check(None, Some(vcpu));
+            if !DeferredUpcalls::defer(vcpu) {
+                self.upcall.upcall(vcpu);
+            }
         }
         r
     }

@@ -41,7 +41,7 @@ impl EventChannels {
         if !backend && !self.is_self(a.remote_dom) {
             return Err(XenError::NoSuchDomain);
         }
-        t.free_port().ok_or(XenError::NoSpace)?;
+        t.free_port(self.layout().ports).ok_or(XenError::NoSpace)?;
         let lp = if backend {
             // QEMU `xen_evtchn_bind_interdomain_op`: the backend port must exist (-ENOENT) and
             // be unconnected (-EBUSY).
@@ -193,7 +193,7 @@ impl EventChannels {
     /// and free ports included, is -ENOSYS, since the 2-level ABI has no priorities
     /// (`evtchn_port_set_priority`).
     pub(super) fn set_priority(&self, a: &mut abi::SetPriority) -> Result<(), XenError> {
-        if a.port >= self.layout.ports {
+        if a.port >= self.layout().ports {
             return Err(XenError::Invalid);
         }
         Err(XenError::NoSys)
@@ -272,7 +272,7 @@ impl EventChannels {
     }
 
     pub(super) fn close_all(&self, t: &mut Table) {
-        for port in 1..self.layout.ports {
+        for port in 1..t.ports.len() as u32 {
             if t.state(port) != PortState::Closed {
                 let _ = self.close_port(t, port);
             }

@@ -178,7 +178,9 @@ impl PortSlot {
     /// Takes a read hold if the port is open and not closing. Wait-free: one `fetch_add`, and
     /// one `fetch_sub` when backing off.
     pub fn try_read(&self) -> Option<ReadGuard<'_>> {
-        let old = self.word.fetch_add(READER, Ordering::AcqRel);
+        // SeqCst: the holder's later load of the shared_info address is ordered after it, as
+        // a mover's check for readers is after its store of the new address.
+        let old = self.word.fetch_add(READER, Ordering::SeqCst);
         if old & STATE_MASK == u64::from(stat::CLOSED) || old & CLOSING != 0 {
             self.word.fetch_sub(READER, Ordering::Release);
             return None;
@@ -209,6 +211,22 @@ impl PortSlot {
         self.word.fetch_or(CLOSING, Ordering::AcqRel);
         let mut spins = 0u32;
         while self.word.load(Ordering::Acquire) >= READER {
+            #[cfg(loom)]
+            loom::thread::yield_now();
+            if spins < 64 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Waits until the port is held by no reader at some instant (readers hold it for a few
+    /// atomic operations and never block).
+    pub fn wait_no_readers(&self) {
+        let mut spins = 0u32;
+        while self.word.load(Ordering::SeqCst) >= READER {
             #[cfg(loom)]
             loom::thread::yield_now();
             if spins < 64 {
@@ -254,9 +272,9 @@ impl Table {
         }
     }
 
-    /// The lowest free port (Xen `get_free_port`); port 0 is reserved.
-    pub fn free_port(&self) -> Option<u32> {
-        (1..self.ports.len())
+    /// The lowest free port below `limit` (Xen `get_free_port`); port 0 is reserved.
+    pub fn free_port(&self, limit: u32) -> Option<u32> {
+        (1..self.ports.len().min(limit as usize))
             .find(|&p| self.ports[p].0 == PortState::Closed)
             .map(|p| p as u32)
     }

@@ -43,6 +43,13 @@ pub struct XenState {
     /// identity).
     #[serde(default)]
     pub apic_ids: Vec<u32>,
+    /// Xen system time when saved; the target's clock continues from it (the VMM then sets it
+    /// to match the guest's pvclock if that moved).
+    #[serde(default)]
+    pub guest_time: u64,
+    /// The vCPUs' armed timers, as guest-time deadlines.
+    #[serde(default)]
+    pub timers: Vec<super::XenTimerState>,
 }
 
 impl XenState {
@@ -71,18 +78,23 @@ impl EventChannels {
         let t = self.lock();
         let Self {
             memory: _,
-            config,
-            layout: _,
+            config: _,
+            long_mode: _,
+            shared_info_gpa: _,
             upcall: _,
             slots: _,
             virqs,
             placed,
             table: _,
+            clock: _,
+            vcpu_timers: _,
+            poll: _,
         } = self;
         let Table { ports, backends } = &*t;
         let (upcall_vectors, callback, apic_ids) = upcalls.configuration();
         XenState {
-            config: *config,
+            // The address and width as they are now.
+            config: self.config(),
             ports: ports
                 .iter()
                 .enumerate()
@@ -111,6 +123,8 @@ impl EventChannels {
             upcall_vectors,
             callback,
             apic_ids,
+            guest_time: self.guest_time(),
+            timers: self.save_timers(),
         }
     }
 }
@@ -137,6 +151,8 @@ pub(crate) fn restore(
         upcall_vectors,
         callback,
         apic_ids,
+        guest_time,
+        timers,
     } = state;
     let (channels, upcalls) = attach(interrupts, memory, *config);
     let mut endpoints = Vec::new();
@@ -187,6 +203,10 @@ pub(crate) fn restore(
         super::UpcallError::Gsi(e) => e,
         e => SnapshotError::Invalid(format!("Xen callback: {e}")).into(),
     })?;
+    if *guest_time != 0 {
+        channels.clock.set(*guest_time);
+    }
+    channels.restore_timers(timers);
     Ok((channels, upcalls, endpoints))
 }
 
@@ -260,6 +280,13 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
         Callback::Vector(v) if v < 0x10 => return bad(format!("callback vector {v:#x}")),
         Callback::Gsi(g) if g >= pins => return bad(format!("callback GSI {g}")),
         _ => {}
+    }
+    for t in &state.timers {
+        let period_ok =
+            t.period == 0 || (super::MIN_PERIOD_NS..=super::STIME_DELTA_MAX).contains(&t.period);
+        if t.vcpu >= c.vcpus || !period_ok {
+            return bad(format!("timer {t:?}"));
+        }
     }
     if let Some(v) = state.upcall_vectors.iter().flatten().find(|v| **v < 0x10) {
         return bad(format!("upcall vector {v:#x}"));

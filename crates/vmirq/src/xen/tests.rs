@@ -21,7 +21,7 @@ impl UpcallSink for Recorder {
 }
 
 impl Recorder {
-    fn take(&self) -> Vec<u32> {
+    pub(super) fn take(&self) -> Vec<u32> {
         std::mem::take(&mut self.0.lock().unwrap())
     }
 }

@@ -1,0 +1,448 @@
+//! A Xen vCPU's time and blocking: guest system time, the single-shot and periodic timers that
+//! raise `VIRQ_TIMER` (Xen xen/common/sched/core.c `common_vcpu_op`, `vcpu_periodic_timer_work`),
+//! and `SCHEDOP_poll` (`do_poll`, woken by `evtchn_check_pollers` and `vcpu_kick`).
+//!
+//! Timers run on the process-wide [`TimerService`]: one host thread for every vCPU of every
+//! guest, started at the first arm. A vCPU's timers are created when first armed and kept: stop
+//! only disarms them, so no timer is dropped while its table lock is held.
+//!
+//! Poll: a poller counts itself in (`polling`, SeqCst) under the `pollers` lock, then checks
+//! its ports; a delivery that sets a new pending bit loads `polling` (SeqCst) after its bit
+//! operation and takes the lock only if a vCPU polls. One of the two always sees the other
+//! (model-checked in `loom_tests`).
+//!
+//! Locks: `vcpu_timers` → the timer service's state; `pollers` is a leaf, taken on the
+//! delivery path under a port's read hold and never while waiting for anything but its condvar.
+
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::abi::VIRQ_TIMER;
+use super::timer::{Timer, TimerService};
+use super::{EventChannels, XenError};
+
+/// Xen `STIME_DELTA_MAX`: the longest period a periodic timer accepts.
+pub const STIME_DELTA_MAX: u64 = u64::MAX >> 2;
+/// Xen's floor for a periodic timer's period (`MILLISECS(1)`).
+pub const MIN_PERIOD_NS: u64 = 1_000_000;
+/// Xen `do_poll`'s "fairly arbitrary limit" of ports in one poll.
+pub const MAX_POLL_PORTS: usize = 128;
+
+/// The process-wide timer service every guest's vCPU timers share.
+pub fn timer_service() -> &'static TimerService {
+    static SERVICE: OnceLock<TimerService> = OnceLock::new();
+    SERVICE.get_or_init(TimerService::new)
+}
+
+/// Xen system time: monotonic nanoseconds plus an offset the VMM sets to match the guest's
+/// pvclock.
+pub(super) struct GuestClock {
+    epoch: Instant,
+    offset: AtomicI64,
+}
+
+impl GuestClock {
+    pub(super) fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            offset: AtomicI64::new(0),
+        }
+    }
+
+    pub(super) fn now(&self) -> u64 {
+        let elapsed = self.epoch.elapsed().as_nanos() as i64;
+        elapsed.saturating_add(self.offset.load(Ordering::Acquire)) as u64
+    }
+
+    pub(super) fn set(&self, now_ns: u64) {
+        let elapsed = self.epoch.elapsed().as_nanos() as i64;
+        self.offset
+            .store((now_ns as i64).wrapping_sub(elapsed), Ordering::Release);
+    }
+
+    /// The host instant of guest time `t`, and whether `t` has passed.
+    fn instant(&self, t: u64) -> (Instant, bool) {
+        let now = self.now();
+        if t <= now {
+            (Instant::now(), true)
+        } else {
+            // Clamped: a deadline centuries away is as good as never.
+            let wait = Duration::from_nanos((t - now).min(1 << 62));
+            (
+                Instant::now()
+                    .checked_add(wait)
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(1 << 32)),
+                false,
+            )
+        }
+    }
+}
+
+/// One vCPU's timers.
+#[derive(Default)]
+pub(super) struct VcpuTimers {
+    singleshot: Option<Timer>,
+    /// The armed single-shot deadline, in guest time.
+    singleshot_at: Option<u64>,
+    periodic: Option<Timer>,
+    /// 0: stopped.
+    period: u64,
+    /// Guest time of the last periodic event (Xen `periodic_last_event`).
+    last_event: u64,
+}
+
+/// A saved vCPU timer state (guest-time deadlines).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct XenTimerState {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// The single-shot deadline, if armed.
+    pub singleshot: Option<u64>,
+    /// The periodic timer's period in ns (0: stopped).
+    pub period: u64,
+    /// Guest time of the last periodic event.
+    pub last_event: u64,
+}
+
+struct Poller {
+    id: u64,
+    vcpu: u32,
+    /// The one port a single-port poll waits for; `None` for several ports (woken by any).
+    port: Option<u32>,
+    woken: bool,
+}
+
+#[derive(Default)]
+pub(super) struct PollState {
+    polling: AtomicU32,
+    next_id: AtomicU64,
+    pollers: Mutex<Vec<Poller>>,
+    wake: Condvar,
+}
+
+impl PollState {
+    fn lock(&self) -> MutexGuard<'_, Vec<Poller>> {
+        self.pollers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Xen `evtchn_check_pollers` (a new pending bit on `port`) and `vcpu_kick` (an upcall
+    /// raised on `kick`). One SeqCst load when nobody polls.
+    pub(super) fn check(&self, port: Option<u32>, kick: Option<u32>) {
+        if self.polling.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut pollers = self.lock();
+        let mut woke = false;
+        for p in pollers.iter_mut() {
+            let on_port = port.is_some_and(|q| p.port.is_none_or(|x| x == q));
+            if on_port || kick == Some(p.vcpu) {
+                p.woken = true;
+                woke = true;
+            }
+        }
+        drop(pollers);
+        if woke {
+            self.wake.notify_all();
+        }
+    }
+}
+
+impl EventChannels {
+    /// Xen system time now, in ns.
+    pub fn guest_time(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// Sets Xen system time to `now_ns` (match the guest's pvclock); armed timers keep their
+    /// guest-time deadlines.
+    pub fn set_guest_time(self: &Arc<Self>, now_ns: u64) {
+        self.clock.set(now_ns);
+        let mut timers = self.lock_timers();
+        for vcpu in 0..timers.len() as u32 {
+            self.rearm(&mut timers, vcpu);
+        }
+    }
+
+    /// VCPUOP_set_singleshot_timer from `caller` for `vcpu`: `VIRQ_TIMER` at guest time
+    /// `timeout_abs_ns`, at once if it passed. Only a vCPU's own timer (-EINVAL otherwise).
+    pub fn set_singleshot_timer(
+        self: &Arc<Self>,
+        caller: u32,
+        vcpu: u32,
+        timeout_abs_ns: u64,
+    ) -> Result<(), XenError> {
+        self.check_vcpu(vcpu)?;
+        if caller != vcpu {
+            return Err(XenError::Invalid);
+        }
+        let mut timers = self.lock_timers();
+        let t = &mut timers[vcpu as usize];
+        if timeout_abs_ns < self.clock.now() {
+            // Xen: "Simplify the logic if the timeout has already expired and just inject the
+            // event."
+            t.singleshot_at = None;
+            if let Some(timer) = &t.singleshot {
+                timer.disarm();
+            }
+            drop(timers);
+            return self.raise_virq(VIRQ_TIMER, vcpu);
+        }
+        t.singleshot_at = Some(timeout_abs_ns);
+        self.rearm(&mut timers, vcpu);
+        Ok(())
+    }
+
+    /// VCPUOP_stop_singleshot_timer (a vCPU's own only: -EINVAL otherwise).
+    pub fn stop_singleshot_timer(&self, caller: u32, vcpu: u32) -> Result<(), XenError> {
+        self.check_vcpu(vcpu)?;
+        if caller != vcpu {
+            return Err(XenError::Invalid);
+        }
+        let mut timers = self.lock_timers();
+        let t = &mut timers[vcpu as usize];
+        t.singleshot_at = None;
+        if let Some(timer) = &t.singleshot {
+            timer.disarm();
+        }
+        Ok(())
+    }
+
+    /// VCPUOP_set_periodic_timer: `VIRQ_TIMER` every `period_ns` (1 ms ..= `STIME_DELTA_MAX`,
+    /// else -EINVAL); an event is due at once if a period has passed since the last one
+    /// (Xen `vcpu_periodic_timer_work`).
+    pub fn set_periodic_timer(self: &Arc<Self>, vcpu: u32, period_ns: u64) -> Result<(), XenError> {
+        self.check_vcpu(vcpu)?;
+        if !(MIN_PERIOD_NS..=STIME_DELTA_MAX).contains(&period_ns) {
+            return Err(XenError::Invalid);
+        }
+        let mut timers = self.lock_timers();
+        timers[vcpu as usize].period = period_ns;
+        self.rearm(&mut timers, vcpu);
+        Ok(())
+    }
+
+    /// VCPUOP_stop_periodic_timer.
+    pub fn stop_periodic_timer(&self, vcpu: u32) -> Result<(), XenError> {
+        self.check_vcpu(vcpu)?;
+        let mut timers = self.lock_timers();
+        let t = &mut timers[vcpu as usize];
+        t.period = 0;
+        if let Some(timer) = &t.periodic {
+            timer.disarm();
+        }
+        Ok(())
+    }
+
+    /// Arms `vcpu`'s timers for their guest-time deadlines (called with the table locked).
+    fn rearm(self: &Arc<Self>, timers: &mut [VcpuTimers], vcpu: u32) {
+        let t = &mut timers[vcpu as usize];
+        if let Some(at) = t.singleshot_at {
+            let me = Arc::downgrade(self);
+            let timer = t
+                .singleshot
+                .get_or_insert_with(|| timer_service().timer(move || singleshot_fired(&me, vcpu)));
+            timer.arm(self.clock.instant(at).0);
+        }
+        if t.period != 0 {
+            let next = t.last_event.saturating_add(t.period);
+            let me = Arc::downgrade(self);
+            let timer = t
+                .periodic
+                .get_or_insert_with(|| timer_service().timer(move || periodic_fired(&me, vcpu)));
+            timer.arm(self.clock.instant(next).0);
+        }
+    }
+
+    /// SCHEDOP_poll: blocks the calling thread (`vcpu`'s) until one of `ports` is pending
+    /// (masked or not), an upcall is raised on `vcpu`, guest time `timeout_abs_ns` passes
+    /// (0: no timeout), or [`EventChannels::kick`] names `vcpu`. A single-port poll wakes only
+    /// on its port (and kicks); several ports wake on any port of the domain, as Xen's
+    /// `evtchn_check_pollers`. -EINVAL for more than 128 ports or a bad port. Returns at once
+    /// if `vcpu`'s upcall is pending (Xen `local_events_need_delivery`).
+    pub fn poll(&self, vcpu: u32, ports: &[u32], timeout_abs_ns: u64) -> Result<(), XenError> {
+        self.check_vcpu(vcpu)?;
+        if ports.len() > MAX_POLL_PORTS {
+            return Err(XenError::Invalid);
+        }
+        let single = (ports.len() == 1).then(|| ports[0]);
+        let id = self.poll.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut pollers = self.poll.lock();
+        pollers.push(Poller {
+            id,
+            vcpu,
+            port: single,
+            woken: false,
+        });
+        self.poll.polling.fetch_add(1, Ordering::SeqCst);
+        let (mut pollers, result) = self.poll_wait(pollers, id, vcpu, ports, timeout_abs_ns);
+        if let Some(i) = pollers.iter().position(|p| p.id == id) {
+            pollers.swap_remove(i);
+        }
+        self.poll.polling.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// The wait of [`EventChannels::poll`], counted in as `id`; gives the lock back.
+    fn poll_wait<'a>(
+        &self,
+        mut pollers: MutexGuard<'a, Vec<Poller>>,
+        id: u64,
+        vcpu: u32,
+        ports: &[u32],
+        timeout_abs_ns: u64,
+    ) -> (MutexGuard<'a, Vec<Poller>>, Result<(), XenError>) {
+        // Checked after counting in: a delivery from now on sees `polling`.
+        let sh = self.shared();
+        let mut ready = self.upcall_pending(vcpu);
+        for &port in ports {
+            if port >= self.layout().ports {
+                return (pollers, Err(XenError::Invalid));
+            }
+            ready |= sh.test_pending(port).unwrap_or(false);
+        }
+        let deadline = (timeout_abs_ns != 0).then(|| self.clock.instant(timeout_abs_ns).0);
+        loop {
+            if ready || pollers.iter().any(|p| p.id == id && p.woken) {
+                return (pollers, Ok(()));
+            }
+            pollers = match deadline {
+                Some(at) => {
+                    let now = Instant::now();
+                    if now >= at {
+                        return (pollers, Ok(()));
+                    }
+                    self.poll
+                        .wake
+                        .wait_timeout(pollers, at - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => self
+                    .poll
+                    .wake
+                    .wait(pollers)
+                    .unwrap_or_else(|e| e.into_inner()),
+            };
+            ready = false;
+        }
+    }
+
+    /// Wakes `vcpu` from a poll (Xen `vcpu_kick`); a VMM calls it before pausing vCPUs.
+    pub fn kick(&self, vcpu: u32) {
+        let mut pollers = self.poll.lock();
+        for p in pollers.iter_mut().filter(|p| p.vcpu == vcpu) {
+            p.woken = true;
+        }
+        drop(pollers);
+        self.poll.wake.notify_all();
+    }
+
+    /// Wakes `vcpu`'s poll, if any (an upcall raised outside set-pending).
+    pub(super) fn poll_kick(&self, vcpu: u32) {
+        self.poll.check(None, Some(vcpu));
+    }
+
+    /// vCPUs blocked in [`EventChannels::poll`] right now.
+    pub fn pollers(&self) -> usize {
+        self.poll.lock().len()
+    }
+
+    /// The vCPUs' timers, for a snapshot.
+    pub(super) fn save_timers(&self) -> Vec<XenTimerState> {
+        let timers = self.lock_timers();
+        timers
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.singleshot_at.is_some() || t.period != 0)
+            .map(|(vcpu, t)| XenTimerState {
+                vcpu: vcpu as u32,
+                singleshot: t.singleshot_at,
+                period: t.period,
+                last_event: t.last_event,
+            })
+            .collect()
+    }
+
+    /// Arms the saved timers (guest time already set).
+    pub(super) fn restore_timers(self: &Arc<Self>, saved: &[XenTimerState]) {
+        let mut timers = self.lock_timers();
+        for s in saved {
+            if let Some(t) = timers.get_mut(s.vcpu as usize) {
+                t.singleshot_at = s.singleshot;
+                t.period = s.period;
+                t.last_event = s.last_event;
+                self.rearm(&mut timers, s.vcpu);
+            }
+        }
+    }
+
+    fn lock_timers(&self) -> MutexGuard<'_, Vec<VcpuTimers>> {
+        self.vcpu_timers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_vcpu(&self, vcpu: u32) -> Result<(), XenError> {
+        if vcpu < self.config.vcpus {
+            Ok(())
+        } else {
+            Err(XenError::NoEntry)
+        }
+    }
+
+    /// Reads `n` ports from the guest array at `gpa` (-EFAULT outside guest RAM).
+    pub(super) fn read_ports(&self, gpa: u64, n: u32) -> Result<Vec<u32>, XenError> {
+        if n as usize > MAX_POLL_PORTS {
+            return Err(XenError::Invalid);
+        }
+        let mut bytes = vec![0u8; n as usize * 4];
+        self.memory
+            .read_slice(&mut bytes, GuestAddress(gpa))
+            .map_err(|_| XenError::Fault)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+fn singleshot_fired(me: &Weak<EventChannels>, vcpu: u32) {
+    let Some(ch) = me.upgrade() else { return };
+    {
+        let mut timers = ch.lock_timers();
+        let t = &mut timers[vcpu as usize];
+        // Re-armed for later, or stopped, while this firing was on its way: not ours.
+        match t.singleshot_at {
+            Some(at) if at <= ch.clock.now() => t.singleshot_at = None,
+            Some(_) => {
+                ch.rearm(&mut timers, vcpu);
+                return;
+            }
+            None => return,
+        }
+    }
+    let _ = ch.raise_virq(VIRQ_TIMER, vcpu);
+}
+
+fn periodic_fired(me: &Weak<EventChannels>, vcpu: u32) {
+    let Some(ch) = me.upgrade() else { return };
+    let fire = {
+        let mut timers = ch.lock_timers();
+        let now = ch.clock.now();
+        let t = &mut timers[vcpu as usize];
+        if t.period == 0 {
+            return;
+        }
+        // Xen vcpu_periodic_timer_work: the next event a period after this one.
+        let due = t.last_event.saturating_add(t.period) <= now;
+        if due {
+            t.last_event = now;
+        }
+        ch.rearm(&mut timers, vcpu);
+        due
+    };
+    if fire {
+        let _ = ch.raise_virq(VIRQ_TIMER, vcpu);
+    }
+}

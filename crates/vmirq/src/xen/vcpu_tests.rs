@@ -1,0 +1,326 @@
+//! Timers, polls, shared_info moves and width switches, on event channels over plain guest
+//! memory (the upcalls recorded).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::abi::{self, op};
+use super::tests::{Recorder, ARGS, DOMID, RAM, SHINFO};
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Vm {
+    ec: Arc<EventChannels>,
+    mem: GuestMemoryMmap,
+    up: Arc<Recorder>,
+}
+
+fn vm(long_mode: bool, vcpus: u32) -> Vm {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+    let up = Arc::new(Recorder::default());
+    let config = XenConfig {
+        vcpus,
+        long_mode,
+        shared_info_gpa: SHINFO,
+        domid: DOMID,
+    };
+    let ec = Arc::new(EventChannels::new(mem.clone(), config, up.clone()));
+    Vm { ec, mem, up }
+}
+
+impl Vm {
+    fn bind_virq(&self, virq: u32, vcpu: u32) -> u32 {
+        let a = abi::BindVirq {
+            virq,
+            vcpu,
+            port: 0,
+        };
+        self.mem.write_obj(a, GuestAddress(ARGS)).unwrap();
+        assert_eq!(self.ec.hypercall(0, op::BIND_VIRQ, ARGS), 0);
+        self.mem
+            .read_obj::<abi::BindVirq>(GuestAddress(ARGS))
+            .unwrap()
+            .port
+    }
+
+    fn bind_ipi(&self, vcpu: u32) -> u32 {
+        let a = abi::BindIpi { vcpu, port: 0 };
+        self.mem.write_obj(a, GuestAddress(ARGS)).unwrap();
+        assert_eq!(self.ec.hypercall(0, op::BIND_IPI, ARGS), 0);
+        self.mem
+            .read_obj::<abi::BindIpi>(GuestAddress(ARGS))
+            .unwrap()
+            .port
+    }
+
+    fn pending(&self, port: u32) -> bool {
+        self.ec.port_status(port).pending
+    }
+
+    /// Plays the guest: clears the port's pending bit and the vCPU's upcall_pending.
+    fn consume(&self, port: u32, vcpu: u32) {
+        let l = self.ec.layout();
+        let base = self.ec.config().shared_info_gpa;
+        let word = base + l.pending + u64::from(port / l.word_bits()) * l.word_bytes;
+        let bit = 1u64 << (port % l.word_bits());
+        if l.word_bytes == 8 {
+            let w: u64 = self.mem.read_obj(GuestAddress(word)).unwrap();
+            self.mem.write_obj(w & !bit, GuestAddress(word)).unwrap();
+        } else {
+            let w: u32 = self.mem.read_obj(GuestAddress(word)).unwrap();
+            self.mem
+                .write_obj(w & !(bit as u32), GuestAddress(word))
+                .unwrap();
+        }
+        let info = base + l.vcpu_info(vcpu);
+        self.mem.write_obj(0u8, GuestAddress(info)).unwrap();
+        self.mem
+            .write_obj(0u64, GuestAddress(info + l.pending_sel))
+            .unwrap();
+    }
+
+    fn wait_pending(&self, port: u32) {
+        let deadline = Instant::now() + WAIT;
+        while !self.pending(port) {
+            assert!(
+                Instant::now() < deadline,
+                "port {port} never became pending"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[test]
+fn a_singleshot_timer_raises_virq_timer_on_its_vcpu_at_its_deadline() {
+    let vm = vm(true, 2);
+    let timer = vm.bind_virq(abi::VIRQ_TIMER, 1);
+    let now = vm.ec.guest_time();
+    assert_eq!(
+        vm.ec.set_singleshot_timer(0, 1, now + 1_000_000),
+        Err(XenError::Invalid),
+        "another vCPU's timer"
+    );
+    assert_eq!(
+        vm.ec.set_singleshot_timer(2, 2, now),
+        Err(XenError::NoEntry)
+    );
+    let armed_at = Instant::now();
+    vm.ec.set_singleshot_timer(1, 1, now + 2_000_000).unwrap();
+    vm.wait_pending(timer);
+    assert!(
+        armed_at.elapsed() >= Duration::from_millis(1),
+        "fired early"
+    );
+    assert_eq!(vm.up.take(), [1]);
+    // A deadline already past raises VIRQ_TIMER at once (Xen common_vcpu_op).
+    vm.consume(timer, 1);
+    vm.ec.set_singleshot_timer(1, 1, 1).unwrap();
+    assert!(vm.pending(timer));
+    assert_eq!(vm.up.take(), [1]);
+}
+
+#[test]
+fn a_stopped_or_rearmed_singleshot_timer_does_not_fire_its_old_deadline() {
+    let vm = vm(true, 2);
+    let (t0, t1) = (
+        vm.bind_virq(abi::VIRQ_TIMER, 0),
+        vm.bind_virq(abi::VIRQ_TIMER, 1),
+    );
+    let now = vm.ec.guest_time();
+    vm.ec.set_singleshot_timer(0, 0, now + 20_000_000).unwrap();
+    vm.ec.stop_singleshot_timer(0, 0).unwrap();
+    vm.ec.set_singleshot_timer(1, 1, now + 20_000_000).unwrap();
+    vm.ec
+        .set_singleshot_timer(1, 1, now + 3_600_000_000_000)
+        .unwrap();
+    // Control: a third deadline after both old ones, on vCPU 0 again.
+    let ctl = vm.bind_ipi(1);
+    let ec = Arc::clone(&vm.ec);
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&fired);
+    let control = super::timer_service().timer(move || {
+        ec.notify_port(ctl).unwrap();
+        f.store(true, Ordering::SeqCst);
+    });
+    control.arm(Instant::now() + Duration::from_millis(40));
+    vm.wait_pending(ctl);
+    assert!(fired.load(Ordering::SeqCst));
+    assert!(!vm.pending(t0), "a stopped timer fired");
+    assert!(!vm.pending(t1), "a re-armed timer fired its old deadline");
+    assert_eq!(
+        vm.ec.save_timers().len(),
+        1,
+        "vCPU 1's far deadline is still armed"
+    );
+}
+
+#[test]
+fn a_periodic_timer_raises_virq_timer_every_period_until_stopped() {
+    let vm = vm(false, 1);
+    let timer = vm.bind_virq(abi::VIRQ_TIMER, 0);
+    assert_eq!(vm.ec.set_periodic_timer(0, 999_999), Err(XenError::Invalid));
+    assert_eq!(
+        vm.ec.set_periodic_timer(0, STIME_DELTA_MAX + 1),
+        Err(XenError::Invalid)
+    );
+    vm.ec.set_periodic_timer(0, MIN_PERIOD_NS).unwrap();
+    for _ in 0..3 {
+        vm.wait_pending(timer);
+        vm.consume(timer, 0);
+    }
+    vm.ec.stop_periodic_timer(0).unwrap();
+    assert!(vm.ec.save_timers().is_empty());
+}
+
+#[test]
+fn a_poll_returns_when_its_port_is_pending_and_not_for_another_port() {
+    let vm = vm(true, 2);
+    let (p, q) = (vm.bind_ipi(1), vm.bind_ipi(0));
+    // Masked: Linux's xen_poll_irq polls masked ports; the pending bit alone wakes it.
+    let mask = SHINFO + vm.ec.layout().mask;
+    vm.mem.write_obj(1u64 << p, GuestAddress(mask)).unwrap();
+    let ec = Arc::clone(&vm.ec);
+    let poller = std::thread::spawn(move || ec.poll(1, &[p], 0));
+    let deadline = Instant::now() + WAIT;
+    while vm.ec.pollers() == 0 {
+        assert!(Instant::now() < deadline, "the poll never blocked");
+        std::thread::yield_now();
+    }
+    // Another port's event on another vCPU leaves a single-port poll blocked.
+    vm.ec.notify_port(q).unwrap();
+    assert_eq!(vm.ec.pollers(), 1);
+    vm.ec.notify_port(p).unwrap();
+    assert_eq!(poller.join().unwrap(), Ok(()));
+    assert_eq!(vm.ec.pollers(), 0);
+    assert!(vm.up.take() == [0], "the masked port raised no upcall");
+}
+
+#[test]
+fn polls_end_on_any_port_a_kick_an_upcall_or_a_timeout() {
+    let vm = vm(true, 2);
+    let (a, b, c) = (vm.bind_ipi(0), vm.bind_ipi(0), vm.bind_ipi(1));
+    let wait_blocked = |n| {
+        let deadline = Instant::now() + WAIT;
+        while vm.ec.pollers() != n {
+            assert!(Instant::now() < deadline, "pollers never reached {n}");
+            std::thread::yield_now();
+        }
+    };
+    // Several ports: any port of the domain wakes it (Xen evtchn_check_pollers).
+    let ec = Arc::clone(&vm.ec);
+    let t = std::thread::spawn(move || ec.poll(1, &[a, b], 0));
+    wait_blocked(1);
+    vm.ec.notify_port(c).unwrap();
+    assert_eq!(t.join().unwrap(), Ok(()));
+    vm.consume(c, 1);
+    // A kick (the VMM pausing vCPUs).
+    let ec = Arc::clone(&vm.ec);
+    let t = std::thread::spawn(move || ec.poll(1, &[a], 0));
+    wait_blocked(1);
+    vm.ec.kick(1);
+    assert_eq!(t.join().unwrap(), Ok(()));
+    // An upcall raised on the polling vCPU (Xen vcpu_kick).
+    let ec = Arc::clone(&vm.ec);
+    let t = std::thread::spawn(move || ec.poll(1, &[a], 0));
+    wait_blocked(1);
+    vm.ec.notify_port(c).unwrap();
+    assert_eq!(t.join().unwrap(), Ok(()));
+    // An upcall already pending returns at once (local_events_need_delivery).
+    assert_eq!(vm.ec.poll(1, &[a], 0), Ok(()));
+    vm.consume(c, 1);
+    // Timeouts: one in the past, one shortly after now.
+    assert_eq!(vm.ec.poll(1, &[a], 1), Ok(()));
+    let start = Instant::now();
+    let now = vm.ec.guest_time();
+    assert_eq!(vm.ec.poll(1, &[a], now + 2_000_000), Ok(()));
+    assert!(start.elapsed() >= Duration::from_millis(1));
+    // Bad input.
+    assert_eq!(vm.ec.poll(1, &[4096], 1), Err(XenError::Invalid));
+    assert_eq!(vm.ec.poll(1, &[1; 129], 1), Err(XenError::Invalid));
+    assert_eq!(vm.ec.poll(2, &[a], 1), Err(XenError::NoEntry));
+    assert_eq!(vm.ec.pollers(), 0);
+}
+
+#[test]
+fn shared_info_moves_while_events_are_sent_and_carries_every_bit() {
+    let vm = vm(true, 2);
+    let ports: Vec<u32> = (0..300).map(|i| vm.bind_ipi(i % 2)).collect();
+    // Some masks set by the guest before the move travel with the copy.
+    let mask = SHINFO + vm.ec.layout().mask;
+    vm.mem.write_obj(0b110u64, GuestAddress(mask)).unwrap();
+    let ec = Arc::clone(&vm.ec);
+    let sent = ports.clone();
+    let moved = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&moved);
+    // Each send lands somewhere inside the move that follows the previous one.
+    let sender = std::thread::spawn(move || {
+        for p in sent {
+            let before = seen.load(Ordering::SeqCst);
+            ec.notify_port(p).unwrap();
+            while seen.load(Ordering::SeqCst) == before {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    let pages = [SHINFO, SHINFO + 0x4000, SHINFO + 0x8000];
+    let mut moves = 0;
+    while !sender.is_finished() || moves < 3 {
+        moves += 1;
+        vm.ec.move_shared_info(pages[moves % 3]).unwrap();
+        moved.store(moves, Ordering::SeqCst);
+    }
+    sender.join().unwrap();
+    let now = vm.ec.config().shared_info_gpa;
+    assert_eq!(now, pages[moves % 3]);
+    for &p in &ports {
+        assert!(vm.pending(p), "port {p} lost after {moves} moves");
+    }
+    let masks: u64 = vm.mem.read_obj(GuestAddress(now + 0xA00)).unwrap();
+    assert_eq!(masks & 0b110, 0b110, "masks carried");
+    for vcpu in 0..2 {
+        assert!(vm.ec.upcall_pending(vcpu), "vCPU {vcpu}'s upcall_pending");
+        let sel: u64 = vm
+            .mem
+            .read_obj(GuestAddress(now + u64::from(vcpu) * 64 + 8))
+            .unwrap();
+        assert_ne!(sel, 0, "vCPU {vcpu}'s selectors");
+    }
+    // Bad pages.
+    assert_eq!(vm.ec.move_shared_info(SHINFO + 8), Err(XenError::Invalid));
+    assert_eq!(vm.ec.move_shared_info(RAM as u64), Err(XenError::Invalid));
+}
+
+#[test]
+fn the_width_switches_at_run_time_and_refuses_compat_with_a_high_port_open() {
+    let vm = vm(true, 1);
+    for _ in 1..1024 {
+        vm.bind_ipi(0);
+    }
+    let high = vm.bind_ipi(0);
+    assert_eq!(high, 1024);
+    assert_eq!(vm.ec.set_long_mode(false), Err(XenError::Busy));
+    vm.mem
+        .write_obj(abi::PortArg { port: high }, GuestAddress(ARGS))
+        .unwrap();
+    assert_eq!(vm.ec.hypercall(0, op::CLOSE, ARGS), 0);
+    vm.ec.set_long_mode(false).unwrap();
+    assert_eq!(vm.ec.layout(), Layout::COMPAT);
+    assert!(!vm.ec.config().long_mode);
+    // Compat: 1024 ports, so the table is full now.
+    vm.mem
+        .write_obj(abi::BindIpi::default(), GuestAddress(ARGS))
+        .unwrap();
+    assert_eq!(vm.ec.hypercall(0, op::BIND_IPI, ARGS), -abi::errno::ENOSPC);
+    // The compat layout is used from now on: port 33's pending bit is word 1, bit 1.
+    vm.consume(33, 0);
+    vm.ec.notify_port(33).unwrap();
+    let word: u32 = vm.mem.read_obj(GuestAddress(SHINFO + 0x804)).unwrap();
+    assert_eq!(word & 2, 2);
+    vm.ec.set_long_mode(true).unwrap();
+    assert_eq!(vm.ec.layout(), Layout::LONG_MODE);
+}
