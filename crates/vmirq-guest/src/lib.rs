@@ -6,3 +6,4 @@ pub mod layout;
 pub mod machine;
 pub mod migration;
 pub mod program;
+pub mod xen;

@@ -1,0 +1,46 @@
+//! The test guest's Xen hypercalls by number. A real guest passes the hypercall number and its
+//! arguments in registers; the test guest's mailbox has one command word, so it carries them
+//! packed ([`xen_cmd`]), and [`serve_xen`] unpacks them for [`vmirq::xen::Hypercalls`].
+
+use std::sync::Arc;
+
+use vmirq::xen::hypercall::nr;
+use vmirq::xen::Hypercalls;
+
+use crate::machine::Machine;
+
+/// The mailbox command word for Xen hypercall `number` (0: `event_channel_op`), its operation
+/// `op` (bits 7:0) and, for `vcpu_op`, the target vCPU `arg` (bits 31:16). The argument
+/// struct's address is the mailbox's.
+pub const fn xen_cmd(number: u32, op: u32, arg: u32) -> u32 {
+    (op & 0xff) | (number & 0xff) << 8 | arg << 16
+}
+
+/// The machine's guest serves its hypercalls with `hypercalls`: a plain `EVTCHNOP` command word
+/// is `event_channel_op`, as for [`crate::migration::serve_hypercalls`].
+pub fn serve_xen(m: &dyn Machine, hypercalls: Arc<Hypercalls>) {
+    m.set_hypercall_handler(Arc::new(move |vcpu: usize, cmd: u32, gpa: u64| {
+        let (number, op, arg) = (
+            (cmd >> 8) & 0xff,
+            u64::from(cmd & 0xff),
+            u64::from(cmd >> 16),
+        );
+        let args = match number {
+            0 => return hypercalls.call(vcpu as u32, nr::EVENT_CHANNEL_OP, [op, gpa, 0]),
+            nr::VCPU_OP => [op, arg, gpa],
+            _ => [op, gpa, 0],
+        };
+        hypercalls.call(vcpu as u32, number, args)
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_word_packs_number_op_and_vcpu() {
+        assert_eq!(xen_cmd(0, 4, 0), 4, "a plain EVTCHNOP");
+        assert_eq!(xen_cmd(nr::VCPU_OP, 8, 1), 0x1_1808);
+    }
+}

@@ -1,0 +1,199 @@
+//! A Xen guest's vCPU surface end to end: single-shot and periodic timers raising VIRQ_TIMER,
+//! SCHEDOP_poll blocking the vCPU until its port is pending, and shared_info mapped where the
+//! guest asks (Linux's resume order). The guest makes its hypercalls through the doorbell,
+//! served by `vmirq::xen::Hypercalls`. Sim and KVM, both irqchips.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmirq::xen::hypercall::{hvmop, nr, schedop, vcpuop, xenmem};
+use vmirq::xen::{attach, EventChannels, Hypercalls, Upcalls, XenConfig};
+use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
+use vmirq_guest::machine::{hypercall_op, Machine, MachineConfig, Mode};
+use vmirq_guest::migration::mask_xen_port;
+use vmirq_guest::on_every_machine;
+use vmirq_guest::xen::{serve_xen, xen_cmd};
+
+const WAIT: Duration = Duration::from_secs(5);
+const ARGS: u32 = 0x9000;
+const PORTS: u32 = 0x9100;
+const VIRQ_TIMER: u32 = 0;
+const BIND_VIRQ: u32 = 1;
+const BIND_IPI: u32 = 7;
+
+fn two_vcpus(mode: Mode) -> MachineConfig {
+    MachineConfig::new(2, mode.irqchip())
+}
+
+struct Xen {
+    channels: Arc<EventChannels>,
+    upcalls: Arc<Upcalls>,
+}
+
+/// Event channels with shared_info at `shared_info`, every hypercall served, upcall vectors set
+/// (their injection waited for).
+fn xen_at(m: &dyn Machine, shared_info: u64) -> Xen {
+    let memory = m.guest_memory().expect("guest RAM").clone();
+    let config = XenConfig {
+        vcpus: 2,
+        long_mode: false,
+        shared_info_gpa: shared_info,
+        domid: 1,
+    };
+    let (channels, upcalls) = attach(m.interrupts(), memory, config);
+    serve_xen(
+        m,
+        Arc::new(Hypercalls::new(Arc::clone(&channels), Arc::clone(&upcalls))),
+    );
+    for vcpu in 0..2 {
+        upcalls
+            .set_upcall_vector(vcpu, Some(XEN_UPCALL_VECTOR))
+            .unwrap();
+        assert!(m
+            .wait_isr(Some(vcpu as usize), XEN_UPCALL_VECTOR, WAIT)
+            .is_some());
+    }
+    Xen { channels, upcalls }
+}
+
+/// The guest makes hypercall `cmd` (a [`xen_cmd`] word) with `args` at [`ARGS`].
+fn hypercall(m: &dyn Machine, cmd: u32, args: &[u8]) -> (i64, Vec<u8>) {
+    m.write_guest(u64::from(ARGS), args).unwrap();
+    let r = m.guest_mmio(&[hypercall_op(cmd, ARGS)]).unwrap()[0] as i32;
+    let mut out = vec![0; args.len()];
+    m.read_guest(u64::from(ARGS), &mut out).unwrap();
+    (i64::from(r), out)
+}
+
+fn le(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn bind(m: &dyn Machine, cmd: u32, args: &[u32], out_at: usize) -> u32 {
+    let (r, out) = hypercall(m, cmd, &le(args));
+    assert_eq!(r, 0, "EVTCHNOP {cmd}");
+    u32::from_le_bytes(out[out_at..out_at + 4].try_into().unwrap())
+}
+
+on_every_machine!(
+    timers_raise_virq_timer_on_their_vcpu,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let x = xen_at(m, XEN_SHARED_INFO);
+        let t0 = bind(m, BIND_VIRQ, &[VIRQ_TIMER, 0, 0], 8);
+        let t1 = bind(m, BIND_VIRQ, &[VIRQ_TIMER, 1, 0], 8);
+        // vCPU 0 arms its own single-shot timer 2 ms ahead, through its hypercall.
+        let at = x.channels.guest_time() + 2_000_000;
+        let set = xen_cmd(nr::VCPU_OP, vcpuop::SET_SINGLESHOT_TIMER, 0);
+        let armed = Instant::now();
+        assert_eq!(
+            hypercall(m, set, &le(&[at as u32, (at >> 32) as u32, 0])).0,
+            0
+        );
+        assert_eq!(m.wait_port_count(t0, 1, WAIT), 1, "vCPU 0's timer");
+        assert!(armed.elapsed() >= Duration::from_millis(1), "fired early");
+        // Another vCPU's single-shot timer is refused; vCPU 1's own is armed as its
+        // dispatcher would (the test guest's hypercalls come from vCPU 0).
+        let other = xen_cmd(nr::VCPU_OP, vcpuop::SET_SINGLESHOT_TIMER, 1);
+        assert_eq!(hypercall(m, other, &le(&[at as u32, 0, 0])).0, -22);
+        let at = x.channels.guest_time() + 1_000_000;
+        x.channels.set_singleshot_timer(1, 1, at).unwrap();
+        assert_eq!(m.wait_port_count(t1, 1, WAIT), 1, "vCPU 1's timer");
+        // vCPU 1's periodic timer, every millisecond, until stopped.
+        let periodic = xen_cmd(nr::VCPU_OP, vcpuop::SET_PERIODIC_TIMER, 1);
+        assert_eq!(hypercall(m, periodic, &le(&[1_000_000, 0])).0, 0);
+        assert!(m.wait_port_count(t1, 4, WAIT) >= 4, "periodic ticks");
+        let stop = xen_cmd(nr::VCPU_OP, vcpuop::STOP_PERIODIC_TIMER, 1);
+        assert_eq!(hypercall(m, stop, &[0; 8]).0, 0);
+        // A firing already on its way when the stop came may still land: two controls on
+        // vCPU 1, a tick apart at least, and nothing moves between them.
+        let ctl = bind(m, BIND_IPI, &[1, 0], 4);
+        x.channels.notify_port(ctl).unwrap();
+        assert_eq!(m.wait_port_count(ctl, 1, WAIT), 1);
+        let ticks = m.port_counter(t1);
+        let due = Instant::now() + Duration::from_millis(3);
+        assert!(m.wait_until(WAIT, &mut || Instant::now() >= due));
+        x.channels.notify_port(ctl).unwrap();
+        assert_eq!(m.wait_port_count(ctl, 2, WAIT), 2);
+        assert_eq!(
+            m.port_counter(t1),
+            ticks,
+            "the periodic timer ticked after stop"
+        );
+        assert_eq!(m.port_counter(t0), 1, "vCPU 0's timer fired twice");
+        let _ = &x.upcalls;
+    }
+);
+
+on_every_machine!(
+    sched_poll_blocks_the_vcpu_until_its_port_is_pending,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        let x = xen_at(m, XEN_SHARED_INFO);
+        let p = bind(m, BIND_IPI, &[0, 0], 4);
+        // Linux's xen_poll_irq polls a masked port: the pending bit wakes it, no upcall.
+        mask_xen_port(m, p).unwrap();
+        m.write_guest(u64::from(PORTS), &p.to_le_bytes()).unwrap();
+        let channels = Arc::clone(&x.channels);
+        let waker = std::thread::spawn(move || {
+            let deadline = Instant::now() + WAIT;
+            while channels.pollers() == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the vCPU never blocked in its poll"
+                );
+                std::thread::yield_now();
+            }
+            channels.notify_port(p).unwrap();
+        });
+        // struct sched_poll (compat): ports handle, nr_ports, u64 timeout (0: none).
+        let poll = xen_cmd(nr::SCHED_OP, schedop::POLL, 0);
+        assert_eq!(hypercall(m, poll, &le(&[PORTS, 1, 0, 0])).0, 0);
+        waker.join().unwrap();
+        assert!(x.channels.port_status(p).pending, "woken by its port");
+        assert_eq!(m.port_counter(p), 0, "a masked port was consumed");
+        // A timeout already past returns at once; a bad port is -EINVAL.
+        assert_eq!(hypercall(m, poll, &le(&[PORTS, 1, 1, 0])).0, 0);
+        m.write_guest(u64::from(PORTS), &1024u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(hypercall(m, poll, &le(&[PORTS, 1, 0, 0])).0, -22);
+        assert_eq!(x.channels.pollers(), 0);
+    }
+);
+
+on_every_machine!(
+    shared_info_moves_where_the_guest_maps_it,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        // The VMM placed shared_info elsewhere; the guest's consumer reads it at
+        // XEN_SHARED_INFO, where the guest maps it (XENMAPSPACE_shared_info), as at resume.
+        let elsewhere = XEN_SHARED_INFO + 0x8000;
+        let x = xen_at(m, elsewhere);
+        let p = bind(m, BIND_IPI, &[1, 0], 4);
+        x.channels.notify_port(p).unwrap();
+        // struct xen_add_to_physmap (compat): domid, size, space, idx, gpfn.
+        let add = xen_cmd(nr::MEMORY_OP, xenmem::ADD_TO_PHYSMAP, 0);
+        let gpfn = (XEN_SHARED_INFO >> 12) as u32;
+        assert_eq!(hypercall(m, add, &le(&[0x7FF0, 0, 0, gpfn])).0, 0);
+        assert_eq!(x.channels.config().shared_info_gpa, XEN_SHARED_INFO);
+        // Linux then sets its upcall vector again, which injects: the event sent before the
+        // move is found on the page where the guest looks.
+        let set = xen_cmd(nr::HVM_OP, hvmop::SET_EVTCHN_UPCALL_VECTOR, 0);
+        assert_eq!(
+            hypercall(m, set, &le(&[1, u32::from(XEN_UPCALL_VECTOR)])).0,
+            0
+        );
+        assert_eq!(
+            m.wait_port_count(p, 1, WAIT),
+            1,
+            "the event sent before the move"
+        );
+        // Events after the move land there too.
+        x.channels.notify_port(p).unwrap();
+        assert_eq!(m.wait_port_count(p, 2, WAIT), 2);
+        let q = bind(m, BIND_IPI, &[0, 0], 4);
+        x.channels.notify_port(q).unwrap();
+        assert_eq!(m.wait_port_count(q, 1, WAIT), 1);
+        assert_eq!(m.port_counter(p), 2, "consumed twice");
+    }
+);
