@@ -197,3 +197,54 @@ on_every_machine!(
         assert_eq!(m.port_counter(p), 2, "consumed twice");
     }
 );
+
+on_every_machine!(
+    a_device_msi_encoding_a_pirq_marks_its_port,
+    two_vcpus,
+    |m: &dyn Machine, _| {
+        use vmirq::xen::hypercall::physdevop;
+        use vmirq::xen::{map_type, pirq_msi};
+        use vmirq::{IrqfdPath, Route};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let _x = xen_at(m, XEN_SHARED_INFO);
+        // Linux's xen_hvm_setup_msi_irqs: a free PIRQ, then a port bound to it.
+        let get = xen_cmd(nr::PHYSDEV_OP, physdevop::GET_FREE_PIRQ, 0);
+        let pirq = bind(m, get, &[map_type::MSI as u32, 0], 4);
+        assert_eq!(pirq, 255, "MSIs count down from the top");
+        const BIND_PIRQ: u32 = 2;
+        let p = bind(m, BIND_PIRQ, &[pirq, 0, 0], 8);
+        // The device's MSI carries the PIRQ message: its irqfd takes vmirq's path, which marks
+        // the port instead of injecting vector 0.
+        let irq = m.interrupts();
+        let route = irq.new_route(Route::msi(pirq_msi(pirq))).unwrap();
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        assert!(route.assign_irqfd_on(&fd, Some(IrqfdPath::Kernel)).is_err());
+        let irqfd = route.assign_irqfd(&fd).unwrap();
+        assert_eq!(irqfd.path(), IrqfdPath::User);
+        for n in 1..=3 {
+            fd.write(1).unwrap();
+            assert_eq!(m.wait_port_count(p, n, WAIT), n, "device MSI {n}");
+        }
+        irq.signal_msi(pirq_msi(pirq)).unwrap();
+        assert_eq!(m.wait_port_count(p, 4, WAIT), 4, "a signalled MSI");
+        // Closed: the device's MSIs go nowhere. The control is an event channel route's
+        // irqfd, signalled after the device's: the dispatcher serves them in that order.
+        const CLOSE: u32 = 3;
+        let q = bind(m, BIND_IPI, &[0, 0], 4);
+        let ctl_route = irq
+            .new_route(Route::XenEvtchn {
+                port: q,
+                vcpu: 0,
+                priority: Route::XEN_PRIO_2LEVEL,
+            })
+            .unwrap();
+        let ctl = EventFd::new(EFD_NONBLOCK).unwrap();
+        let _ctl_irqfd = ctl_route.assign_irqfd(&ctl).unwrap();
+        assert_eq!(hypercall(m, CLOSE, &le(&[p])).0, 0);
+        fd.write(1).unwrap();
+        ctl.write(1).unwrap();
+        assert_eq!(m.wait_port_count(q, 1, WAIT), 1);
+        assert_eq!(m.port_counter(p), 4, "an MSI reached a closed PIRQ port");
+        assert!(irqfd.take_error().is_none(), "the dispatcher failed an MSI");
+    }
+);

@@ -62,6 +62,11 @@ pub struct Stats {
 pub trait EventChannelSink: Send + Sync {
     /// Marks `port` pending for `vcpu`; an error says why nothing was marked.
     fn set_pending(&self, port: u32, vcpu: u32) -> Result<(), XenError>;
+
+    /// Delivers an MSI that encodes a PIRQ (`crate::xen::msi_pirq`) to the port bound to it,
+    /// as QEMU's `xen_evtchn_deliver_pirq_msi`; a PIRQ bound to no port drops it, as Xen
+    /// does.
+    fn deliver_pirq_msi(&self, msg: MsiMessage) -> Result<(), XenError>;
 }
 
 /// The split irqchip's IOAPIC and what its route commits hold back.
@@ -148,6 +153,16 @@ impl Delivery {
         line
     }
 
+    /// Injects `msg`, or marks the Xen event channel it encodes a PIRQ for.
+    pub(crate) fn signal_msi(&self, msg: MsiMessage, devid: Option<u32>) -> Result<(), Error> {
+        if crate::xen::msi_pirq(msg).is_some() {
+            if let Some(xen) = self.xen.load().as_ref() {
+                return Ok(xen.deliver_pirq_msi(msg)?);
+            }
+        }
+        Ok(self.backend().signal_msi(msg, devid)?)
+    }
+
     /// One edge interrupt on `gsi` through its current routes.
     pub(crate) fn inject_edge(&self, gsi: Gsi) -> Result<(), Error> {
         let table = self.router.load();
@@ -158,7 +173,7 @@ impl Delivery {
         let mut pulsed = false;
         for route in routes {
             match *route {
-                Route::Msi { msg, devid } => self.backend().signal_msi(msg, devid)?,
+                Route::Msi { msg, devid } => self.signal_msi(msg, devid)?,
                 Route::Irqchip { chip, .. } => {
                     if self.ioapic.is_some() && chip != IrqChip::Ioapic {
                         return Err(Error::Unsupported("drive a PIC on a split irqchip"));

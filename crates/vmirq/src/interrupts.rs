@@ -256,9 +256,10 @@ impl Interrupts {
         Ok(IoapicPin::new(Arc::clone(self), pin))
     }
 
-    /// Injects an MSI now.
+    /// Injects an MSI now; one encoding a Xen PIRQ marks its event channel instead once event
+    /// channels are attached.
     pub fn signal_msi(&self, msg: MsiMessage) -> Result<(), Error> {
-        Ok(self.backend().signal_msi(msg, None)?)
+        self.delivery.signal_msi(msg, None)
     }
 
     /// Counters of the userspace path.
@@ -343,6 +344,9 @@ impl Interrupts {
     /// through `sink` from now on (userspace irqfd path, lock-free marking).
     pub fn attach_event_channels(&self, sink: Box<dyn EventChannelSink>) {
         self.delivery.xen.store(Some(Arc::new(sink)));
+        // MSIs encoding a PIRQ now mark event channels: irqfds of such routes take the user
+        // path, and a route change that would hand one to a kernel irqfd is refused.
+        self.router().divert_pirqs();
     }
 
     /// Runs `f` on the dispatcher each time `fd` is signalled (its count consumed), until the
@@ -423,7 +427,10 @@ impl Interrupts {
                 own,
                 gsi,
                 |routes| {
-                    let kernel_can = routes.iter().all(|r| backend.delivers(r));
+                    let divert = self.router().diverts_pirqs();
+                    let kernel_can = routes
+                        .iter()
+                        .all(|r| crate::router::kernel_delivers(&*backend, divert, r));
                     if path == Some(IrqfdPath::Kernel) && !kernel_can {
                         return Err(Error::Unsupported(
                             "deliver these routes from a kernel irqfd",

@@ -122,6 +122,9 @@ pub(crate) struct Router {
     allocatable: u32,
     /// The allocator's range: `first..limit`.
     range: std::ops::Range<u32>,
+    /// Xen event channels are attached: an MSI encoding a PIRQ marks an event channel, which
+    /// only vmirq can do, so such routes are not the hypervisor's to deliver.
+    divert_pirqs: std::sync::atomic::AtomicBool,
 }
 
 /// The GSIs the allocator of a VM in `mode` hands out, for a configured first dynamic GSI
@@ -136,6 +139,17 @@ pub(crate) fn dynamic_gsis(
 }
 
 impl Router {
+    /// From now on MSIs encoding a Xen PIRQ are vmirq's to deliver (event channels attached).
+    pub(crate) fn divert_pirqs(&self) {
+        self.divert_pirqs
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether MSIs encoding a Xen PIRQ are vmirq's to deliver.
+    pub(crate) fn diverts_pirqs(&self) -> bool {
+        self.divert_pirqs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// A router whose allocator hands out GSIs `first_dynamic..limit` (`limit` ≤ 4096). In the
     /// kernel irqchip mode the table starts as KVM's default (GSI n → IOAPIC pin n, GSIs 0-15
     /// also to the PICs); in split mode GSIs below the pin count belong to the IOAPIC.
@@ -187,6 +201,7 @@ impl Router {
             released: Arc::default(),
             allocatable: limit - first,
             range,
+            divert_pirqs: std::sync::atomic::AtomicBool::new(false),
         };
         let mut batch = router.batch();
         batch.dirty = true;
@@ -268,7 +283,8 @@ impl Router {
         for gsi in &reclaimed {
             table.remove(Gsi(*gsi));
         }
-        let kernel = match validate(&w, &table, &*self.backend) {
+        let divert = self.diverts_pirqs();
+        let kernel = match validate(&w, &table, &*self.backend, divert) {
             Ok(kernel) => kernel,
             Err(e) => {
                 lock(&self.released).extend(reclaimed);
@@ -575,14 +591,23 @@ impl RouteBatch<'_> {
     }
 }
 
+/// Whether the hypervisor delivers `route` by itself: the backend says so, and it is not an
+/// MSI encoding a Xen PIRQ while event channels are attached (vmirq marks those ports).
+pub(crate) fn kernel_delivers(backend: &dyn Backend, divert_pirqs: bool, route: &Route) -> bool {
+    let pirq = matches!(route, Route::Msi { msg, .. } if crate::xen::msi_pirq(*msg).is_some());
+    backend.delivers(route) && !(divert_pirqs && pirq)
+}
+
 /// Checks `table` against the irqfds in force and builds the hypervisor's view.
 fn validate(
     w: &Writer,
     table: &RoutingTable,
     backend: &dyn Backend,
+    divert_pirqs: bool,
 ) -> Result<Vec<KernelRoute>, RouterError> {
     for gsi in w.kernel_irqfds.keys() {
-        if let Some(route) = table.get(Gsi(*gsi)).iter().find(|r| !backend.delivers(r)) {
+        let undeliverable = |r: &&Route| !kernel_delivers(backend, divert_pirqs, r);
+        if let Some(route) = table.get(Gsi(*gsi)).iter().find(undeliverable) {
             return Err(RouterError::KernelIrqfdCannotDeliver {
                 gsi: Gsi(*gsi),
                 route: *route,

@@ -162,6 +162,8 @@ fn xen_event_channels_refuse_impossible_states() {
     s.upcall_vectors[0] = Some(0x10);
     s.vcpu_info[1] = Some(0x3000);
     s.vcpu_info[0] = Some(0);
+    s.ports[0].1 = PortState::Pirq(255);
+    s.pirqs = vec![24, 255];
     restore_xen(s, 2).unwrap();
     // A snapshot from before vcpu_info at address 0 was honoured (placements as `placed`, 0
     // for the legacy slot, no APIC IDs) restores.
@@ -248,7 +250,22 @@ fn xen_event_channels_refuse_impossible_states() {
         refused(&|s| s.ports[0].1 = PortState::Closed, 2),
         "a closed port listed"
     );
-    assert!(refused(&|s| s.ports[0].1 = PortState::Pirq(3), 2), "a PIRQ");
+    assert!(
+        refused(&|s| s.ports[0].1 = PortState::Pirq(256), 2),
+        "PIRQ 256"
+    );
+    assert!(
+        refused(
+            &|s| {
+                s.ports[0].1 = PortState::Pirq(3);
+                s.ports[1].1 = PortState::Pirq(3);
+            },
+            2
+        ),
+        "a PIRQ bound twice"
+    );
+    assert!(refused(&|s| s.pirqs = vec![30, 20], 2), "PIRQs unordered");
+    assert!(refused(&|s| s.pirqs = vec![256], 2), "PIRQ 256 handed out");
     assert!(
         refused(&|s| s.ports[0].1 = PortState::Virq(24), 2),
         "VIRQ 24"

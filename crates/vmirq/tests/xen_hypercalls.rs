@@ -166,3 +166,51 @@ fn sched_poll_and_add_to_physmap_read_their_structs_at_the_guests_width() {
         let _ = Arc::clone(h.channels());
     }
 }
+
+#[test]
+fn physdev_ops_hand_out_msi_pirqs_as_xen_does() {
+    use vmirq::xen::hypercall::physdevop;
+    use vmirq::xen::map_type;
+    let (h, mem) = guest(false);
+    let call = |cmd: u32, words: &[u64]| {
+        write(&mem, words);
+        h.call(0, nr::PHYSDEV_OP, [u64::from(cmd), ARGS, 0])
+    };
+    let out = || mem.read_obj::<u32>(GuestAddress(ARGS + 4)).unwrap();
+    // QEMU allocate_pirq: GSIs from 16 up, MSIs from 255 down.
+    assert_eq!(call(physdevop::GET_FREE_PIRQ, &[map_type::GSI as u64]), 0);
+    assert_eq!(out(), 16);
+    assert_eq!(call(physdevop::GET_FREE_PIRQ, &[map_type::MSI as u64]), 0);
+    assert_eq!(out(), 255);
+    assert_eq!(call(physdevop::GET_FREE_PIRQ, &[map_type::MSI as u64]), 0);
+    assert_eq!(out(), 254);
+    assert_eq!(h.channels().allocated_pirqs(), [16, 254, 255]);
+    // map_pirq {domid, type, index, pirq}: MSIs -EINVAL, GSIs not emulated, dom0 -EPERM.
+    let map = |domid: u64, kind: i32| {
+        call(
+            physdevop::MAP_PIRQ,
+            &[domid | (kind as u32 as u64) << 32, 0, 0, 0, 0],
+        )
+    };
+    assert_eq!(map(0x7FF0, map_type::MSI), EINVAL);
+    assert_eq!(map(0x7FF0, map_type::GSI), ENOSYS);
+    assert_eq!(map(0, map_type::MSI), EPERM);
+    // unmap_pirq {domid, pirq}.
+    let unmap =
+        |domid: u64, pirq: i32| call(physdevop::UNMAP_PIRQ, &[domid | (pirq as u32 as u64) << 32]);
+    assert_eq!(unmap(0x7FF0, 256), EINVAL);
+    assert_eq!(unmap(0x7FF0, -1), EINVAL);
+    assert_eq!(unmap(0x7FF0, 100), ENOENT);
+    assert_eq!(unmap(5, 255), EPERM);
+    assert_eq!(unmap(0x7FF0, 255), 0);
+    assert_eq!(h.channels().allocated_pirqs(), [16, 254]);
+    // irq_status_query {irq, flags out}: MSI PIRQs need no EOI; eoi of one is -EINVAL.
+    assert_eq!(call(physdevop::IRQ_STATUS_QUERY, &[254 | 0xdead << 32]), 0);
+    assert_eq!(out(), 0);
+    assert_eq!(call(physdevop::IRQ_STATUS_QUERY, &[256]), EINVAL);
+    assert_eq!(call(physdevop::EOI, &[254]), EINVAL);
+    assert_eq!(call(physdevop::EOI, &[100]), ENOENT);
+    assert_eq!(call(physdevop::EOI, &[256]), EINVAL);
+    assert_eq!(call(99, &[0]), ENOSYS);
+    assert_eq!(h.call(0, nr::PHYSDEV_OP, [5, 0x20_0000, 0]), EFAULT);
+}

@@ -9,6 +9,7 @@
 //! | `vcpu_op` (24) | `register_vcpu_info`, single-shot and periodic timers |
 //! | `sched_op` (29) | `SCHEDOP_poll`; `SCHEDOP_yield` answers 0 |
 //! | `event_channel_op` (32) | every `EVTCHNOP` ([`EventChannels::hypercall`]) |
+//! | `physdev_op` (33) | `get_free_pirq`, `map_pirq`, `unmap_pirq`, `irq_status_query`, `eoi` (MSI PIRQs) |
 //! | `hvm_op` (34) | `HVMOP_set_param` / `get_param` of `HVM_PARAM_CALLBACK_IRQ`, `HVMOP_set_evtchn_upcall_vector` |
 //!
 //! Anything else is -ENOSYS: the VMM answers the rest of the guest's hypercalls itself.
@@ -71,6 +72,20 @@ pub mod hvmop {
     pub const PARAM_CALLBACK_IRQ: u32 = 0;
     /// `HVM_NR_PARAMS`.
     pub const NR_PARAMS: u32 = 39;
+}
+
+/// `PHYSDEVOP_*` (physdev.h).
+pub mod physdevop {
+    /// Reports whether a PIRQ needs an EOI.
+    pub const IRQ_STATUS_QUERY: u32 = 5;
+    /// EOIs a GSI PIRQ.
+    pub const EOI: u32 = 12;
+    /// Maps a GSI or MSI to a PIRQ.
+    pub const MAP_PIRQ: u32 = 13;
+    /// Gives a PIRQ back.
+    pub const UNMAP_PIRQ: u32 = 14;
+    /// Hands out a free PIRQ.
+    pub const GET_FREE_PIRQ: u32 = 23;
 }
 
 /// `XENMEM_*` (memory.h).
@@ -158,6 +173,7 @@ impl Hypercalls {
             nr::SCHED_OP => self.sched_op(vcpu, cmd, args[1]),
             nr::HVM_OP => self.hvm_op(cmd, args[1]),
             nr::MEMORY_OP => self.memory_op(cmd, args[1]),
+            nr::PHYSDEV_OP => self.physdev_op(cmd, args[1]),
             _ => Err(XenError::NoSys),
         };
         match r {
@@ -307,6 +323,54 @@ impl Hypercalls {
         }
         let gpa = gpfn.checked_mul(0x1000).ok_or(XenError::Invalid)?;
         self.channels.move_shared_info(gpa)?;
+        Ok(0)
+    }
+}
+
+impl Hypercalls {
+    /// Xen `do_physdev_op` for an HVM guest's own MSI PIRQs (QEMU `xen_physdev_*`). Each
+    /// struct is `{u32/i32 first, u32 second}` but `map_pirq` (domid, type, index, pirq, ...).
+    fn physdev_op(&self, cmd: u32, arg: u64) -> Result<i64, XenError> {
+        use super::map_type;
+        let ch = &self.channels;
+        let write = |words: [u32; 2]| {
+            ch.memory
+                .write_obj(words, GuestAddress(arg))
+                .map_err(|_| XenError::Fault)
+        };
+        match cmd {
+            physdevop::GET_FREE_PIRQ => {
+                let [kind, _]: [u32; 2] = self.read(arg)?;
+                let pirq = ch.get_free_pirq(&mut ch.lock(), kind as i32)?;
+                write([kind, pirq])?;
+            }
+            physdevop::MAP_PIRQ => {
+                let a: [u32; 4] = self.read(arg)?;
+                // QEMU xen_physdev_map_pirq: only this domain; Xen answers an HVM guest mapping
+                // its own MSIs with -EINVAL (they come from get_free_pirq); GSI PIRQs are not
+                // emulated here.
+                ch.check_self_only(a[0] as u16)?;
+                return match a[1] as i32 {
+                    map_type::GSI => Err(XenError::NoSys),
+                    _ => Err(XenError::Invalid),
+                };
+            }
+            physdevop::UNMAP_PIRQ => {
+                let [domid, pirq]: [u32; 2] = self.read(arg)?;
+                ch.check_self_only(domid as u16)?;
+                ch.unmap_pirq(&mut ch.lock(), pirq as i32)?;
+            }
+            physdevop::IRQ_STATUS_QUERY => {
+                let [irq, _]: [u32; 2] = self.read(arg)?;
+                let flags = ch.irq_status(irq)?;
+                write([irq, flags])?;
+            }
+            physdevop::EOI => {
+                let irq: u32 = self.read(arg)?;
+                ch.eoi_pirq(&ch.lock(), irq)?;
+            }
+            _ => return Err(XenError::NoSys),
+        }
         Ok(0)
     }
 }

@@ -52,6 +52,7 @@ pub mod abi;
 pub mod hypercall;
 pub mod layout;
 mod ops;
+mod pirq;
 pub mod ports;
 mod shinfo;
 mod state;
@@ -77,6 +78,7 @@ pub use abi::{XenError, DOMID_BACKEND, DOMID_SELF};
 pub use hypercall::Hypercalls;
 pub use layout::Layout;
 use layout::{SharedInfo, LEGACY_MAX_VCPUS, MAX_VCPUS, NOT_PLACED};
+pub use pirq::{map_type, msi_pirq, pirq_msi, NR_PIRQS};
 use ports::{BackendSlot, Binding, PortSlot, Table};
 pub use ports::{PortState, PortStatus, Remote};
 pub(crate) use state::restore;
@@ -163,7 +165,15 @@ pub struct EventChannels {
     vcpu_timers: Mutex<Vec<VcpuTimers>>,
     /// vCPUs blocked in SCHEDOP_poll.
     poll: PollState,
+    /// The port bound to each PIRQ (0: none). Read lock-free by MSI delivery; written under
+    /// the table mutex.
+    pirq_ports: Box<[AtomicU32]>,
+    /// Called after each EVTCHNOP_bind_pirq, with no lock held.
+    pirq_hook: std::sync::RwLock<Option<Box<PirqHook>>>,
 }
+
+/// What [`EventChannels::set_pirq_bind_hook`] installs.
+type PirqHook = dyn Fn(u32) + Send + Sync;
 
 impl EventChannels {
     /// Event channels for the guest whose RAM is `memory`, raising upcalls through `upcall`.
@@ -190,6 +200,8 @@ impl EventChannels {
             clock: GuestClock::new(),
             vcpu_timers: Mutex::new((0..config.vcpus).map(|_| VcpuTimers::default()).collect()),
             poll: PollState::default(),
+            pirq_ports: (0..NR_PIRQS).map(|_| AtomicU32::new(0)).collect(),
+            pirq_hook: std::sync::RwLock::new(None),
             config,
         }
     }
@@ -220,17 +232,18 @@ impl EventChannels {
         // Upcalls a hypercall raises (unmask, bind_vcpu, a send to self) wait until the table
         // mutex is released: no lock is held across the upcall's KVM_SIGNAL_MSI.
         let deferred = DeferredUpcalls::begin();
+        let mut bound_pirq = None;
         let mut t = self.lock();
         let a = GuestAddress(args_gpa);
         let r = match cmd {
             op::ALLOC_UNBOUND => self.with_arg(a, true, |x| self.alloc_unbound(&mut t, x)),
             op::BIND_INTERDOMAIN => self.with_arg(a, true, |x| self.bind_interdomain(&mut t, x)),
             op::BIND_VIRQ => self.with_arg(a, true, |x| self.bind_virq(&mut t, x)),
-            // No PIRQ is ever mapped (PHYSDEVOP_map_pirq is not emulated), so every PIRQ is
-            // out of range: Xen's answer for `pirq >= d->nr_pirqs` is -EINVAL.
-            op::BIND_PIRQ => {
-                self.with_arg(a, false, |_: &mut abi::BindPirq| Err(XenError::Invalid))
-            }
+            op::BIND_PIRQ => self.with_arg(a, true, |x: &mut abi::BindPirq| {
+                x.port = self.bind_pirq(&mut t, x.pirq)?;
+                bound_pirq = Some(x.pirq);
+                Ok(())
+            }),
             op::BIND_IPI => self.with_arg(a, true, |x| self.bind_ipi(&mut t, x)),
             op::CLOSE => self.with_arg(a, false, |x: &mut abi::PortArg| {
                 self.check_port(x.port)?;
@@ -274,6 +287,9 @@ impl EventChannels {
         drop(t);
         for vcpu in deferred.finish() {
             self.upcall.upcall(vcpu);
+        }
+        if let (Ok(()), Some(pirq)) = (&r, bound_pirq) {
+            self.pirq_bound(pirq);
         }
         match r {
             Ok(()) => 0,

@@ -194,7 +194,7 @@ impl Model {
         }
         let mut a = buf[..size].to_vec();
         let r = self.op(cmd, &mut a);
-        if r.is_ok() && matches!(cmd, 0 | 1 | 5 | 6 | 7) {
+        if r.is_ok() && matches!(cmd, 0 | 1 | 2 | 5 | 6 | 7) {
             buf[..size].copy_from_slice(&a);
         }
         r.map_or_else(|e| -e.errno(), |()| 0)
@@ -285,7 +285,17 @@ impl Model {
                 self.virqs[i] = self.alloc(PortState::Virq(virq), vcpu)?;
                 put(a, 8, &self.virqs[i].to_le_bytes());
             }
-            2 => return Err(XenError::Invalid),
+            2 => {
+                let pirq = u32_at(a, 0);
+                if pirq >= NR_PIRQS {
+                    return Err(XenError::Invalid);
+                }
+                if self.ports.iter().any(|(s, _)| *s == PortState::Pirq(pirq)) {
+                    return Err(XenError::Exists);
+                }
+                let p = self.alloc(PortState::Pirq(pirq), 0)?;
+                put(a, 8, &p.to_le_bytes());
+            }
             3 => {
                 check(self, u32_at(a, 0))?;
                 self.close(u32_at(a, 0))?;

@@ -255,12 +255,17 @@ impl EventChannels {
                     }
                 }
             }
+            // The PIRQ keeps its allocation (Xen: unmapping is PHYSDEVOP_unmap_pirq's).
+            PortState::Pirq(pirq) => {
+                if let Some(p) = self.pirq_ports.get(pirq as usize) {
+                    let _ = p.compare_exchange(port, 0, Ordering::AcqRel, Ordering::Acquire);
+                }
+            }
             PortState::Unbound { .. }
             | PortState::Interdomain {
                 remote: Remote::Domain(_),
                 ..
             }
-            | PortState::Pirq(_)
             | PortState::Ipi => {}
         }
         let slot = self.slot(port)?;

@@ -107,7 +107,7 @@ pub struct Binding {
     pub stat: u32,
     /// FIFO priority (4 bits); always [`DEFAULT_PRIORITY`] for now.
     pub priority: u8,
-    /// The VIRQ number for a VIRQ port, else 0.
+    /// The VIRQ number for a VIRQ port, the PIRQ for a PIRQ port, else 0.
     pub virq: u8,
     /// The vCPU the port notifies.
     pub vcpu: u16,
@@ -117,7 +117,7 @@ impl Binding {
     /// The delivery half of `state` bound to `vcpu`, at the default priority.
     pub fn new(state: PortState, vcpu: u32) -> Self {
         let virq = match state {
-            PortState::Virq(v) => v as u8,
+            PortState::Virq(n) | PortState::Pirq(n) => n as u8,
             _ => 0,
         };
         Self {
@@ -261,6 +261,8 @@ pub struct Table {
     pub ports: Vec<(PortState, u32)>,
     /// Indexed by backend port; entry 0 is never used.
     pub backends: Vec<Option<BackendSlot>>,
+    /// Per PIRQ: handed out by PHYSDEVOP_get_free_pirq and not unmapped.
+    pub pirqs: Vec<bool>,
 }
 
 impl Table {
@@ -269,6 +271,7 @@ impl Table {
         Self {
             ports: vec![(PortState::Closed, 0); ports as usize],
             backends: (0..ports).map(|_| None).collect(),
+            pirqs: vec![false; super::NR_PIRQS as usize],
         }
     }
 

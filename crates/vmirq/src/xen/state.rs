@@ -50,6 +50,9 @@ pub struct XenState {
     /// The vCPUs' armed timers, as guest-time deadlines.
     #[serde(default)]
     pub timers: Vec<super::XenTimerState>,
+    /// The PIRQs handed out, lowest first (ports bound to PIRQs are in `ports`).
+    #[serde(default)]
+    pub pirqs: Vec<u32>,
 }
 
 impl XenState {
@@ -89,8 +92,14 @@ impl EventChannels {
             clock: _,
             vcpu_timers: _,
             poll: _,
+            pirq_ports: _,
+            pirq_hook: _,
         } = self;
-        let Table { ports, backends } = &*t;
+        let Table {
+            ports,
+            backends,
+            pirqs,
+        } = &*t;
         let (upcall_vectors, callback, apic_ids) = upcalls.configuration();
         XenState {
             // The address and width as they are now.
@@ -125,6 +134,9 @@ impl EventChannels {
             apic_ids,
             guest_time: self.guest_time(),
             timers: self.save_timers(),
+            pirqs: (0..super::NR_PIRQS)
+                .filter(|p| pirqs[*p as usize])
+                .collect(),
         }
     }
 }
@@ -153,6 +165,7 @@ pub(crate) fn restore(
         apic_ids,
         guest_time,
         timers,
+        pirqs,
     } = state;
     let (channels, upcalls) = attach(interrupts, memory, *config);
     let mut endpoints = Vec::new();
@@ -161,6 +174,12 @@ pub(crate) fn restore(
         for (port, state, vcpu) in ports {
             t.ports[*port as usize] = (*state, *vcpu);
             channels.slots[*port as usize].publish(Binding::new(*state, *vcpu));
+            if let PortState::Pirq(pirq) = state {
+                channels.pirq_ports[*pirq as usize].store(*port, Ordering::Release);
+            }
+        }
+        for pirq in pirqs {
+            t.pirqs[*pirq as usize] = true;
         }
         for (slot, port) in channels.virqs.iter().zip(virqs) {
             slot.store(*port, Ordering::Release);
@@ -258,8 +277,7 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
                 remote_port,
             } => peer_ok(remote, remote_port),
             PortState::Virq(v) => v < NR_VIRQS,
-            // No PIRQ is ever bound here.
-            PortState::Pirq(_) => false,
+            PortState::Pirq(p) => p < super::NR_PIRQS,
         };
         if !ok {
             return bad(format!("port {port}: {s:?}"));
@@ -280,6 +298,25 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
         Callback::Vector(v) if v < 0x10 => return bad(format!("callback vector {v:#x}")),
         Callback::Gsi(g) if g >= pins => return bad(format!("callback GSI {g}")),
         _ => {}
+    }
+    let pirq_ports: Vec<u32> = state
+        .ports
+        .iter()
+        .filter_map(|(_, s, _)| match s {
+            PortState::Pirq(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    let mut sorted = pirq_ports.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != pirq_ports.len() {
+        return bad("a PIRQ bound to two ports".into());
+    }
+    let pirqs_ok = state.pirqs.iter().all(|p| *p < super::NR_PIRQS)
+        && state.pirqs.windows(2).all(|w| w[0] < w[1]);
+    if !pirqs_ok {
+        return bad("PIRQs out of range, repeated or unordered".into());
     }
     for t in &state.timers {
         let period_ok =

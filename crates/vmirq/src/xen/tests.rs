@@ -250,7 +250,10 @@ fn errno_table() {
         -EBUSY,
         "no reset in progress"
     );
-    let pirq = abi::BindPirq::default();
+    let pirq = abi::BindPirq {
+        pirq: NR_PIRQS,
+        ..Default::default()
+    };
     assert_eq!(vm.call(op::BIND_PIRQ, pirq).0, -EINVAL);
     assert_eq!(
         vm.call(op::INIT_CONTROL, abi::InitControl::default()).0,

@@ -333,8 +333,10 @@ mod tests {
             drop(s.lock().unwrap().take());
             tx.send(()).unwrap();
         });
-        t.arm(Instant::now());
         *slot.lock().unwrap() = Some(t);
+        if let Some(t) = slot.lock().unwrap().as_ref() {
+            t.arm(Instant::now());
+        }
         rx.recv().unwrap();
         assert!(slot.lock().unwrap().is_none());
     }

@@ -304,6 +304,11 @@ impl crate::EventChannelSink for RouteSink {
         let channels = self.0.upgrade().ok_or(XenError::Closed)?;
         channels.set_pending(port, vcpu).map(|_| ())
     }
+
+    fn deliver_pirq_msi(&self, msg: crate::MsiMessage) -> Result<(), XenError> {
+        let channels = self.0.upgrade().ok_or(XenError::Closed)?;
+        channels.deliver_pirq_msi(msg)
+    }
 }
 
 /// Emulated event channels for a guest, wired to `interrupts`: upcalls go through the returned

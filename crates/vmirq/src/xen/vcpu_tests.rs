@@ -324,3 +324,57 @@ fn the_width_switches_at_run_time_and_refuses_compat_with_a_high_port_open() {
     vm.ec.set_long_mode(true).unwrap();
     assert_eq!(vm.ec.layout(), Layout::LONG_MODE);
 }
+
+#[test]
+fn a_device_msi_encoding_a_pirq_marks_the_port_bound_to_it() {
+    let vm = vm(false, 2);
+    let hooked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = Arc::clone(&hooked);
+    vm.ec
+        .set_pirq_bind_hook(move |pirq| h.lock().unwrap().push(pirq));
+    let bind = |pirq: u32| {
+        let a = abi::BindPirq {
+            pirq,
+            ..Default::default()
+        };
+        vm.mem.write_obj(a, GuestAddress(ARGS)).unwrap();
+        let rc = vm.ec.hypercall(0, op::BIND_PIRQ, ARGS);
+        let out: abi::BindPirq = vm.mem.read_obj(GuestAddress(ARGS)).unwrap();
+        (rc, out.port)
+    };
+    let (pirq, other) = (255, 254);
+    // No port bound yet: the MSI is dropped, as Xen drops an unbound PIRQ.
+    assert_eq!(vm.ec.deliver_pirq_msi(pirq_msi(pirq)), Ok(()));
+    let (rc, port) = bind(pirq);
+    assert_eq!(rc, 0);
+    assert_eq!(
+        hooked.lock().unwrap().as_slice(),
+        [pirq],
+        "the bind hook ran"
+    );
+    assert_eq!(bind(pirq).0, -abi::errno::EEXIST);
+    assert_eq!(bind(NR_PIRQS).0, -abi::errno::EINVAL);
+    let status = vm.ec.port_status(port);
+    assert_eq!((status.state, status.vcpu), (PortState::Pirq(pirq), 0));
+    vm.up.take();
+    assert_eq!(vm.ec.deliver_pirq_msi(pirq_msi(pirq)), Ok(()));
+    assert!(vm.pending(port));
+    assert_eq!(vm.up.take(), [0]);
+    // Another PIRQ's MSI marks nothing; a message with a vector is not a PIRQ.
+    vm.consume(port, 0);
+    assert_eq!(vm.ec.deliver_pirq_msi(pirq_msi(other)), Ok(()));
+    assert_eq!(
+        vm.ec
+            .deliver_pirq_msi(crate::MsiMessage::new(0xFEE0_0000, 0x41)),
+        Err(XenError::Invalid)
+    );
+    assert!(!vm.pending(port));
+    // Closed: the PIRQ is free to bind again, and its MSIs go nowhere meanwhile.
+    vm.mem
+        .write_obj(abi::PortArg { port }, GuestAddress(ARGS))
+        .unwrap();
+    assert_eq!(vm.ec.hypercall(0, op::CLOSE, ARGS), 0);
+    assert_eq!(vm.ec.deliver_pirq_msi(pirq_msi(pirq)), Ok(()));
+    assert!(!vm.pending(port));
+    assert_eq!(bind(pirq).0, 0);
+}
