@@ -697,6 +697,25 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         "ns",
         Some(("atomic.floor-3-rmw", floor)),
     ));
+    // Xen timers: deadline → guest ISR on a VM of their own (its guest gets the timer's
+    // event channels), against the event-channel upcall path measured above.
+    let timer_vm = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
+    let timer = crate::bench_xen::timer_latency_ns(&*timer_vm, samples).map_err(bench_err)?;
+    drop(timer_vm);
+    let upcall = results
+        .iter()
+        .find(|r| r.name == "latency.xen2l-upcall")
+        .map(|r| r.value);
+    results.push(result(
+        "latency.xen-timer",
+        timer,
+        "ns",
+        upcall.map(|v| ("latency.xen2l-upcall", v)),
+    ));
+    let (armed, threads, cpu) = crate::bench_xen::idle_timers_cpu().map_err(bench_err)?;
+    results.push(result("xen.timers-armed", armed as f64, "timers", None));
+    results.push(result("xen.timer-threads", threads as f64, "threads", None));
+    results.push(result("xen.timers-10000", cpu, "ns-cpu/s", None));
     let (batched, one_by_one, per_vector, next_to) = msix_figures(m).map_err(bench_err)?;
     results.push(result(
         "msix.unmask-2048.per-vector",

@@ -3,6 +3,7 @@
 mod alloc;
 mod bench;
 mod bench_snapshot;
+mod bench_xen;
 mod demo;
 mod paths;
 mod report;
