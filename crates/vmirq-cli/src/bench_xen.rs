@@ -19,8 +19,8 @@ const WAIT: Duration = Duration::from_secs(5);
 /// `EVTCHNOP_bind_virq` and `VIRQ_TIMER`.
 const BIND_VIRQ: u32 = 1;
 const VIRQ_TIMER: u32 = 0;
-/// Where the host writes hypercall arguments in the test guest (unused by its code).
-const ARGS: u64 = 0x9000;
+/// Where the host writes hypercall arguments in the test guest.
+const ARGS: u64 = vmirq_guest::layout::SCRATCH;
 
 fn fail(what: &'static str) -> vmirq::Error {
     vmirq::Error::Unsupported(what)

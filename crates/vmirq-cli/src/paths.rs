@@ -234,7 +234,7 @@ pub struct Xen {
 }
 
 /// Where the guest's EVTCHNOP argument structs go.
-const XEN_ARGS: u32 = 0x9000;
+const XEN_ARGS: u32 = vmirq_guest::layout::SCRATCH as u32;
 const EVTCHNOP_BIND_IPI: u32 = 7;
 const EVTCHNOP_UNMASK: u32 = 9;
 

@@ -8,12 +8,14 @@
 //! 0x0000 ..0x0400  IVT: 256 × (offset, segment), written by the host loader
 //! 0x0500 ..0x0704  boot MMIO script: u32 count, then 64 × {u32 addr, u32 value}
 //! 0x0800 ..0x0808  runtime command sequence / done numbers
-//! 0x0C00 ..0x0C80  hypercall mailboxes: 8 vCPUs × {u32 cmd, u32 args_gpa, i32 result, pad}
-//! 0x1000 ..0x4000  code
-//! 0x4000 ..0x6000  interrupt counters: u32 [8 vCPUs][256 vectors]
-//! 0xB000 ..0xF000  stacks, 0x800 bytes per vCPU, vCPU 0 on top
+//! 0x0C00 ..0x0F00  hypercall mailboxes: 48 vCPUs × {u32 cmd, u32 args_gpa, i32 result, pad}
+//! 0x1000 ..0x8000  code
+//! 0x9000 ..0xF000  stacks, 0x200 bytes per vCPU, vCPU 0 on top
 //! 0x20000..0x21000 Xen shared_info page (32-bit compat layout)
+//! 0x22000..0x22400 Xen vcpu_info of APIC IDs 32..48 (they have no slot in shared_info)
 //! 0x30000..0x31000 Xen event channel port counters: u32 [1024 ports]
+//! 0x40000..0x4C000 interrupt counters: u32 [48 vCPUs][256 vectors]
+//! 0x50000..0x60000 scratch for the host (hypercall arguments the tests write)
 //! ```
 //!
 //! The guest acts as a 32-bit Xen HVM guest: the stub of [`XEN_UPCALL_VECTOR`] runs the Linux
@@ -42,23 +44,23 @@ pub const MMIO_SCRIPT_MAX: usize = 64;
 
 /// Where the guest code is loaded (CS = 0, so this is also the first IP).
 pub const CODE_ADDR: u64 = 0x1000;
-/// First byte after the code area.
-pub const CODE_END: u64 = COUNTERS_ADDR;
+/// First byte after the code area (below the stacks; CS = 0 reaches 64 KiB).
+pub const CODE_END: u64 = 0x8000;
 
 /// Interrupt counters: u32 at `COUNTERS_ADDR + vcpu * 1024 + vector * 4`, incremented with
 /// `lock inc` by the ISR of the vCPU whose APIC ID is `vcpu` (clamped to `MAX_VCPUS - 1`).
-pub const COUNTERS_ADDR: u64 = 0x4000;
+pub const COUNTERS_ADDR: u64 = 0x40000;
 /// Bytes of counters per vCPU (256 vectors × 4).
 pub const COUNTERS_PER_VCPU: u64 = 1024;
 /// Bytes of the whole counter block.
 pub const COUNTERS_SIZE: u64 = COUNTERS_PER_VCPU * MAX_VCPUS as u64;
 
-/// vCPUs the layout has stacks and counters for.
-pub const MAX_VCPUS: usize = 8;
+/// vCPUs the layout has stacks and counters for (a Xen guest with more than 32 vCPUs).
+pub const MAX_VCPUS: usize = 48;
 /// Initial SP of vCPU 0; vCPU `i` starts `i * STACK_SIZE` lower.
 pub const STACK_TOP: u16 = 0xF000;
-/// Bytes of stack per vCPU.
-pub const STACK_SIZE: u16 = 0x800;
+/// Bytes of stack per vCPU (no handler nests: each runs with interrupts off).
+pub const STACK_SIZE: u16 = 0x200;
 
 /// LAPIC registers (Intel SDM vol. 3 table 11-1), reached with 32-bit addresses.
 pub const LAPIC_BASE: u32 = 0xFEE0_0000;
@@ -173,9 +175,22 @@ pub const fn hypercall_mailbox(apic_id: usize) -> u64 {
     HYPERCALL_MAILBOX + slot(apic_id) * HYPERCALL_MAILBOX_SIZE
 }
 
-/// Guest address of the compat `vcpu_info` of APIC ID `apic_id` (clamped, like the guest).
+/// Guest memory the guest's code never touches, where hosts put hypercall arguments.
+pub const SCRATCH: u64 = 0x50000;
+
+/// Where the consumer of APIC IDs from 32 on reads their `vcpu_info`: shared_info has slots
+/// for 32 vCPUs only (the test registers these with VCPUOP_register_vcpu_info).
+pub const XEN_VCPU_INFO_EXT: u64 = 0x22000;
+
+/// Guest address of the compat `vcpu_info` the consumer of APIC ID `apic_id` reads (clamped,
+/// like the guest): its legacy slot in shared_info below 32, else at [`XEN_VCPU_INFO_EXT`].
 pub const fn xen_vcpu_info(apic_id: usize) -> u64 {
-    XEN_SHARED_INFO + slot(apic_id) * XEN_VCPU_INFO_SIZE
+    let slot = slot(apic_id);
+    if slot < 32 {
+        XEN_SHARED_INFO + slot * XEN_VCPU_INFO_SIZE
+    } else {
+        XEN_VCPU_INFO_EXT + (slot - 32) * XEN_VCPU_INFO_SIZE
+    }
 }
 
 /// Guest address of the consumer's counter of event channel `port`, or `None` beyond the
@@ -202,18 +217,23 @@ mod tests {
         assert!(IVT_ADDR + IVT_ENTRY_SIZE * VECTORS as u64 <= MMIO_SCRIPT_COUNT_ADDR);
         let script_end = MMIO_SCRIPT_ENTRIES_ADDR + MMIO_SCRIPT_ENTRY_SIZE * MMIO_SCRIPT_MAX as u64;
         assert!(script_end <= CODE_ADDR);
-        let lowest_stack = u64::from(stack_top(MAX_VCPUS - 1) - STACK_SIZE);
-        assert!(COUNTERS_ADDR + COUNTERS_SIZE <= lowest_stack);
+        const { assert!(COUNTERS_ADDR + COUNTERS_SIZE <= SCRATCH) };
+        const { assert!(SCRATCH + 0x10000 <= 1 << 20) };
         const { assert!(CMD_DONE_ADDR + 4 <= HYPERCALL_MAILBOX) };
         assert!(hypercall_mailbox(MAX_VCPUS - 1) + HYPERCALL_MAILBOX_SIZE <= CODE_ADDR);
         assert!(u64::from(STACK_TOP) <= XEN_SHARED_INFO);
         assert_eq!(XEN_SHARED_INFO % 0x1000, 0);
         const { assert!(XEN_SHARED_INFO + XEN_SHARED_INFO_SIZE <= XEN_PORT_COUNTERS) };
-        const { assert!(XEN_PORT_COUNTERS + XEN_PORT_COUNTERS_SIZE <= 1 << 20) };
+
         // The compat bitmaps: 32 words each, mask right after pending, both inside the page.
         assert_eq!(XEN_EVTCHN_MASK_OFFSET, XEN_EVTCHN_PENDING_OFFSET + 32 * 4);
         const { assert!(XEN_EVTCHN_MASK_OFFSET + 32 * 4 <= XEN_SHARED_INFO_SIZE) };
-        assert!(xen_vcpu_info(MAX_VCPUS) + XEN_VCPU_INFO_SIZE <= XEN_SHARED_INFO + 0x800);
+        assert!(xen_vcpu_info(31) + XEN_VCPU_INFO_SIZE <= XEN_SHARED_INFO + 0x800);
+        const { assert!(XEN_SHARED_INFO + XEN_SHARED_INFO_SIZE <= XEN_VCPU_INFO_EXT) };
+        assert!(xen_vcpu_info(MAX_VCPUS) + XEN_VCPU_INFO_SIZE <= XEN_PORT_COUNTERS);
+        const { assert!(XEN_PORT_COUNTERS + XEN_PORT_COUNTERS_SIZE <= COUNTERS_ADDR) };
+        const { assert!(CODE_END <= 0x10000) };
+        assert!(u64::from(stack_top(MAX_VCPUS - 1) - STACK_SIZE) >= CODE_END);
     }
 
     #[test]
@@ -222,6 +242,7 @@ mod tests {
         assert_eq!(hypercall_mailbox(3), 0x0C30);
         assert_eq!(hypercall_mailbox(99), hypercall_mailbox(MAX_VCPUS - 1));
         assert_eq!(xen_vcpu_info(1), 0x20040);
+        assert_eq!(xen_vcpu_info(33), 0x22040);
         assert_eq!(port_counter_addr(37), Some(0x30000 + 37 * 4));
         assert_eq!(port_counter_addr(1024), None);
     }
@@ -229,9 +250,9 @@ mod tests {
     #[test]
     fn stacks_and_counters_follow_the_documented_formula() {
         assert_eq!(stack_top(0), 0xF000);
-        assert_eq!(stack_top(1), 0xE800);
+        assert_eq!(stack_top(1), 0xEE00);
         assert_eq!(stack_top(MAX_VCPUS), stack_top(MAX_VCPUS - 1));
-        assert_eq!(counter_addr(1, 0x40), Some(0x4000 + 1024 + 0x100));
+        assert_eq!(counter_addr(1, 0x40), Some(0x40000 + 1024 + 0x100));
         assert_eq!(counter_addr(MAX_VCPUS, 0), None);
     }
 }

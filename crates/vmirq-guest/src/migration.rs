@@ -49,7 +49,7 @@ pub const XEN_PORTS: usize = 2;
 /// vector, one Xen port.
 pub const PACED_PATHS: usize = 6;
 
-const ARGS: u32 = 0x9000;
+const ARGS: u32 = crate::layout::SCRATCH as u32;
 const EVTCHNOP_BIND_IPI: u32 = 7;
 const EVTCHNOP_UNMASK: u32 = 9;
 

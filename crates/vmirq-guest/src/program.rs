@@ -137,6 +137,8 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     let mut sel_xchg = a.create_label();
     let mut pending_btr = a.create_label();
     let mut port_inc = a.create_label();
+    let mut xen_legacy = a.create_label();
+    let mut xen_info_ok = a.create_label();
 
     // --- Boot, identical on every vCPU.
     a.set_label(&mut entry)?;
@@ -304,8 +306,17 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.jbe(xen_id_ok)?;
     a.mov(ebx, (MAX_VCPUS - 1) as u32)?;
     a.set_label(&mut xen_id_ok)?;
+    // APIC IDs from 32 on have no slot in shared_info: theirs are at XEN_VCPU_INFO_EXT.
+    a.cmp(ebx, 32u32)?;
+    a.jb(xen_legacy)?;
+    a.sub(ebx, 32u32)?;
+    a.shl(ebx, XEN_VCPU_INFO_SIZE.trailing_zeros())?;
+    a.add(ebx, XEN_VCPU_INFO_EXT as u32)?;
+    a.jmp(xen_info_ok)?;
+    a.set_label(&mut xen_legacy)?;
     a.shl(ebx, XEN_VCPU_INFO_SIZE.trailing_zeros())?;
     a.add(ebx, XEN_SHARED_INFO as u32)?;
+    a.set_label(&mut xen_info_ok)?;
     a.mov(ebp, XEN_CONSUMER_MAX_PASSES)?;
     let pending = (XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET) as i32;
     let mask = (XEN_SHARED_INFO + XEN_EVTCHN_MASK_OFFSET) as i32;
@@ -327,9 +338,12 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.bsf(edx, edi)?;
     a.jz(xen_sel_loop)?;
     a.btr(edi, edx)?;
-    // Ack: clear the pending bit before handling, as Linux does.
+    // Ack: clear the pending bit before handling, as Linux does. Only the vCPU whose btr
+    // cleared it handles the port (CF = the old bit): with many vCPUs two may scan one word
+    // (Linux keeps them apart with its per-CPU masks).
     a.set_label(&mut pending_btr)?;
     a.lock().btr(dword_ptr(ecx * 4 + pending), edx)?;
+    a.jnc(xen_bit_loop)?;
     a.mov(eax, ecx)?;
     a.shl(eax, 5u32)?;
     a.add(eax, edx)?;
@@ -521,7 +535,10 @@ pub fn xen_2l_consume(mem: &GuestMemoryMmap, apic_id: usize) -> Result<u32, Gues
             while bits != 0 {
                 let bit = bits.trailing_zeros();
                 bits &= !(1 << bit);
-                pending.fetch_and(!(1 << bit), Ordering::SeqCst);
+                // Only the consumer whose and cleared the bit handles the port.
+                if pending.fetch_and(!(1 << bit), Ordering::SeqCst) & 1 << bit == 0 {
+                    continue;
+                }
                 let port = word * 32 + bit;
                 if let Some(addr) = port_counter_addr(port) {
                     guest_atomic_u32(mem, addr)?.fetch_add(1, Ordering::SeqCst);
@@ -593,11 +610,11 @@ mod tests {
     #[test]
     fn counter_increment_is_locked_with_sib_and_disp32() {
         let (image, marks) = assemble().unwrap();
-        // lock inc dword [ebx+eax*4+0x4000]: F0 66 67 FF ModRM 84 SIB 83 disp32
+        // lock inc dword [ebx+eax*4+0x40000]: F0 66 67 FF ModRM 84 SIB 83 disp32
         let bytes = at(&image, marks.counter_inc, 10);
         assert_eq!(bytes[0], 0xF0, "{bytes:02x?}");
         assert!(has_both_size_prefixes(&bytes[1..]), "{bytes:02x?}");
-        assert_eq!(&bytes[3..], &[0xFF, 0x84, 0x83, 0x00, 0x40, 0x00, 0x00]);
+        assert_eq!(&bytes[3..], &[0xFF, 0x84, 0x83, 0x00, 0x00, 0x04, 0x00]);
     }
 
     #[test]
@@ -724,7 +741,7 @@ mod tests {
 
     #[test]
     fn load_writes_ivt_code_and_script() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let image = build();
         let script = [(IOAPIC_IOREGSEL, 0x1a), (IOAPIC_IOWIN, 0x45)];
         load(&mem, &image, &script).unwrap();
@@ -745,7 +762,7 @@ mod tests {
 
     #[test]
     fn oversized_script_and_bad_vcpu_are_refused() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let script = vec![(0u32, 0u32); MMIO_SCRIPT_MAX + 1];
         assert!(matches!(
             load(&mem, &build(), &script),
@@ -753,11 +770,11 @@ mod tests {
         ));
         assert!(matches!(
             try_read_counter(&mem, MAX_VCPUS, 0),
-            Err(GuestError::VcpuOutOfRange { vcpu: 8 })
+            Err(GuestError::VcpuOutOfRange { vcpu: 48 })
         ));
         assert_eq!(read_counter(&mem, MAX_VCPUS, 0), 0);
         assert!(build().boot(MAX_VCPUS + 1).is_err());
         let boot = build().boot(MAX_VCPUS).unwrap();
-        assert_eq!(((boot.stack_top)(0), (boot.stack_top)(1)), (0xF000, 0xE800));
+        assert_eq!(((boot.stack_top)(0), (boot.stack_top)(1)), (0xF000, 0xEE00));
     }
 }

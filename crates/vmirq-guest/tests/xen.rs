@@ -13,7 +13,7 @@ use vmirq_guest::on_every_machine;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const WAIT: Duration = Duration::from_secs(5);
-const ARGS: u32 = 0x9000;
+const ARGS: u32 = vmirq_guest::layout::SCRATCH as u32;
 const DOMID_SELF: u16 = 0x7FF0;
 // EVTCHNOP numbers (xen/include/public/event_channel.h).
 const BIND_INTERDOMAIN: u32 = 0;

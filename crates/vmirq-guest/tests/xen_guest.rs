@@ -74,7 +74,7 @@ on_every_machine!(
     two_vcpus,
     |m: &dyn Machine, _| {
         // No handler yet: -ENOSYS.
-        let r = m.guest_mmio(&[hypercall_op(4, 0x9000)]).unwrap();
+        let r = m.guest_mmio(&[hypercall_op(4, 0x5_0000)]).unwrap();
         assert_eq!(r, vec![HYPERCALL_ENOSYS as u32], "{}", m.kind());
 
         let rec = Arc::new(Recorder {
@@ -82,26 +82,26 @@ on_every_machine!(
             ..Recorder::default()
         });
         m.set_hypercall_handler(rec.clone());
-        write_u32(m, 0x9000, 0xA5A5_0001);
+        write_u32(m, 0x5_0000, 0xA5A5_0001);
         // A hypercall between a read and a second hypercall: each entry keeps its own result.
         let r = m
             .guest_mmio(&[
-                mmio_read_op(0x9000),
-                hypercall_op(29, 0x9000),
+                mmio_read_op(0x5_0000),
+                hypercall_op(29, 0x5_0000),
                 hypercall_op(32, 0x9ABF), // args_gpa's low two bits are dropped
             ])
             .unwrap();
         assert_eq!(r, vec![0xA5A5_0001, 42, 42], "{}", m.kind());
         assert_eq!(
             *rec.calls.lock().unwrap(),
-            vec![(0, 29, 0x9000), (0, 32, 0x9ABC)],
+            vec![(0, 29, 0x5_0000), (0, 32, 0x5_0ABC)],
             "{}",
             m.kind()
         );
         // The mailbox of APIC ID 0 holds the last call.
         let mb = hypercall_mailbox(0);
         assert_eq!(read_u32(m, mb + HYPERCALL_CMD_OFFSET), 32);
-        assert_eq!(read_u32(m, mb + HYPERCALL_ARGS_OFFSET), 0x9ABC);
+        assert_eq!(read_u32(m, mb + HYPERCALL_ARGS_OFFSET), 0x5_0ABC);
         assert_eq!(read_u32(m, mb + HYPERCALL_RESULT_OFFSET), 42);
 
         // Negative results reach the guest as its 32-bit long; closures are handlers too.

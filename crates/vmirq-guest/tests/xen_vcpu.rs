@@ -15,8 +15,8 @@ use vmirq_guest::on_every_machine;
 use vmirq_guest::xen::{serve_xen, xen_cmd};
 
 const WAIT: Duration = Duration::from_secs(5);
-const ARGS: u32 = 0x9000;
-const PORTS: u32 = 0x9100;
+const ARGS: u32 = vmirq_guest::layout::SCRATCH as u32;
+const PORTS: u32 = ARGS + 0x100;
 const VIRQ_TIMER: u32 = 0;
 const BIND_VIRQ: u32 = 1;
 const BIND_IPI: u32 = 7;
