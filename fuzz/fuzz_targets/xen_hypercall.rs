@@ -1,8 +1,10 @@
-//! `EventChannels::hypercall` as a hostile guest calls it: any command, vCPU and argument
-//! address, with guest memory (arguments, shared_info, vcpu_info) rewritten between calls, and
-//! the lock-free paths (set_pending, VIRQs) interleaved. Invariants: no panic; no call longer
-//! than 100 ms; nothing written to guest memory outside the argument struct, shared_info and
-//! the vcpu_info areas the guest registered.
+//! `EventChannels::hypercall` and every other hypercall `vmirq::xen::Hypercalls` serves (vcpu,
+//! sched, hvm, memory and physdev ops) as a hostile guest calls them: any number, command, vCPU
+//! and argument address, with guest memory (arguments, shared_info, vcpu_info) rewritten
+//! between calls, and the lock-free paths (set_pending, VIRQs, PIRQ MSIs) interleaved. Polls
+//! get a timeout in the past (a poll with none would wait for an event, as on Xen). Invariants:
+//! no panic; no call longer than 100 ms; nothing written to guest memory outside the argument
+//! structs, shared_info (wherever the guest moved it) and the vcpu_info areas it registered.
 #![no_main]
 
 use std::sync::Arc;
@@ -11,17 +13,25 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmirq::xen::{EventChannels, UpcallSink, XenConfig};
+use vmirq::xen::hypercall::{nr, schedop};
+use vmirq::xen::{attach, pirq_msi, Hypercalls, XenConfig};
+use vmirq::{Config, Interrupts, IrqchipMode, SimBackend};
 
 const RAM: usize = 0x4_0000;
 const SHINFO: u64 = 0x2_0000;
 const ARGS: u64 = 0x1000;
 const FILL: u8 = 0xA5;
 
-struct NoUpcall;
-impl UpcallSink for NoUpcall {
-    fn upcall(&self, _vcpu: u32) {}
-}
+/// The hypercall numbers the dispatcher serves, and one it does not.
+const NUMBERS: [u32; 7] = [
+    nr::MEMORY_OP,
+    nr::VCPU_OP,
+    nr::SCHED_OP,
+    nr::EVENT_CHANNEL_OP,
+    nr::PHYSDEV_OP,
+    nr::HVM_OP,
+    7,
+];
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -50,6 +60,17 @@ enum Op {
         page: u8,
         offset: u16,
     },
+    /// A hypercall by number through the dispatcher, its argument struct at ARGS (or anywhere).
+    Xen {
+        number: u8,
+        cmd: u8,
+        arg2: u8,
+        args: [u8; 40],
+        stray: Option<u32>,
+    },
+    PirqMsi {
+        pirq: u16,
+    },
 }
 
 fuzz_target!(|input: (bool, Vec<Op>)| {
@@ -64,7 +85,9 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
         shared_info_gpa: SHINFO,
         domid: 1,
     };
-    let ec = EventChannels::new(mem.clone(), config, Arc::new(NoUpcall));
+    let irq = Interrupts::new(SimBackend::new(2, IrqchipMode::Kernel), Config::default()).unwrap();
+    let (ec, upcalls) = attach(&irq, mem.clone(), config);
+    let calls = Hypercalls::new(Arc::clone(&ec), upcalls);
     // Where the guest (and so the ABI) may have written: [start, end).
     let mut writable: Vec<(u64, u64)> = vec![(ARGS, ARGS + 64), (SHINFO, SHINFO + 0x1000)];
     for op in ops.iter().take(300) {
@@ -102,6 +125,52 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
             Op::Virq { virq, vcpu } => {
                 let _ = ec.raise_virq(u32::from(*virq % 30), u32::from(*vcpu % 4));
             }
+            Op::Xen {
+                number,
+                cmd,
+                arg2,
+                args,
+                stray,
+            } => {
+                let number = NUMBERS[usize::from(*number) % NUMBERS.len()];
+                let cmd = u64::from(*cmd % 32);
+                let mut args = *args;
+                let poll = number == nr::SCHED_OP && cmd == u64::from(schedop::POLL);
+                let at = match stray {
+                    Some(gpa) if !poll => {
+                        let gpa = u64::from(*gpa);
+                        writable.push((gpa, gpa.saturating_add(48)));
+                        gpa
+                    }
+                    _ => ARGS,
+                };
+                if poll {
+                    // struct sched_poll: the timeout at 16 (64-bit) or 8 (compat), in the past.
+                    let timeout = if ec.config().long_mode { 16 } else { 8 };
+                    args[timeout..timeout + 8].copy_from_slice(&1u64.to_le_bytes());
+                }
+                if at == ARGS {
+                    mem.write_slice(&args, GuestAddress(ARGS)).unwrap();
+                }
+                let vcpu = u32::from(*arg2 % 4);
+                let call = match number {
+                    nr::VCPU_OP => [cmd, u64::from(vcpu), at],
+                    _ => [cmd, at, 0],
+                };
+                calls.call(vcpu % 2, number, call);
+                // shared_info and vcpu_info areas the guest placed are the ABI's to write.
+                writable.push((ec.config().shared_info_gpa, ec.config().shared_info_gpa + 0x1000));
+                for v in 0..2 {
+                    if let Some(gpa) = ec.vcpu_info_gpa(v) {
+                        writable.push((gpa, gpa + 64));
+                    }
+                }
+                writable.sort_unstable();
+                writable.dedup();
+            }
+            Op::PirqMsi { pirq } => {
+                let _ = ec.deliver_pirq_msi(pirq_msi(u32::from(*pirq)));
+            }
             Op::RegisterVcpuInfo { vcpu, page, offset } => {
                 let gpa = 0x3_0000 + u64::from(*page % 16) * 0x1000 + u64::from(*offset % 0x1000);
                 if ec.register_vcpu_info(u32::from(*vcpu % 4), gpa).is_ok() {
@@ -113,6 +182,11 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
             t0.elapsed() < Duration::from_millis(100),
             "{op:?} took too long"
         );
+    }
+    // Timers still armed would fire into the checked memory: stop them first.
+    for v in 0..2 {
+        let _ = ec.stop_singleshot_timer(v, v);
+        let _ = ec.stop_periodic_timer(v);
     }
     // Nothing outside the allowed areas changed.
     let mut ram = vec![0u8; RAM];

@@ -53,6 +53,7 @@ pub mod hypercall;
 pub mod layout;
 mod ops;
 mod pirq;
+mod poll;
 pub mod ports;
 mod shinfo;
 mod state;
@@ -79,13 +80,14 @@ pub use hypercall::Hypercalls;
 pub use layout::Layout;
 use layout::{SharedInfo, LEGACY_MAX_VCPUS, MAX_VCPUS, NOT_PLACED};
 pub use pirq::{map_type, msi_pirq, pirq_msi, NR_PIRQS};
+use poll::PollState;
 use ports::{BackendSlot, Binding, PortSlot, Table};
 pub use ports::{PortState, PortStatus, Remote};
 pub(crate) use state::restore;
 pub use state::{XenBackendState, XenState};
 pub use upcall::{attach, Callback, UpcallError, Upcalls};
 pub use vcpu::{timer_service, XenTimerState, MAX_POLL_PORTS, MIN_PERIOD_NS, STIME_DELTA_MAX};
-use vcpu::{GuestClock, PollState, VcpuTimers};
+use vcpu::{GuestClock, VcpuTimers};
 
 /// The guest's Xen setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

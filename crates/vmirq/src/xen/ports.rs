@@ -226,7 +226,14 @@ impl PortSlot {
     /// atomic operations and never block).
     pub fn wait_no_readers(&self) {
         let mut spins = 0u32;
-        while self.word.load(Ordering::SeqCst) >= READER {
+        // SeqCst after the caller's SeqCst store of what readers load (the shared_info
+        // address): a reader counted in later loads the new value. loom models SeqCst as
+        // AcqRel only, so its model reads with an RMW, which AcqRel alone orders the same way.
+        #[cfg(not(loom))]
+        let readers = || self.word.load(Ordering::SeqCst);
+        #[cfg(loom)]
+        let readers = || self.word.fetch_add(0, Ordering::SeqCst);
+        while readers() >= READER {
             #[cfg(loom)]
             loom::thread::yield_now();
             if spins < 64 {
@@ -348,6 +355,41 @@ mod loom_tests {
             sender.join().unwrap();
             assert!(!pending.load(Ordering::SeqCst), "a closed port is pending");
             assert!(slot.try_read().is_none(), "a closed port accepts senders");
+        });
+    }
+
+    /// A shared_info move against a delivery (`xen::shinfo`): copy, publish the new page,
+    /// quiesce the port, merge what the old page got meanwhile. The event always ends on the
+    /// new page.
+    #[test]
+    fn loom_a_send_racing_a_shared_info_move_lands_on_the_new_page() {
+        use loom::sync::atomic::AtomicUsize;
+        loom::model(|| {
+            let slot = open_slot();
+            let page = Arc::new(AtomicUsize::new(0));
+            let bits = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            let sender = {
+                let (slot, page, bits) = (slot.clone(), page.clone(), bits.clone());
+                thread::spawn(move || {
+                    let hold = slot.try_read().expect("the port is open");
+                    bits[page.load(Ordering::SeqCst)].fetch_or(true, Ordering::SeqCst);
+                    drop(hold);
+                })
+            };
+            // The mover: copy, publish, quiesce, merge.
+            if bits[0].load(Ordering::SeqCst) {
+                bits[1].fetch_or(true, Ordering::SeqCst);
+            }
+            page.store(1, Ordering::SeqCst);
+            slot.wait_no_readers();
+            if bits[0].load(Ordering::SeqCst) {
+                bits[1].fetch_or(true, Ordering::SeqCst);
+            }
+            sender.join().unwrap();
+            assert!(
+                bits[1].load(Ordering::SeqCst),
+                "the event was lost in the move"
+            );
         });
     }
 

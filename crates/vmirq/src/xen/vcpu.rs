@@ -6,16 +6,12 @@
 //! guest, started at the first arm. A vCPU's timers are created when first armed and kept: stop
 //! only disarms them, so no timer is dropped while its table lock is held.
 //!
-//! Poll: a poller counts itself in (`polling`, SeqCst) under the `pollers` lock, then checks
-//! its ports; a delivery that sets a new pending bit loads `polling` (SeqCst) after its bit
-//! operation and takes the lock only if a vCPU polls. One of the two always sees the other
-//! (model-checked in `loom_tests`).
+//! Poll: the wake protocol is `super::poll`'s (model-checked).
 //!
-//! Locks: `vcpu_timers` → the timer service's state; `pollers` is a leaf, taken on the
-//! delivery path under a port's read hold and never while waiting for anything but its condvar.
+//! Locks: `vcpu_timers` → the timer service's state.
 
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -105,49 +101,6 @@ pub struct XenTimerState {
     pub period: u64,
     /// Guest time of the last periodic event.
     pub last_event: u64,
-}
-
-struct Poller {
-    id: u64,
-    vcpu: u32,
-    /// The one port a single-port poll waits for; `None` for several ports (woken by any).
-    port: Option<u32>,
-    woken: bool,
-}
-
-#[derive(Default)]
-pub(super) struct PollState {
-    polling: AtomicU32,
-    next_id: AtomicU64,
-    pollers: Mutex<Vec<Poller>>,
-    wake: Condvar,
-}
-
-impl PollState {
-    fn lock(&self) -> MutexGuard<'_, Vec<Poller>> {
-        self.pollers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Xen `evtchn_check_pollers` (a new pending bit on `port`) and `vcpu_kick` (an upcall
-    /// raised on `kick`). One SeqCst load when nobody polls.
-    pub(super) fn check(&self, port: Option<u32>, kick: Option<u32>) {
-        if self.polling.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        let mut pollers = self.lock();
-        let mut woke = false;
-        for p in pollers.iter_mut() {
-            let on_port = port.is_some_and(|q| p.port.is_none_or(|x| x == q));
-            if on_port || kick == Some(p.vcpu) {
-                p.woken = true;
-                woke = true;
-            }
-        }
-        drop(pollers);
-        if woke {
-            self.wake.notify_all();
-        }
-    }
 }
 
 impl EventChannels {
@@ -268,76 +221,30 @@ impl EventChannels {
             return Err(XenError::Invalid);
         }
         let single = (ports.len() == 1).then(|| ports[0]);
-        let id = self.poll.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut pollers = self.poll.lock();
-        pollers.push(Poller {
-            id,
-            vcpu,
-            port: single,
-            woken: false,
-        });
-        self.poll.polling.fetch_add(1, Ordering::SeqCst);
-        let (mut pollers, result) = self.poll_wait(pollers, id, vcpu, ports, timeout_abs_ns);
-        if let Some(i) = pollers.iter().position(|p| p.id == id) {
-            pollers.swap_remove(i);
-        }
-        self.poll.polling.fetch_sub(1, Ordering::SeqCst);
-        result
-    }
-
-    /// The wait of [`EventChannels::poll`], counted in as `id`; gives the lock back.
-    fn poll_wait<'a>(
-        &self,
-        mut pollers: MutexGuard<'a, Vec<Poller>>,
-        id: u64,
-        vcpu: u32,
-        ports: &[u32],
-        timeout_abs_ns: u64,
-    ) -> (MutexGuard<'a, Vec<Poller>>, Result<(), XenError>) {
-        // Checked after counting in: a delivery from now on sees `polling`.
+        let polling = self.poll.enter(vcpu, single);
+        // Checked after counting in: a delivery from now on sees the poller.
         let sh = self.shared();
         let mut ready = self.upcall_pending(vcpu);
         for &port in ports {
             if port >= self.layout().ports {
-                return (pollers, Err(XenError::Invalid));
+                return Err(XenError::Invalid);
             }
             ready |= sh.test_pending(port).unwrap_or(false);
         }
-        let deadline = (timeout_abs_ns != 0).then(|| self.clock.instant(timeout_abs_ns).0);
-        loop {
-            if ready || pollers.iter().any(|p| p.id == id && p.woken) {
-                return (pollers, Ok(()));
+        if !ready {
+            let deadline = (timeout_abs_ns != 0).then(|| self.clock.instant(timeout_abs_ns));
+            match deadline {
+                Some((_, true)) => {}
+                Some((at, false)) => polling.wait(Some(at)),
+                None => polling.wait(None),
             }
-            pollers = match deadline {
-                Some(at) => {
-                    let now = Instant::now();
-                    if now >= at {
-                        return (pollers, Ok(()));
-                    }
-                    self.poll
-                        .wake
-                        .wait_timeout(pollers, at - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-                None => self
-                    .poll
-                    .wake
-                    .wait(pollers)
-                    .unwrap_or_else(|e| e.into_inner()),
-            };
-            ready = false;
         }
+        Ok(())
     }
 
     /// Wakes `vcpu` from a poll (Xen `vcpu_kick`); a VMM calls it before pausing vCPUs.
     pub fn kick(&self, vcpu: u32) {
-        let mut pollers = self.poll.lock();
-        for p in pollers.iter_mut().filter(|p| p.vcpu == vcpu) {
-            p.woken = true;
-        }
-        drop(pollers);
-        self.poll.wake.notify_all();
+        self.poll.check(None, Some(vcpu));
     }
 
     /// Wakes `vcpu`'s poll, if any (an upcall raised outside set-pending).
@@ -347,7 +254,7 @@ impl EventChannels {
 
     /// vCPUs blocked in [`EventChannels::poll`] right now.
     pub fn pollers(&self) -> usize {
-        self.poll.lock().len()
+        self.poll.pollers()
     }
 
     /// The vCPUs' timers, for a snapshot.
