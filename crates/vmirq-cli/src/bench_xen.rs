@@ -127,7 +127,6 @@ pub fn idle_timers_cpu() -> Result<(usize, usize, f64), vmirq::Error> {
         guests.push(ch);
     }
     let armed = vmirq::xen::timer_service().armed();
-    // The thread's name as the kernel keeps it (15 bytes).
     let name = "vmirq-xen-timer";
     let (wall, (threads, cpu)) = (Instant::now(), threads_cpu(name));
     if threads == 0 {

@@ -202,7 +202,7 @@ impl Timer {
         if s.thread.is_none() {
             let shared = Arc::clone(&self.shared);
             match std::thread::Builder::new()
-                .name("vmirq-xen-timers".into())
+                .name("vmirq-xen-timer".into())
                 .spawn(move || run(&shared))
             {
                 Ok(handle) => {
