@@ -88,7 +88,7 @@ on_every_machine!(
             .guest_mmio(&[
                 mmio_read_op(0x5_0000),
                 hypercall_op(29, 0x5_0000),
-                hypercall_op(32, 0x9ABF), // args_gpa's low two bits are dropped
+                hypercall_op(32, 0x5_0ABF), // args_gpa's low two bits are dropped
             ])
             .unwrap();
         assert_eq!(r, vec![0xA5A5_0001, 42, 42], "{}", m.kind());

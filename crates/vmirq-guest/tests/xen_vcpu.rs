@@ -248,3 +248,111 @@ on_every_machine!(
         assert!(irqfd.take_error().is_none(), "the dispatcher failed an MSI");
     }
 );
+
+const GSI_PIN: u32 = 10;
+const GSI_VECTOR: u8 = 0x4A;
+const KERNEL_PIN: u32 = 11;
+
+fn two_vcpus_with_pins(mode: Mode) -> MachineConfig {
+    MachineConfig::new(2, mode.irqchip())
+        .ioapic_pin(GSI_PIN, GSI_VECTOR, 0, true)
+        .ioapic_pin(KERNEL_PIN, 0x4B, 0, false)
+}
+
+on_every_machine!(
+    a_gsi_mapped_to_a_pirq_marks_its_port_until_unmapped,
+    two_vcpus_with_pins,
+    |m: &dyn Machine, mode: Mode| {
+        use vmirq::xen::hypercall::physdevop;
+        use vmirq::xen::map_type;
+        use vmirq::IrqfdPath;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let x = xen_at(m, XEN_SHARED_INFO);
+        let irq = m.interrupts();
+        let self_dom = 0x7FF0;
+        // struct physdev_map_pirq {domid, type, index, pirq}: pirq -1 allocates one.
+        let map = xen_cmd(nr::PHYSDEV_OP, physdevop::MAP_PIRQ, 0);
+        let gsi = map_type::GSI as u32;
+        let (r, out) = hypercall(m, map, &le(&[self_dom, gsi, GSI_PIN, u32::MAX, 0, 0, 0, 0]));
+        assert_eq!(r, 0);
+        let pirq = u32::from_le_bytes(out[12..16].try_into().unwrap());
+        assert_eq!(pirq, 16, "GSIs take PIRQs from 16 up");
+        const BIND_PIRQ: u32 = 2;
+        let p = bind(m, BIND_PIRQ, &[pirq, 0, 0], 8);
+        let status = xen_cmd(nr::PHYSDEV_OP, physdevop::IRQ_STATUS_QUERY, 0);
+        let (r, out) = hypercall(m, status, &le(&[pirq, 0]));
+        assert_eq!((r, out[4]), (0, 1), "a GSI PIRQ needs an EOI");
+        // A pin a kernel irqfd drives cannot be a PIRQ's (on a split irqchip pin irqfds take
+        // vmirq's path to its IOAPIC, and the pin can be mapped).
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let edge = irq.pin(KERNEL_PIN).unwrap().assign_irqfd(&fd).unwrap();
+        let (r, out) = hypercall(
+            m,
+            map,
+            &le(&[self_dom, gsi, KERNEL_PIN, u32::MAX, 0, 0, 0, 0]),
+        );
+        if edge.path() == IrqfdPath::Kernel {
+            assert_eq!(r, -16, "-EBUSY");
+        } else {
+            assert_eq!(r, 0);
+            let other = u32::from_le_bytes(out[12..16].try_into().unwrap());
+            let unmap = xen_cmd(nr::PHYSDEV_OP, physdevop::UNMAP_PIRQ, 0);
+            assert_eq!(hypercall(m, unmap, &le(&[self_dom, other])).0, 0);
+        }
+        // The pin's line marks the port instead of reaching the IOAPIC.
+        let source = irq.pin(GSI_PIN).unwrap().line().unwrap().source();
+        source.assert();
+        assert_eq!(m.wait_port_count(p, 1, WAIT), 1, "the line's rising level");
+        // The guest's EOI with the line still high marks it again (QEMU's re-assert).
+        let eoi = xen_cmd(nr::PHYSDEV_OP, physdevop::EOI, 0);
+        assert_eq!(hypercall(m, eoi, &le(&[pirq])).0, 0);
+        assert_eq!(m.wait_port_count(p, 2, WAIT), 2, "still high at EOI");
+        source.deassert();
+        assert_eq!(hypercall(m, eoi, &le(&[pirq])).0, 0);
+        // Level irqfds: on the in-kernel irqchip only KVM serves resample, so they are refused;
+        // on a split irqchip the trigger marks the port and the EOI fires the resamplefd.
+        let (trigger, resample) = (
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        let level = irq
+            .pin(GSI_PIN)
+            .unwrap()
+            .assign_level_irqfd(&trigger, &resample);
+        let expected = match mode {
+            Mode::Kernel => {
+                assert!(level.is_err(), "a kernel resample irqfd on a PIRQ's pin");
+                2
+            }
+            Mode::Split => {
+                let _level = level.unwrap();
+                trigger.write(1).unwrap();
+                assert_eq!(m.wait_port_count(p, 3, WAIT), 3, "the level irqfd");
+                assert!(resample.read().is_err(), "resampled before the EOI");
+                assert_eq!(hypercall(m, eoi, &le(&[pirq])).0, 0);
+                assert_eq!(resample.read().unwrap(), 1, "the EOI resamples");
+                3
+            }
+        };
+        assert_eq!(
+            m.count(0, GSI_VECTOR),
+            0,
+            "the IOAPIC delivered while mapped"
+        );
+        // Unmapped, the pin is the IOAPIC's again: its line reaches the guest as a vector.
+        let unmap = xen_cmd(nr::PHYSDEV_OP, physdevop::UNMAP_PIRQ, 0);
+        assert_eq!(hypercall(m, unmap, &le(&[self_dom, pirq])).0, 0);
+        source.assert();
+        assert!(
+            m.wait_isr(Some(0), GSI_VECTOR, WAIT).is_some(),
+            "the IOAPIC's again"
+        );
+        source.deassert();
+        assert_eq!(
+            m.port_counter(p),
+            expected,
+            "the port got an event of the IOAPIC's"
+        );
+        drop((edge, x));
+    }
+);

@@ -67,6 +67,11 @@ pub trait EventChannelSink: Send + Sync {
     /// as QEMU's `xen_evtchn_deliver_pirq_msi`; a PIRQ bound to no port drops it, as Xen
     /// does.
     fn deliver_pirq_msi(&self, msg: MsiMessage) -> Result<(), XenError>;
+
+    /// An input of IOAPIC pin `gsi` (its line, or `resampled`: its level irqfds' input)
+    /// changed to `level`. True if the guest mapped the GSI to a PIRQ (QEMU
+    /// `xen_evtchn_set_gsi`): the level is the event channel's, not the IOAPIC's.
+    fn set_gsi_level(&self, gsi: u32, resampled: bool, level: bool) -> bool;
 }
 
 /// The split irqchip's IOAPIC and what its route commits hold back.
@@ -444,8 +449,43 @@ impl Delivery {
     }
 }
 
+impl Delivery {
+    /// Whether a Xen PIRQ took this input of pin `gsi` (see [`EventChannelSink::set_gsi_level`]).
+    fn diverted(&self, gsi: Gsi, resampled: bool, level: bool) -> bool {
+        let pin = gsi.raw();
+        if pin >= 64 || self.router.diverted_pins() & 1 << pin == 0 {
+            return false;
+        }
+        self.xen
+            .load()
+            .as_ref()
+            .is_some_and(|x| x.set_gsi_level(pin, resampled, level))
+    }
+
+    /// Pin `gsi`'s inputs go to the IOAPIC again, at `line` and `resampled`.
+    pub(crate) fn give_back_pin(&self, gsi: Gsi, line: bool, resampled: bool) {
+        self.set_level(gsi, line);
+        if self.ioapic.is_some() {
+            self.set_resampled(gsi, resampled);
+        }
+    }
+
+    /// The guest EOIed pin `gsi`'s PIRQ (PHYSDEVOP_eoi): its level irqfds' resamplefds fire, as
+    /// at an IOAPIC EOI.
+    pub(crate) fn resample_gsi(&self, gsi: Gsi) {
+        // Lock order: `resamplers`, then the resampler's members (in `acked`).
+        let resamplers = lock(&self.resamplers);
+        if let Some(r) = resamplers.get(&gsi) {
+            r.acked();
+        }
+    }
+}
+
 impl LevelSink for Delivery {
     fn set_level(&self, gsi: Gsi, level: bool) {
+        if self.diverted(gsi, false, level) {
+            return;
+        }
         let result = if self.ioapic.is_some() {
             let table = self.router.load();
             self.with_ioapic(|ioapic, fx| {
@@ -477,6 +517,9 @@ impl LevelSink for Delivery {
 
 impl ResampledLine for Delivery {
     fn set_resampled(&self, gsi: Gsi, level: bool) {
+        if self.diverted(gsi, true, level) {
+            return;
+        }
         let table = self.router.load();
         self.with_ioapic(|ioapic, fx| {
             for pin in table.get(gsi).iter().filter_map(Route::ioapic_pin) {

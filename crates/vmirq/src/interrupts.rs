@@ -349,6 +349,24 @@ impl Interrupts {
         self.router().divert_pirqs();
     }
 
+    /// Xen GSI PIRQs: IOAPIC pin `pin`'s inputs go to the event channels from now on; false
+    /// while a kernel irqfd reaches the pin (KVM would drive it).
+    pub(crate) fn divert_pin(&self, pin: u32) -> bool {
+        self.router().divert_pin(pin)
+    }
+
+    /// Xen GSI PIRQs: pin `pin` is the IOAPIC's again, its inputs at `line` and `resampled`.
+    pub(crate) fn undivert_pin(&self, pin: u32, line: bool, resampled: bool) {
+        self.router().undivert_pin(pin);
+        self.delivery
+            .give_back_pin(Gsi::from_raw(pin), line, resampled);
+    }
+
+    /// Xen GSI PIRQs: the guest EOIed pin `pin`'s PIRQ; its resamplefds fire.
+    pub(crate) fn resample_pin(&self, pin: u32) {
+        self.delivery.resample_gsi(Gsi::from_raw(pin));
+    }
+
     /// Runs `f` on the dispatcher each time `fd` is signalled (its count consumed), until the
     /// returned [`Watch`] is dropped. For internal consumers such as a Xen callback GSI's
     /// resamplefd.
@@ -428,9 +446,11 @@ impl Interrupts {
                 gsi,
                 |routes| {
                     let divert = self.router().diverts_pirqs();
-                    let kernel_can = routes
-                        .iter()
-                        .all(|r| crate::router::kernel_delivers(&*backend, divert, r));
+                    let pins = self.router().diverted_pins();
+                    let kernel_can = routes.iter().all(|r| {
+                        crate::router::kernel_delivers(&*backend, divert, r)
+                            && !crate::router::reaches(pins, r)
+                    });
                     if path == Some(IrqfdPath::Kernel) && !kernel_can {
                         return Err(Error::Unsupported(
                             "deliver these routes from a kernel irqfd",
@@ -479,8 +499,11 @@ impl Interrupts {
                             "resample a GSI that is not routed to an IOAPIC pin",
                         ));
                     }
-                    let kernel =
-                        backend.supports_resample() && routes.iter().all(|r| backend.delivers(r));
+                    let pins = self.router().diverted_pins();
+                    let kernel = backend.supports_resample()
+                        && routes
+                            .iter()
+                            .all(|r| backend.delivers(r) && !crate::router::reaches(pins, r));
                     if !kernel && self.delivery.ioapic.is_none() {
                         return Err(Error::Unsupported("resample without an IOAPIC to ack it"));
                     }

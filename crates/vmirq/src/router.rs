@@ -125,6 +125,9 @@ pub(crate) struct Router {
     /// Xen event channels are attached: an MSI encoding a PIRQ marks an event channel, which
     /// only vmirq can do, so such routes are not the hypervisor's to deliver.
     divert_pirqs: std::sync::atomic::AtomicBool,
+    /// IOAPIC pins (below 64) whose GSI the guest mapped to a Xen PIRQ: their levels mark an
+    /// event channel instead, so no kernel irqfd may reach them. Written under `writer`.
+    diverted_pins: std::sync::atomic::AtomicU64,
 }
 
 /// The GSIs the allocator of a VM in `mode` hands out, for a configured first dynamic GSI
@@ -148,6 +151,41 @@ impl Router {
     /// Whether MSIs encoding a Xen PIRQ are vmirq's to deliver.
     pub(crate) fn diverts_pirqs(&self) -> bool {
         self.divert_pirqs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// IOAPIC pin `pin`'s levels go to vmirq's Xen PIRQ from now on: refused (false) while a
+    /// kernel irqfd reaches the pin, since KVM would drive it directly.
+    pub(crate) fn divert_pin(&self, pin: u32) -> bool {
+        let w = lock(&self.writer);
+        if pin >= 64 {
+            return false;
+        }
+        let reached = w.kernel_irqfds.keys().any(|gsi| {
+            w.table
+                .get(Gsi(*gsi))
+                .iter()
+                .any(|r| r.ioapic_pin() == Some(pin))
+        });
+        if reached {
+            return false;
+        }
+        self.diverted_pins
+            .fetch_or(1 << pin, std::sync::atomic::Ordering::SeqCst);
+        true
+    }
+
+    /// IOAPIC pin `pin` is the IOAPIC's again.
+    pub(crate) fn undivert_pin(&self, pin: u32) {
+        let _w = lock(&self.writer);
+        if pin < 64 {
+            self.diverted_pins
+                .fetch_and(!(1 << pin), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The pins whose levels go to a Xen PIRQ.
+    pub(crate) fn diverted_pins(&self) -> u64 {
+        self.diverted_pins.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A router whose allocator hands out GSIs `first_dynamic..limit` (`limit` ≤ 4096). In the
@@ -202,6 +240,7 @@ impl Router {
             allocatable: limit - first,
             range,
             divert_pirqs: std::sync::atomic::AtomicBool::new(false),
+            diverted_pins: std::sync::atomic::AtomicU64::new(0),
         };
         let mut batch = router.batch();
         batch.dirty = true;
@@ -283,7 +322,7 @@ impl Router {
         for gsi in &reclaimed {
             table.remove(Gsi(*gsi));
         }
-        let divert = self.diverts_pirqs();
+        let divert = (self.diverts_pirqs(), self.diverted_pins());
         let kernel = match validate(&w, &table, &*self.backend, divert) {
             Ok(kernel) => kernel,
             Err(e) => {
@@ -416,8 +455,10 @@ impl Router {
     /// An `edge` irqfd that shares a pin with a level line counts as changed routes.
     pub(crate) fn register_kernel_irqfd(&self, gsi: Gsi, expected: &[Route], edge: bool) -> bool {
         let mut w = lock(&self.writer);
+        let diverted = self.diverted_pins();
         if w.table.get(gsi) != expected
             || (edge && shared_pin(&w.table, [gsi.0], w.level_lines.iter().copied()).is_some())
+            || expected.iter().any(|r| reaches(diverted, r))
         {
             return false;
         }
@@ -591,6 +632,13 @@ impl RouteBatch<'_> {
     }
 }
 
+/// Whether `route` drives one of the `diverted` IOAPIC pins (a bitmask).
+pub(crate) fn reaches(diverted: u64, route: &Route) -> bool {
+    route
+        .ioapic_pin()
+        .is_some_and(|p| p < 64 && diverted & 1 << p != 0)
+}
+
 /// Whether the hypervisor delivers `route` by itself: the backend says so, and it is not an
 /// MSI encoding a Xen PIRQ while event channels are attached (vmirq marks those ports).
 pub(crate) fn kernel_delivers(backend: &dyn Backend, divert_pirqs: bool, route: &Route) -> bool {
@@ -603,10 +651,11 @@ fn validate(
     w: &Writer,
     table: &RoutingTable,
     backend: &dyn Backend,
-    divert_pirqs: bool,
+    (divert_pirqs, diverted_pins): (bool, u64),
 ) -> Result<Vec<KernelRoute>, RouterError> {
     for gsi in w.kernel_irqfds.keys() {
-        let undeliverable = |r: &&Route| !kernel_delivers(backend, divert_pirqs, r);
+        let undeliverable =
+            |r: &&Route| !kernel_delivers(backend, divert_pirqs, r) || reaches(diverted_pins, r);
         if let Some(route) = table.get(Gsi(*gsi)).iter().find(undeliverable) {
             return Err(RouterError::KernelIrqfdCannotDeliver {
                 gsi: Gsi(*gsi),

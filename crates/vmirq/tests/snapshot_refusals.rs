@@ -163,7 +163,8 @@ fn xen_event_channels_refuse_impossible_states() {
     s.vcpu_info[1] = Some(0x3000);
     s.vcpu_info[0] = Some(0);
     s.ports[0].1 = PortState::Pirq(255);
-    s.pirqs = vec![24, 255];
+    s.pirqs = vec![16, 24, 255];
+    s.gsi_pirqs = vec![(16, 10, 1)];
     restore_xen(s, 2).unwrap();
     // A snapshot from before vcpu_info at address 0 was honoured (placements as `placed`, 0
     // for the legacy slot, no APIC IDs) restores.
@@ -266,6 +267,30 @@ fn xen_event_channels_refuse_impossible_states() {
     );
     assert!(refused(&|s| s.pirqs = vec![30, 20], 2), "PIRQs unordered");
     assert!(refused(&|s| s.pirqs = vec![256], 2), "PIRQ 256 handed out");
+    assert!(
+        refused(&|s| s.gsi_pirqs = vec![(16, 10, 1)], 2),
+        "a GSI PIRQ never handed out"
+    );
+    assert!(
+        refused(
+            &|s| {
+                s.pirqs = vec![16, 17];
+                s.gsi_pirqs = vec![(16, 10, 0), (17, 10, 0)];
+            },
+            2
+        ),
+        "a GSI mapped twice"
+    );
+    assert!(
+        refused(
+            &|s| {
+                s.pirqs = vec![16];
+                s.gsi_pirqs = vec![(16, 24, 0)];
+            },
+            2
+        ),
+        "GSI 24"
+    );
     assert!(
         refused(&|s| s.ports[0].1 = PortState::Virq(24), 2),
         "VIRQ 24"

@@ -185,16 +185,23 @@ fn physdev_ops_hand_out_msi_pirqs_as_xen_does() {
     assert_eq!(call(physdevop::GET_FREE_PIRQ, &[map_type::MSI as u64]), 0);
     assert_eq!(out(), 254);
     assert_eq!(h.channels().allocated_pirqs(), [16, 254, 255]);
-    // map_pirq {domid, type, index, pirq}: MSIs -EINVAL, GSIs not emulated, dom0 -EPERM.
-    let map = |domid: u64, kind: i32| {
-        call(
-            physdevop::MAP_PIRQ,
-            &[domid | (kind as u32 as u64) << 32, 0, 0, 0, 0],
-        )
+    // map_pirq {domid, type, index, pirq}: MSIs -EINVAL, dom0 -EPERM, GSIs of the IOAPIC's
+    // 24 pins (pirq -1: allocate; a PIRQ mapped already: -EBUSY).
+    let map = |domid: u64, kind: i32, gsi: u32, pirq: i32| {
+        let w0 = domid | (kind as u32 as u64) << 32;
+        let w1 = u64::from(gsi) | (pirq as u32 as u64) << 32;
+        call(physdevop::MAP_PIRQ, &[w0, w1, 0, 0, 0])
     };
-    assert_eq!(map(0x7FF0, map_type::MSI), EINVAL);
-    assert_eq!(map(0x7FF0, map_type::GSI), ENOSYS);
-    assert_eq!(map(0, map_type::MSI), EPERM);
+    let mapped = || mem.read_obj::<u32>(GuestAddress(ARGS + 12)).unwrap();
+    assert_eq!(map(0x7FF0, map_type::MSI, 0, -1), EINVAL);
+    assert_eq!(map(0, map_type::MSI, 0, -1), EPERM);
+    assert_eq!(map(0x7FF0, map_type::GSI, 24, -1), EINVAL);
+    assert_eq!(map(0x7FF0, map_type::GSI, 9, -1), 0);
+    assert_eq!(mapped(), 17, "the next free GSI PIRQ");
+    assert_eq!(map(0x7FF0, map_type::GSI, 8, 17), EBUSY);
+    assert_eq!(map(0x7FF0, map_type::GSI, 8, 101), 0);
+    assert_eq!(mapped(), 101, "a PIRQ the guest names");
+    assert!(h.channels().gsi_mapped(9) && h.channels().gsi_mapped(8));
     // unmap_pirq {domid, pirq}.
     let unmap =
         |domid: u64, pirq: i32| call(physdevop::UNMAP_PIRQ, &[domid | (pirq as u32 as u64) << 32]);
@@ -203,11 +210,16 @@ fn physdev_ops_hand_out_msi_pirqs_as_xen_does() {
     assert_eq!(unmap(0x7FF0, 100), ENOENT);
     assert_eq!(unmap(5, 255), EPERM);
     assert_eq!(unmap(0x7FF0, 255), 0);
-    assert_eq!(h.channels().allocated_pirqs(), [16, 254]);
+    assert_eq!(h.channels().allocated_pirqs(), [16, 17, 101, 254]);
     // irq_status_query {irq, flags out}: MSI PIRQs need no EOI; eoi of one is -EINVAL.
     assert_eq!(call(physdevop::IRQ_STATUS_QUERY, &[254 | 0xdead << 32]), 0);
     assert_eq!(out(), 0);
     assert_eq!(call(physdevop::IRQ_STATUS_QUERY, &[256]), EINVAL);
+    assert_eq!(call(physdevop::IRQ_STATUS_QUERY, &[17]), 0);
+    assert_eq!(out(), 1, "a GSI PIRQ needs an EOI");
+    assert_eq!(call(physdevop::EOI, &[17]), 0);
+    assert_eq!(unmap(0x7FF0, 101), 0);
+    assert!(!h.channels().gsi_mapped(8), "unmapped");
     assert_eq!(call(physdevop::EOI, &[254]), EINVAL);
     assert_eq!(call(physdevop::EOI, &[100]), ENOENT);
     assert_eq!(call(physdevop::EOI, &[256]), EINVAL);

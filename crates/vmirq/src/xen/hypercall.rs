@@ -345,20 +345,48 @@ impl Hypercalls {
                 write([kind, pirq])?;
             }
             physdevop::MAP_PIRQ => {
-                let a: [u32; 4] = self.read(arg)?;
-                // QEMU xen_physdev_map_pirq: only this domain; Xen answers an HVM guest mapping
-                // its own MSIs with -EINVAL (they come from get_free_pirq); GSI PIRQs are not
-                // emulated here.
+                // struct physdev_map_pirq: domid, type, index (the GSI), pirq (IN/OUT).
+                let mut a: [u32; 4] = self.read(arg)?;
+                // QEMU xen_physdev_map_pirq: only this domain, and only GSIs: Xen answers an
+                // HVM guest mapping its own MSIs with -EINVAL (they come from get_free_pirq).
                 ch.check_self_only(a[0] as u16)?;
-                return match a[1] as i32 {
-                    map_type::GSI => Err(XenError::NoSys),
-                    _ => Err(XenError::Invalid),
-                };
+                if a[1] as i32 != map_type::GSI {
+                    return Err(XenError::Invalid);
+                }
+                let gsi = a[2];
+                if gsi >= super::pirq::IOAPIC_PINS {
+                    return Err(XenError::Invalid);
+                }
+                let interrupts = self.upcalls.interrupts();
+                // KVM drives a pin a kernel irqfd reaches: that pin cannot be a PIRQ's.
+                if !interrupts.divert_pin(gsi) {
+                    return Err(XenError::Busy);
+                }
+                let mapped = ch.map_gsi_pirq(&mut ch.lock(), gsi as i32, a[3] as i32);
+                match mapped {
+                    Ok(pirq) => a[3] = pirq,
+                    Err(e) => {
+                        if !ch.gsi_mapped(gsi) {
+                            interrupts.undivert_pin(gsi, false, false);
+                        }
+                        return Err(e);
+                    }
+                }
+                ch.memory
+                    .write_obj(a, GuestAddress(arg))
+                    .map_err(|_| XenError::Fault)?;
             }
             physdevop::UNMAP_PIRQ => {
                 let [domid, pirq]: [u32; 2] = self.read(arg)?;
                 ch.check_self_only(domid as u16)?;
-                ch.unmap_pirq(&mut ch.lock(), pirq as i32)?;
+                let mut t = ch.lock();
+                ch.unmap_pirq(&mut t, pirq as i32)?;
+                let gave_back = ch.unmap_gsi(&mut t, pirq);
+                drop(t);
+                // The pin's inputs go back to the IOAPIC at the levels they have now.
+                if let Some((gsi, line, resampled)) = gave_back {
+                    self.upcalls.interrupts().undivert_pin(gsi, line, resampled);
+                }
             }
             physdevop::IRQ_STATUS_QUERY => {
                 let [irq, _]: [u32; 2] = self.read(arg)?;
@@ -367,7 +395,11 @@ impl Hypercalls {
             }
             physdevop::EOI => {
                 let irq: u32 = self.read(arg)?;
-                ch.eoi_pirq(&ch.lock(), irq)?;
+                let gsi = ch.eoi_pirq(&ch.lock(), irq)?;
+                // As at an IOAPIC EOI: the level irqfds' input dropped, their resamplefds
+                // fire; then a line still high marks the port again.
+                self.upcalls.interrupts().resample_pin(gsi);
+                ch.reassert_gsi(gsi);
             }
             _ => return Err(XenError::NoSys),
         }

@@ -172,6 +172,11 @@ pub struct EventChannels {
     pirq_ports: Box<[AtomicU32]>,
     /// Called after each EVTCHNOP_bind_pirq, with no lock held.
     pirq_hook: std::sync::RwLock<Option<Box<PirqHook>>>,
+    /// Per IOAPIC pin: the PIRQ its GSI is mapped to (0: none). Read lock-free by the pin's
+    /// level changes; written under the table mutex.
+    gsi_pirqs: Box<[AtomicU32]>,
+    /// Per IOAPIC pin mapped to a PIRQ: its inputs' levels (bit 0 line, bit 1 resampled).
+    gsi_levels: Box<[std::sync::atomic::AtomicU8]>,
 }
 
 /// What [`EventChannels::set_pirq_bind_hook`] installs.
@@ -204,6 +209,10 @@ impl EventChannels {
             poll: PollState::default(),
             pirq_ports: (0..NR_PIRQS).map(|_| AtomicU32::new(0)).collect(),
             pirq_hook: std::sync::RwLock::new(None),
+            gsi_pirqs: (0..pirq::IOAPIC_PINS).map(|_| AtomicU32::new(0)).collect(),
+            gsi_levels: (0..pirq::IOAPIC_PINS)
+                .map(|_| std::sync::atomic::AtomicU8::new(0))
+                .collect(),
             config,
         }
     }

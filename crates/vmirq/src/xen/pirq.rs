@@ -5,9 +5,13 @@
 //! message then marks the port instead of raising a vector (QEMU xen_evtchn.c
 //! `xen_evtchn_deliver_pirq_msi`).
 //!
-//! MSI PIRQs only: a GSI PIRQ (`PHYSDEVOP_map_pirq` of type GSI) would divert an IOAPIC pin's
-//! deliveries, which KVM makes itself for kernel irqfds; it answers -ENOSYS and the guest keeps
-//! its INTx lines on the IOAPIC.
+//! GSI PIRQs (`PHYSDEVOP_map_pirq` of type GSI, pins 0..24 as QEMU): the pin's inputs (its
+//! line and its level irqfds' input) then mark the port instead of reaching the IOAPIC (QEMU
+//! `xen_evtchn_set_gsi`): a rising level marks it once; `PHYSDEVOP_eoi` fires the pin's
+//! resamplefds (their input dropped, as at an IOAPIC EOI) and marks the port again if the line
+//! is still high. KVM drives a pin itself for kernel irqfds, so mapping a pin one reaches is
+//! -EBUSY, and irqfds bound while it is mapped take vmirq's path (a resample irqfd on the
+//! in-kernel irqchip, which only KVM serves, is refused).
 //!
 //! The PIRQ → port map is read lock-free on delivery and written under the table mutex; the
 //! port's own binding word (state PIRQ, the PIRQ number) is checked under its read hold, so a
@@ -25,8 +29,13 @@ pub const NR_PIRQS: u32 = 256;
 /// First PIRQ given to GSIs; below it none is ever handed out (Xen's allocation, QEMU
 /// `allocate_pirq`).
 const FIRST_GSI_PIRQ: u32 = 16;
-/// GSI PIRQs end at the IOAPIC's pins; MSIs count down from the top to here.
-const IOAPIC_PINS: u32 = 24;
+/// GSI PIRQs end at the IOAPIC's pins; MSIs count down from the top to here. Only these pins
+/// can be mapped (QEMU's `IOAPIC_NUM_PINS`).
+pub const IOAPIC_PINS: u32 = 24;
+/// A GSI input: its line.
+const LINE: u8 = 1;
+/// A GSI input: its level irqfds (resampled).
+const RESAMPLED: u8 = 2;
 
 /// `MAP_PIRQ_TYPE_*` (physdev.h).
 pub mod map_type {
@@ -62,6 +71,11 @@ impl EventChannels {
     /// bound, as Xen drops an unbound PIRQ. Lock-free.
     pub fn deliver_pirq_msi(&self, msg: MsiMessage) -> Result<(), XenError> {
         let pirq = msi_pirq(msg).ok_or(XenError::Invalid)?;
+        self.deliver_to_pirq(pirq)
+    }
+
+    /// Marks the port bound to `pirq`; nothing if none (Xen drops it).
+    fn deliver_to_pirq(&self, pirq: u32) -> Result<(), XenError> {
         let port = self
             .pirq_ports
             .get(pirq as usize)
@@ -161,24 +175,111 @@ impl EventChannels {
         }
     }
 
-    /// `PHYSDEVOP_irq_status_query`: MSI PIRQs need no EOI (flags 0).
+    /// `PHYSDEVOP_irq_status_query`: GSI PIRQs need an EOI (`XENIRQSTAT_needs_eoi`), MSI
+    /// PIRQs none.
     pub(super) fn irq_status(&self, pirq: u32) -> Result<u32, XenError> {
         if pirq >= NR_PIRQS {
             return Err(XenError::Invalid);
         }
-        Ok(0)
+        Ok(u32::from(self.lock().pirq_gsi[pirq as usize].is_some()))
     }
 
-    /// `PHYSDEVOP_eoi`: -EINVAL out of range, -ENOENT unallocated, and -EINVAL for the MSI
-    /// PIRQs this emulation has (QEMU `xen_physdev_eoi_pirq`: only GSIs take an EOI).
-    pub(super) fn eoi_pirq(&self, t: &Table, pirq: u32) -> Result<(), XenError> {
+    /// `PHYSDEVOP_eoi`: -EINVAL out of range, -ENOENT unallocated, -EINVAL for an MSI PIRQ
+    /// (QEMU `xen_physdev_eoi_pirq`: only GSIs take an EOI). For a GSI PIRQ, drops the
+    /// resampled input and returns the GSI, whose resamplefds the caller fires before
+    /// [`Self::reassert_gsi`].
+    pub(super) fn eoi_pirq(&self, t: &Table, pirq: u32) -> Result<u32, XenError> {
         if pirq >= NR_PIRQS {
             return Err(XenError::Invalid);
         }
         if !t.pirqs[pirq as usize] {
             return Err(XenError::NoEntry);
         }
-        Err(XenError::Invalid)
+        let gsi = t.pirq_gsi[pirq as usize].ok_or(XenError::Invalid)?;
+        self.gsi_levels[gsi as usize].fetch_and(!RESAMPLED, Ordering::SeqCst);
+        Ok(gsi)
+    }
+
+    /// After an EOI: a GSI whose level is still high marks its port again (QEMU "reassert a
+    /// level IRQ if needed").
+    pub(super) fn reassert_gsi(&self, gsi: u32) {
+        if self.gsi_levels[gsi as usize].load(Ordering::SeqCst) != 0 {
+            self.deliver_gsi(gsi);
+        }
+    }
+
+    /// `PHYSDEVOP_map_pirq` of type GSI (QEMU `xen_physdev_map_pirq`): `pirq` < 0 allocates
+    /// one; a PIRQ already mapped to a GSI is -EBUSY; a GSI outside the IOAPIC's 24 pins
+    /// -EINVAL. The caller has diverted the pin. Returns the PIRQ.
+    pub(super) fn map_gsi_pirq(&self, t: &mut Table, gsi: i32, pirq: i32) -> Result<u32, XenError> {
+        let gsi = u32::try_from(gsi)
+            .ok()
+            .filter(|g| *g < IOAPIC_PINS)
+            .ok_or(XenError::Invalid)?;
+        let pirq = if pirq < 0 {
+            self.get_free_pirq(t, map_type::GSI)?
+        } else {
+            let p = pirq as u32;
+            if p >= NR_PIRQS {
+                return Err(XenError::Invalid);
+            }
+            if t.pirq_gsi[p as usize].is_some() {
+                return Err(XenError::Busy);
+            }
+            t.pirqs[p as usize] = true;
+            p
+        };
+        // A GSI mapped again moves to the new PIRQ.
+        if let Some(old) = t.pirq_gsi.iter().position(|g| *g == Some(gsi)) {
+            t.pirq_gsi[old] = None;
+        }
+        t.pirq_gsi[pirq as usize] = Some(gsi);
+        self.gsi_pirqs[gsi as usize].store(pirq, Ordering::SeqCst);
+        Ok(pirq)
+    }
+
+    /// Whether IOAPIC pin `gsi` is mapped to a PIRQ.
+    pub fn gsi_mapped(&self, gsi: u32) -> bool {
+        self.gsi_pirqs
+            .get(gsi as usize)
+            .is_some_and(|p| p.load(Ordering::SeqCst) != 0)
+    }
+
+    /// Unmaps a GSI PIRQ's GSI; returns its inputs' levels (line, resampled), for the IOAPIC.
+    pub(super) fn unmap_gsi(&self, t: &mut Table, pirq: u32) -> Option<(u32, bool, bool)> {
+        let gsi = t.pirq_gsi.get_mut(pirq as usize)?.take()?;
+        self.gsi_pirqs[gsi as usize].store(0, Ordering::SeqCst);
+        let levels = self.gsi_levels[gsi as usize].swap(0, Ordering::SeqCst);
+        Some((gsi, levels & LINE != 0, levels & RESAMPLED != 0))
+    }
+
+    /// QEMU `xen_evtchn_set_gsi`: an input of pin `gsi` changed; true if the pin is a PIRQ's
+    /// (then a rising level marks its port). Lock-free.
+    pub fn set_gsi_level(&self, gsi: u32, resampled: bool, level: bool) -> bool {
+        let Some(slot) = self.gsi_pirqs.get(gsi as usize) else {
+            return false;
+        };
+        if slot.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let bit = if resampled { RESAMPLED } else { LINE };
+        let levels = &self.gsi_levels[gsi as usize];
+        if level {
+            if levels.fetch_or(bit, Ordering::SeqCst) == 0 {
+                self.deliver_gsi(gsi);
+            }
+        } else {
+            levels.fetch_and(!bit, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// Marks the port bound to `gsi`'s PIRQ, if any.
+    fn deliver_gsi(&self, gsi: u32) {
+        let pirq = self.gsi_pirqs[gsi as usize].load(Ordering::SeqCst);
+        if pirq != 0 {
+            let _ = self.deliver_to_pirq(pirq);
+        }
     }
 }
 

@@ -270,6 +270,8 @@ pub struct Table {
     pub backends: Vec<Option<BackendSlot>>,
     /// Per PIRQ: handed out by PHYSDEVOP_get_free_pirq and not unmapped.
     pub pirqs: Vec<bool>,
+    /// Per PIRQ: the GSI it is mapped to (PHYSDEVOP_map_pirq of type GSI).
+    pub pirq_gsi: Vec<Option<u32>>,
 }
 
 impl Table {
@@ -279,6 +281,7 @@ impl Table {
             ports: vec![(PortState::Closed, 0); ports as usize],
             backends: (0..ports).map(|_| None).collect(),
             pirqs: vec![false; super::NR_PIRQS as usize],
+            pirq_gsi: vec![None; super::NR_PIRQS as usize],
         }
     }
 

@@ -53,6 +53,9 @@ pub struct XenState {
     /// The PIRQs handed out, lowest first (ports bound to PIRQs are in `ports`).
     #[serde(default)]
     pub pirqs: Vec<u32>,
+    /// GSI PIRQs: (PIRQ, its GSI, the GSI's input levels: bit 0 line, bit 1 resampled).
+    #[serde(default)]
+    pub gsi_pirqs: Vec<(u32, u32, u8)>,
 }
 
 impl XenState {
@@ -94,11 +97,14 @@ impl EventChannels {
             poll: _,
             pirq_ports: _,
             pirq_hook: _,
+            gsi_pirqs: _,
+            gsi_levels,
         } = self;
         let Table {
             ports,
             backends,
             pirqs,
+            pirq_gsi,
         } = &*t;
         let (upcall_vectors, callback, apic_ids) = upcalls.configuration();
         XenState {
@@ -137,6 +143,15 @@ impl EventChannels {
             pirqs: (0..super::NR_PIRQS)
                 .filter(|p| pirqs[*p as usize])
                 .collect(),
+            gsi_pirqs: pirq_gsi
+                .iter()
+                .enumerate()
+                .filter_map(|(p, g)| {
+                    let gsi = (*g)?;
+                    let levels = gsi_levels[gsi as usize].load(Ordering::SeqCst);
+                    Some((p as u32, gsi, levels))
+                })
+                .collect(),
         }
     }
 }
@@ -166,6 +181,7 @@ pub(crate) fn restore(
         guest_time,
         timers,
         pirqs,
+        gsi_pirqs,
     } = state;
     let (channels, upcalls) = attach(interrupts, memory, *config);
     let mut endpoints = Vec::new();
@@ -180,6 +196,17 @@ pub(crate) fn restore(
         }
         for pirq in pirqs {
             t.pirqs[*pirq as usize] = true;
+        }
+        for &(pirq, gsi, levels) in gsi_pirqs {
+            if !interrupts.divert_pin(gsi) {
+                return Err(SnapshotError::Invalid(format!(
+                    "Xen: GSI {gsi} is a PIRQ's but a kernel irqfd reaches its pin"
+                ))
+                .into());
+            }
+            t.pirq_gsi[pirq as usize] = Some(gsi);
+            channels.gsi_pirqs[gsi as usize].store(pirq, Ordering::SeqCst);
+            channels.gsi_levels[gsi as usize].store(levels & 3, Ordering::SeqCst);
         }
         for (slot, port) in channels.virqs.iter().zip(virqs) {
             slot.store(*port, Ordering::Release);
@@ -315,6 +342,17 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
     }
     let pirqs_ok = state.pirqs.iter().all(|p| *p < super::NR_PIRQS)
         && state.pirqs.windows(2).all(|w| w[0] < w[1]);
+    let mut gsis: Vec<u32> = state.gsi_pirqs.iter().map(|g| g.1).collect();
+    gsis.sort_unstable();
+    gsis.dedup();
+    let gsi_pirqs_ok = gsis.len() == state.gsi_pirqs.len()
+        && state
+            .gsi_pirqs
+            .iter()
+            .all(|(p, g, _)| state.pirqs.binary_search(p).is_ok() && *g < super::pirq::IOAPIC_PINS);
+    if !gsi_pirqs_ok {
+        return bad("GSI PIRQs: a GSI twice, a PIRQ not handed out, or a GSI past pin 23".into());
+    }
     if !pirqs_ok {
         return bad("PIRQs out of range, repeated or unordered".into());
     }

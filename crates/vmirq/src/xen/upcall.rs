@@ -254,6 +254,11 @@ impl Upcalls {
         (per_vcpu.clone(), *callback, apic_ids.clone())
     }
 
+    /// The VM's interrupts.
+    pub(crate) fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.interrupts
+    }
+
     fn channels(&self) -> Option<Arc<EventChannels>> {
         self.channels.get().and_then(Weak::upgrade)
     }
@@ -308,6 +313,12 @@ impl crate::EventChannelSink for RouteSink {
     fn deliver_pirq_msi(&self, msg: crate::MsiMessage) -> Result<(), XenError> {
         let channels = self.0.upgrade().ok_or(XenError::Closed)?;
         channels.deliver_pirq_msi(msg)
+    }
+
+    fn set_gsi_level(&self, gsi: u32, resampled: bool, level: bool) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|ch| ch.set_gsi_level(gsi, resampled, level))
     }
 }
 
