@@ -53,10 +53,18 @@ on_every_machine!(
             .expect("the userspace irqfd never delivered");
         m.control(0);
         let before = m.count(0, VECTOR);
-        let injected = irq
-            .stats()
-            .user_injections
-            .load(std::sync::atomic::Ordering::Relaxed);
+        // The dispatcher counts an injection after the hypervisor call returns, which may be
+        // after the guest took it: wait for the count (seen in CI: 0 read, then 1).
+        let stat = || {
+            irq.stats()
+                .user_injections
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        assert!(
+            m.wait_until(WAIT, &mut || stat() >= 1),
+            "the injection was not counted"
+        );
+        let injected = stat();
 
         irq.pause();
         assert!(irq.is_paused());
