@@ -5,9 +5,30 @@
 use std::sync::Arc;
 
 use vmirq::xen::hypercall::nr;
-use vmirq::xen::Hypercalls;
+use vmirq::xen::{attach, EventChannels, Hypercalls, Upcalls, XenConfig};
 
 use crate::machine::Machine;
+
+/// Event channels for the test guest (a 32-bit compat guest, domain 1) with `vcpus` vCPUs and
+/// shared_info at `shared_info_gpa`, attached to `m`'s interrupts; no hypercall served yet,
+/// no upcall configured.
+pub fn attach_compat(
+    m: &dyn Machine,
+    vcpus: u32,
+    shared_info_gpa: u64,
+) -> (Arc<EventChannels>, Arc<Upcalls>) {
+    let memory = m
+        .guest_memory()
+        .expect("test machines have guest RAM")
+        .clone();
+    let config = XenConfig {
+        vcpus,
+        long_mode: false,
+        shared_info_gpa,
+        domid: 1,
+    };
+    attach(m.interrupts(), memory, config)
+}
 
 /// The mailbox command word for Xen hypercall `number` (0: `event_channel_op`), its operation
 /// `op` (bits 7:0) and, for `vcpu_op`, the target vCPU `arg` (bits 31:16). The argument

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmirq::xen::{attach, Callback, EventChannels, Upcalls, XenConfig};
+use vmirq::xen::{Callback, EventChannels, Upcalls};
 use vmirq::{IrqfdPath, Route};
 use vmirq_guest::layout::{xen_vcpu_info, XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
 use vmirq_guest::machine::{hypercall_op, Machine, MachineConfig, Mode};
@@ -42,14 +42,7 @@ struct Xen {
 /// Event channels on `m`'s guest memory and hypercalls from the guest's doorbell; no upcall
 /// configured yet.
 fn xen_unconfigured(m: &dyn Machine) -> Xen {
-    let memory = m.guest_memory().expect("guest RAM").clone();
-    let config = XenConfig {
-        vcpus: 2,
-        long_mode: false,
-        shared_info_gpa: XEN_SHARED_INFO,
-        domid: 1,
-    };
-    let (channels, upcalls) = attach(m.interrupts(), memory, config);
+    let (channels, upcalls) = vmirq_guest::xen::attach_compat(m, 2, XEN_SHARED_INFO);
     let ch = Arc::clone(&channels);
     m.set_hypercall_handler(Arc::new(move |vcpu: usize, cmd: u32, args: u64| {
         ch.hypercall(vcpu as u32, cmd, args)

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmirq::xen::hypercall::{hvmop, nr, schedop, vcpuop, xenmem};
-use vmirq::xen::{attach, Hypercalls, XenConfig, DOMID_BACKEND};
+use vmirq::xen::{Hypercalls, DOMID_BACKEND};
 use vmirq_guest::layout::{
     xen_vcpu_info, SCRATCH, XEN_SHARED_INFO, XEN_UPCALL_VECTOR, XEN_VCPU_INFO_EXT,
 };
@@ -77,15 +77,9 @@ on_every_machine!(
     a_linux_shaped_guest_with_40_vcpus_loses_nothing,
     forty_vcpus,
     |m: &dyn Machine, _| {
-        let memory = m.guest_memory().expect("guest RAM").clone();
         // The VMM put shared_info elsewhere; the guest maps it where its consumer looks.
-        let config = XenConfig {
-            vcpus: VCPUS,
-            long_mode: false,
-            shared_info_gpa: XEN_SHARED_INFO + 0x8000,
-            domid: 1,
-        };
-        let (channels, upcalls) = attach(m.interrupts(), memory, config);
+        let (channels, upcalls) =
+            vmirq_guest::xen::attach_compat(m, VCPUS, XEN_SHARED_INFO + 0x8000);
         serve_xen(
             m,
             Arc::new(Hypercalls::new(Arc::clone(&channels), Arc::clone(&upcalls))),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmirq::xen::hypercall::{hvmop, nr, schedop, vcpuop, xenmem};
-use vmirq::xen::{attach, EventChannels, Hypercalls, Upcalls, XenConfig};
+use vmirq::xen::{EventChannels, Hypercalls, Upcalls};
 use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
 use vmirq_guest::machine::{hypercall_op, Machine, MachineConfig, Mode};
 use vmirq_guest::migration::mask_xen_port;
@@ -33,14 +33,7 @@ struct Xen {
 /// Event channels with shared_info at `shared_info`, every hypercall served, upcall vectors set
 /// (their injection waited for).
 fn xen_at(m: &dyn Machine, shared_info: u64) -> Xen {
-    let memory = m.guest_memory().expect("guest RAM").clone();
-    let config = XenConfig {
-        vcpus: 2,
-        long_mode: false,
-        shared_info_gpa: shared_info,
-        domid: 1,
-    };
-    let (channels, upcalls) = attach(m.interrupts(), memory, config);
+    let (channels, upcalls) = vmirq_guest::xen::attach_compat(m, 2, shared_info);
     serve_xen(
         m,
         Arc::new(Hypercalls::new(Arc::clone(&channels), Arc::clone(&upcalls))),

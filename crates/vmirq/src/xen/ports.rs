@@ -205,25 +205,14 @@ impl PortSlot {
     }
 
     /// First half of a close (mutex held): stops new readers and waits for those in flight.
-    /// Each reader holds the port for a handful of atomic operations on guest memory and never
-    /// blocks, so the wait is short; it yields after a few spins rather than burn a core.
     pub fn begin_close(&self) {
         self.word.fetch_or(CLOSING, Ordering::AcqRel);
-        let mut spins = 0u32;
-        while self.word.load(Ordering::Acquire) >= READER {
-            #[cfg(loom)]
-            loom::thread::yield_now();
-            if spins < 64 {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        self.wait_no_readers();
     }
 
-    /// Waits until the port is held by no reader at some instant (readers hold it for a few
-    /// atomic operations and never block).
+    /// Waits until the port is held by no reader at some instant. Each reader holds it for a
+    /// handful of atomic operations on guest memory and never blocks, so the wait is short; it
+    /// yields after a few spins rather than burn a core.
     pub fn wait_no_readers(&self) {
         let mut spins = 0u32;
         // SeqCst after the caller's SeqCst store of what readers load (the shared_info

@@ -26,13 +26,14 @@ impl Recorder {
     }
 }
 
-struct Vm {
-    ec: EventChannels,
-    mem: GuestMemoryMmap,
-    up: Arc<Recorder>,
+/// Event channels over plain guest memory, their upcalls recorded.
+pub(super) struct Vm {
+    pub(super) ec: Arc<EventChannels>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) up: Arc<Recorder>,
 }
 
-fn vm_with(long_mode: bool, vcpus: u32) -> Vm {
+pub(super) fn vm_with(long_mode: bool, vcpus: u32) -> Vm {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
     let up = Arc::new(Recorder::default());
     let config = XenConfig {
@@ -41,7 +42,7 @@ fn vm_with(long_mode: bool, vcpus: u32) -> Vm {
         shared_info_gpa: SHINFO,
         domid: DOMID,
     };
-    let ec = EventChannels::new(mem.clone(), config, up.clone());
+    let ec = Arc::new(EventChannels::new(mem.clone(), config, up.clone()));
     Vm { ec, mem, up }
 }
 
@@ -71,13 +72,13 @@ impl Vm {
         out.port
     }
 
-    fn bind_ipi(&self, vcpu: u32) -> u32 {
+    pub(super) fn bind_ipi(&self, vcpu: u32) -> u32 {
         let (rc, out) = self.call(op::BIND_IPI, abi::BindIpi { vcpu, port: 0 });
         assert_eq!(rc, 0);
         out.port
     }
 
-    fn bind_virq(&self, virq: u32, vcpu: u32) -> (i64, u32) {
+    pub(super) fn bind_virq(&self, virq: u32, vcpu: u32) -> (i64, u32) {
         let (rc, out) = self.call(
             op::BIND_VIRQ,
             abi::BindVirq {
@@ -120,7 +121,7 @@ impl Vm {
         self.mem.write_obj(w | 1 << bit, gpa).unwrap();
     }
 
-    fn pending(&self, port: u32) -> bool {
+    pub(super) fn pending(&self, port: u32) -> bool {
         self.ec.port_status(port).pending
     }
 

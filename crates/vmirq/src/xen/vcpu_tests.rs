@@ -5,62 +5,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::abi::{self, op};
-use super::tests::{Recorder, ARGS, DOMID, RAM, SHINFO};
+use super::tests::{vm_with, Vm, ARGS, RAM, SHINFO};
 use super::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Vm {
-    ec: Arc<EventChannels>,
-    mem: GuestMemoryMmap,
-    up: Arc<Recorder>,
-}
-
 fn vm(long_mode: bool, vcpus: u32) -> Vm {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
-    let up = Arc::new(Recorder::default());
-    let config = XenConfig {
-        vcpus,
-        long_mode,
-        shared_info_gpa: SHINFO,
-        domid: DOMID,
-    };
-    let ec = Arc::new(EventChannels::new(mem.clone(), config, up.clone()));
-    Vm { ec, mem, up }
+    vm_with(long_mode, vcpus)
 }
 
 impl Vm {
-    fn bind_virq(&self, virq: u32, vcpu: u32) -> u32 {
-        let a = abi::BindVirq {
-            virq,
-            vcpu,
-            port: 0,
-        };
-        self.mem.write_obj(a, GuestAddress(ARGS)).unwrap();
-        assert_eq!(self.ec.hypercall(0, op::BIND_VIRQ, ARGS), 0);
-        self.mem
-            .read_obj::<abi::BindVirq>(GuestAddress(ARGS))
-            .unwrap()
-            .port
-    }
-
-    fn bind_ipi(&self, vcpu: u32) -> u32 {
-        let a = abi::BindIpi { vcpu, port: 0 };
-        self.mem.write_obj(a, GuestAddress(ARGS)).unwrap();
-        assert_eq!(self.ec.hypercall(0, op::BIND_IPI, ARGS), 0);
-        self.mem
-            .read_obj::<abi::BindIpi>(GuestAddress(ARGS))
-            .unwrap()
-            .port
-    }
-
-    fn pending(&self, port: u32) -> bool {
-        self.ec.port_status(port).pending
-    }
-
     /// Plays the guest: clears the port's pending bit and the vCPU's upcall_pending.
     fn consume(&self, port: u32, vcpu: u32) {
         let l = self.ec.layout();
@@ -98,7 +55,7 @@ impl Vm {
 #[test]
 fn a_singleshot_timer_raises_virq_timer_on_its_vcpu_at_its_deadline() {
     let vm = vm(true, 2);
-    let timer = vm.bind_virq(abi::VIRQ_TIMER, 1);
+    let timer = vm.bind_virq(abi::VIRQ_TIMER, 1).1;
     let now = vm.ec.guest_time();
     assert_eq!(
         vm.ec.set_singleshot_timer(0, 1, now + 1_000_000),
@@ -128,8 +85,8 @@ fn a_singleshot_timer_raises_virq_timer_on_its_vcpu_at_its_deadline() {
 fn a_stopped_or_rearmed_singleshot_timer_does_not_fire_its_old_deadline() {
     let vm = vm(true, 2);
     let (t0, t1) = (
-        vm.bind_virq(abi::VIRQ_TIMER, 0),
-        vm.bind_virq(abi::VIRQ_TIMER, 1),
+        vm.bind_virq(abi::VIRQ_TIMER, 0).1,
+        vm.bind_virq(abi::VIRQ_TIMER, 1).1,
     );
     let now = vm.ec.guest_time();
     vm.ec.set_singleshot_timer(0, 0, now + 20_000_000).unwrap();
@@ -162,7 +119,7 @@ fn a_stopped_or_rearmed_singleshot_timer_does_not_fire_its_old_deadline() {
 #[test]
 fn a_periodic_timer_raises_virq_timer_every_period_until_stopped() {
     let vm = vm(false, 1);
-    let timer = vm.bind_virq(abi::VIRQ_TIMER, 0);
+    let timer = vm.bind_virq(abi::VIRQ_TIMER, 0).1;
     assert_eq!(vm.ec.set_periodic_timer(0, 999_999), Err(XenError::Invalid));
     assert_eq!(
         vm.ec.set_periodic_timer(0, STIME_DELTA_MAX + 1),
