@@ -98,8 +98,9 @@ on_every_machine!(
         assert!(m.wait_port_count(t1, 4, WAIT) >= 4, "periodic ticks");
         let stop = xen_cmd(nr::VCPU_OP, vcpuop::STOP_PERIODIC_TIMER, 1);
         assert_eq!(hypercall(m, stop, &[0; 8]).0, 0);
-        // A firing already on its way when the stop came may still land: two controls on
-        // vCPU 1, a tick apart at least, and nothing moves between them.
+        // Nothing fires once stop returned (it waits out a firing in flight): after a control
+        // on vCPU 1 (the guest took every tick raised before), a second one three periods
+        // later finds the count unchanged.
         let ctl = bind(m, BIND_IPI, &[1, 0], 4);
         x.channels.notify_port(ctl).unwrap();
         assert_eq!(m.wait_port_count(ctl, 1, WAIT), 1);

@@ -224,6 +224,22 @@ impl Timer {
         }
     }
 
+    /// Waits until no firing of this timer runs (at once when called from inside one).
+    pub fn wait_idle(&self) {
+        let mut s = self.shared.lock();
+        let on_service_thread = s
+            .thread
+            .as_ref()
+            .is_some_and(|(_, id)| *id == std::thread::current().id());
+        while s.firing == Some(self.id) && !on_service_thread {
+            s = self
+                .shared
+                .changed
+                .wait(s)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Whether the timer is armed.
     pub fn is_armed(&self) -> bool {
         self.shared
@@ -236,21 +252,10 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        let mut s = self.shared.lock();
-        s.timers.remove(&self.id);
-        let on_service_thread = s
-            .thread
-            .as_ref()
-            .is_some_and(|(_, id)| *id == std::thread::current().id());
+        self.shared.lock().timers.remove(&self.id);
         // Nothing fires for this timer once drop returns: wait out a callback in flight,
         // unless this drop runs inside it.
-        while s.firing == Some(self.id) && !on_service_thread {
-            s = self
-                .shared
-                .changed
-                .wait(s)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        self.wait_idle();
     }
 }
 

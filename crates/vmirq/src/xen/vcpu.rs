@@ -80,10 +80,10 @@ impl GuestClock {
 /// One vCPU's timers.
 #[derive(Default)]
 pub(super) struct VcpuTimers {
-    singleshot: Option<Timer>,
+    singleshot: Option<Arc<Timer>>,
     /// The armed single-shot deadline, in guest time.
     singleshot_at: Option<u64>,
-    periodic: Option<Timer>,
+    periodic: Option<Arc<Timer>>,
     /// 0: stopped.
     period: u64,
     /// Guest time of the last periodic event (Xen `periodic_last_event`).
@@ -157,8 +157,12 @@ impl EventChannels {
         let mut timers = self.lock_timers();
         let t = &mut timers[vcpu as usize];
         t.singleshot_at = None;
-        if let Some(timer) = &t.singleshot {
+        let timer = t.singleshot.clone();
+        drop(timers);
+        if let Some(timer) = timer {
+            // No VIRQ_TIMER from this timer once stop returns.
             timer.disarm();
+            timer.wait_idle();
         }
         Ok(())
     }
@@ -183,8 +187,13 @@ impl EventChannels {
         let mut timers = self.lock_timers();
         let t = &mut timers[vcpu as usize];
         t.period = 0;
-        if let Some(timer) = &t.periodic {
+        let timer = t.periodic.clone();
+        drop(timers);
+        if let Some(timer) = timer {
+            // No VIRQ_TIMER from this timer once stop returns (a firing in flight is waited
+            // for with no lock held: it takes the timer table).
             timer.disarm();
+            timer.wait_idle();
         }
         Ok(())
     }
@@ -194,17 +203,17 @@ impl EventChannels {
         let t = &mut timers[vcpu as usize];
         if let Some(at) = t.singleshot_at {
             let me = Arc::downgrade(self);
-            let timer = t
-                .singleshot
-                .get_or_insert_with(|| timer_service().timer(move || singleshot_fired(&me, vcpu)));
+            let timer = t.singleshot.get_or_insert_with(|| {
+                Arc::new(timer_service().timer(move || singleshot_fired(&me, vcpu)))
+            });
             timer.arm(self.clock.instant(at).0);
         }
         if t.period != 0 {
             let next = t.last_event.saturating_add(t.period);
             let me = Arc::downgrade(self);
-            let timer = t
-                .periodic
-                .get_or_insert_with(|| timer_service().timer(move || periodic_fired(&me, vcpu)));
+            let timer = t.periodic.get_or_insert_with(|| {
+                Arc::new(timer_service().timer(move || periodic_fired(&me, vcpu)))
+            });
             timer.arm(self.clock.instant(next).0);
         }
     }
