@@ -73,6 +73,12 @@ fn a_singleshot_timer_raises_virq_timer_on_its_vcpu_at_its_deadline() {
         armed_at.elapsed() >= Duration::from_millis(1),
         "fired early"
     );
+    // The timer thread raises the upcall right after it marks the port.
+    let deadline = Instant::now() + WAIT;
+    while vm.up.0.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no upcall for the timer");
+        std::thread::yield_now();
+    }
     assert_eq!(vm.up.take(), [1]);
     // A deadline already past raises VIRQ_TIMER at once (Xen common_vcpu_op).
     vm.consume(timer, 1);
@@ -105,8 +111,12 @@ fn a_stopped_or_rearmed_singleshot_timer_does_not_fire_its_old_deadline() {
         f.store(true, Ordering::SeqCst);
     });
     control.arm(Instant::now() + Duration::from_millis(40));
-    vm.wait_pending(ctl);
-    assert!(fired.load(Ordering::SeqCst));
+    let deadline = Instant::now() + WAIT;
+    while !fired.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the control timer never fired");
+        std::thread::yield_now();
+    }
+    assert!(vm.pending(ctl));
     assert!(!vm.pending(t0), "a stopped timer fired");
     assert!(!vm.pending(t1), "a re-armed timer fired its old deadline");
     assert_eq!(
@@ -334,4 +344,84 @@ fn a_device_msi_encoding_a_pirq_marks_the_port_bound_to_it() {
     assert_eq!(vm.ec.deliver_pirq_msi(pirq_msi(pirq)), Ok(()));
     assert!(!vm.pending(port));
     assert_eq!(bind(pirq).0, 0);
+}
+
+#[test]
+fn a_gsi_pirq_marks_its_port_on_a_rising_level_and_again_at_eoi_while_high() {
+    let vm = vm(true, 2);
+    // Unmapped pins are the IOAPIC's.
+    assert!(!vm.ec.set_gsi_level(10, false, true));
+    assert!(!vm.ec.set_gsi_level(24, false, true), "past the 24 pins");
+    let mut t = vm.ec.lock();
+    assert_eq!(vm.ec.map_gsi_pirq(&mut t, 24, -1), Err(XenError::Invalid));
+    assert_eq!(vm.ec.map_gsi_pirq(&mut t, 23, 256), Err(XenError::Invalid));
+    assert_eq!(vm.ec.map_gsi_pirq(&mut t, 23, 255), Ok(255));
+    assert_eq!(vm.ec.map_gsi_pirq(&mut t, 10, -1), Ok(16));
+    assert_eq!(vm.ec.map_gsi_pirq(&mut t, 11, 16), Err(XenError::Busy));
+    drop(t);
+    let a = abi::BindPirq {
+        pirq: 16,
+        ..Default::default()
+    };
+    vm.mem.write_obj(a, GuestAddress(ARGS)).unwrap();
+    assert_eq!(vm.ec.hypercall(0, op::BIND_PIRQ, ARGS), 0);
+    let port: u32 = vm.mem.read_obj(GuestAddress(ARGS + 8)).unwrap();
+    vm.up.take();
+    // The line rises: one event; the resampled input rising meanwhile adds none.
+    assert!(vm.ec.set_gsi_level(10, false, true));
+    assert!(vm.pending(port));
+    assert_eq!(vm.up.take(), [0]);
+    vm.consume(port, 0);
+    assert!(vm.ec.set_gsi_level(10, true, true));
+    assert!(!vm.pending(port), "a second input of a high pin marked it");
+    // EOI: the resampled input drops; the line still high marks the port again.
+    assert_eq!(vm.ec.eoi_pirq(&vm.ec.lock(), 16), Ok(10));
+    vm.ec.reassert_gsi(10);
+    assert!(vm.pending(port), "still high at EOI");
+    vm.consume(port, 0);
+    // The line drops too: the next EOI marks nothing; a new rise marks once.
+    assert!(vm.ec.set_gsi_level(10, false, false));
+    assert_eq!(vm.ec.eoi_pirq(&vm.ec.lock(), 16), Ok(10));
+    vm.ec.reassert_gsi(10);
+    assert!(!vm.pending(port), "a low pin marked at EOI");
+    assert!(vm.ec.set_gsi_level(10, true, true));
+    assert!(vm.pending(port), "the resampled input's rise");
+    // Unmapped: the levels go back to the IOAPIC, and the pin is not the PIRQ's any more.
+    assert_eq!(
+        vm.ec.unmap_gsi(&mut vm.ec.lock(), 16),
+        Some((10, false, true))
+    );
+    assert_eq!(vm.ec.unmap_gsi(&mut vm.ec.lock(), 16), None);
+    assert!(!vm.ec.set_gsi_level(10, false, true));
+    assert!(!vm.ec.gsi_mapped(10) && vm.ec.gsi_mapped(23));
+    // A GSI mapped again moves to the new PIRQ.
+    let mut t = vm.ec.lock();
+    assert_eq!(vm.ec.map_gsi_pirq(&mut t, 23, 100), Ok(100));
+    assert_eq!(
+        vm.ec.map_gsi_pirq(&mut t, 7, 255),
+        Ok(255),
+        "255 is free again"
+    );
+    assert_eq!(vm.ec.unmap_gsi(&mut t, 100), Some((23, false, false)));
+    assert_eq!(
+        vm.ec.eoi_pirq(&t, 100),
+        Err(XenError::Invalid),
+        "an MSI PIRQ now"
+    );
+    assert_eq!(vm.ec.eoi_pirq(&t, 50), Err(XenError::NoEntry));
+    drop(t);
+    assert!(vm.ec.gsi_mapped(7));
+}
+
+#[test]
+fn a_stale_pirq_map_never_marks_a_port_bound_to_something_else() {
+    let vm = vm(true, 2);
+    // VIRQ_ARGO is VIRQ 11: a port whose binding byte reads 11 but is no PIRQ's.
+    let (rc, argo) = vm.bind_virq(abi::VIRQ_ARGO, 0);
+    assert_eq!(rc, 0);
+    vm.ec.pirq_ports[11].store(argo, Ordering::SeqCst);
+    assert_eq!(vm.ec.deliver_pirq_msi(pirq_msi(11)), Ok(()));
+    assert!(!vm.pending(argo));
+    // Linux's message: vector 0, ExtINT delivery mode.
+    assert_eq!(pirq_msi(11).data, 0x700);
 }
