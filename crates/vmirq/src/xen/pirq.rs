@@ -209,8 +209,8 @@ impl EventChannels {
     }
 
     /// `PHYSDEVOP_map_pirq` of type GSI (QEMU `xen_physdev_map_pirq`): `pirq` < 0 allocates
-    /// one; a PIRQ already mapped to a GSI is -EBUSY; a GSI outside the IOAPIC's 24 pins
-    /// -EINVAL. The caller has diverted the pin. Returns the PIRQ.
+    /// one; a PIRQ already mapped to a GSI is -EBUSY; PIRQ 0, or a GSI outside the IOAPIC's 24
+    /// pins, -EINVAL. The caller has diverted the pin. Returns the PIRQ.
     pub(super) fn map_gsi_pirq(&self, t: &mut Table, gsi: i32, pirq: i32) -> Result<u32, XenError> {
         let gsi = u32::try_from(gsi)
             .ok()
@@ -220,7 +220,9 @@ impl EventChannels {
             self.get_free_pirq(t, map_type::GSI)?
         } else {
             let p = pirq as u32;
-            if p >= NR_PIRQS {
+            // PIRQ 0 is never handed out (Xen's and QEMU's allocators start at 16), and 0
+            // means "no PIRQ" in the pin map, as in QEMU's `gsi_pirq`.
+            if p == 0 || p >= NR_PIRQS {
                 return Err(XenError::Invalid);
             }
             if t.pirq_gsi[p as usize].is_some() {
