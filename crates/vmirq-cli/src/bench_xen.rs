@@ -38,9 +38,14 @@ fn bind_timer(ch: &EventChannels, mem: &GuestMemoryMmap, vcpu: u32) -> Result<u3
         .map_err(|_| fail("read the VIRQ_TIMER port"))
 }
 
-/// Median ns from a single-shot timer's deadline to the guest ISR of its upcall, on `m`
-/// (whose guest nothing else has attached Xen to).
-pub fn timer_latency_ns(m: &dyn Machine, samples: usize) -> Result<f64, vmirq::Error> {
+/// `n` single-shot timers on `m`'s guest (to which nothing else attached Xen), one at a time,
+/// each armed 200 µs ahead: the latency of each from its deadline to the guest's ISR of its
+/// upcall, how many never arrived, and how many VIRQ_TIMER events the guest consumed.
+pub fn timer_samples(
+    m: &dyn Machine,
+    n: usize,
+    mut step: impl FnMut(),
+) -> Result<(Vec<Duration>, u64, u64), vmirq::Error> {
     let mem = m
         .guest_memory()
         .ok_or(fail("emulate Xen without guest memory"))?
@@ -58,19 +63,36 @@ pub fn timer_latency_ns(m: &dyn Machine, samples: usize) -> Result<f64, vmirq::E
         .map_err(|_| fail("set the Xen upcall vector"))?;
     m.wait_isr(Some(TARGET_VCPU), XEN_UPCALL_VECTOR, WAIT)
         .ok_or(fail("take the upcall vector's first injection"))?;
-    bind_timer(&ch, &mem, vcpu)?;
-    let mut lat = Vec::with_capacity(samples);
-    for _ in 0..samples + samples / 10 {
+    let port = bind_timer(&ch, &mem, vcpu)?;
+    let before = m.port_counter(port);
+    let (mut lat, mut lost) = (Vec::with_capacity(n), 0);
+    for _ in 0..n {
         let deadline = Instant::now() + AHEAD;
         let at = ch.guest_time() + AHEAD.as_nanos() as u64;
+        let expect = m.port_counter(port) + 1;
         ch.set_singleshot_timer(vcpu, vcpu, at)?;
-        let ev = m
-            .wait_isr(Some(TARGET_VCPU), XEN_UPCALL_VECTOR, WAIT)
-            .ok_or(fail("take a timer's upcall"))?;
-        lat.push(ev.at.saturating_duration_since(deadline));
+        let isr = m.wait_isr(Some(TARGET_VCPU), XEN_UPCALL_VECTOR, WAIT);
+        // The guest counts the port inside the upcall's handler, before its ISR report.
+        let counted = m.wait_port_count(port, expect, WAIT) >= expect;
+        match isr {
+            Some(ev) if counted => lat.push(ev.at.saturating_duration_since(deadline)),
+            _ => lost += 1,
+        }
+        step();
     }
-    // The first tenth warms up.
-    let mut measured = lat.split_off(samples / 10);
+    m.control(TARGET_VCPU);
+    let consumed = u64::from(m.port_counter(port) - before);
+    Ok((lat, lost, consumed))
+}
+
+/// Median ns from a single-shot timer's deadline to the guest ISR of its upcall, on `m`.
+pub fn timer_latency_ns(m: &dyn Machine, samples: usize) -> Result<f64, vmirq::Error> {
+    let warm_up = samples / 10;
+    let (lat, lost, _) = timer_samples(m, samples + warm_up, || {})?;
+    if lost != 0 {
+        return Err(fail("deliver every Xen timer"));
+    }
+    let mut measured = lat[warm_up..].to_vec();
     Ok(quantile(&mut measured, 0.5).as_nanos() as f64)
 }
 

@@ -40,6 +40,7 @@ fn check_demo(report: &Value, backend: &str, paced: u64) {
             "level-ioapic-split",
             "msix",
             "xen-2l",
+            "xen-timer",
             "migrate",
         ]
     );
@@ -53,6 +54,10 @@ fn check_demo(report: &Value, backend: &str, paced: u64) {
             // Six paced paths fired inside each migration, each delivered exactly once.
             assert_eq!(n("sent"), 6 * MIGRATIONS, "{p}");
             assert_eq!(n("delivered"), n("sent"), "{p}");
+        } else if p["path"] == "xen-timer" {
+            // 200 single-shot timers, each delivered once.
+            assert_eq!(n("sent"), 200, "{p}");
+            assert_eq!(n("delivered"), 200, "{p}");
         } else if p["path"] == "msix" || p["path"] == "xen-2l" {
             // 1,000 events over 64 vectors / 32 ports; events on masked ones coalesce.
             assert_eq!(n("sent"), 1000, "{p}");

@@ -355,7 +355,11 @@ fn a_gsi_pirq_marks_its_port_on_a_rising_level_and_again_at_eoi_while_high() {
     let mut t = vm.ec.lock();
     assert_eq!(vm.ec.map_gsi_pirq(&mut t, 24, -1), Err(XenError::Invalid));
     assert_eq!(vm.ec.map_gsi_pirq(&mut t, 23, 256), Err(XenError::Invalid));
-    assert_eq!(vm.ec.map_gsi_pirq(&mut t, 23, 0), Err(XenError::Invalid), "PIRQ 0");
+    assert_eq!(
+        vm.ec.map_gsi_pirq(&mut t, 23, 0),
+        Err(XenError::Invalid),
+        "PIRQ 0"
+    );
     assert_eq!(vm.ec.map_gsi_pirq(&mut t, 23, 255), Ok(255));
     assert_eq!(vm.ec.map_gsi_pirq(&mut t, 10, -1), Ok(16));
     assert_eq!(vm.ec.map_gsi_pirq(&mut t, 11, 16), Err(XenError::Busy));
