@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-use super::abi::errno;
 use super::{Callback, EventChannels, UpcallError, Upcalls, XenError};
 
 /// Xen hypercall numbers (xen.h `__HYPERVISOR_*`).
@@ -415,6 +414,3 @@ fn callback_param(callback: Callback) -> u64 {
         Callback::Vector(v) => 2 << 56 | u64::from(v),
     }
 }
-
-/// `-errno` of an unknown hypercall, for a VMM's own dispatch.
-pub const ENOSYS: i64 = -errno::ENOSYS;

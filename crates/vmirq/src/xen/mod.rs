@@ -636,8 +636,11 @@ impl EventChannels {
         } else {
             self.mark_vcpu(&sh, port, vcpu)
         };
-        // Xen evtchn_2l_set_pending ends with evtchn_check_pollers, masked or not.
-        self.poll.check(Some(port), None);
+        // Xen evtchn_2l_set_pending ends with evtchn_check_pollers, masked or not; an upcall
+        // raised kicks its vCPU too (vcpu_mark_events_pending → vcpu_kick). One look at the
+        // pollers for both.
+        let raised = (r == Ok(SetPending::Raised)).then_some(vcpu);
+        self.poll.check(Some(port), raised);
         r
     }
 
@@ -646,7 +649,7 @@ impl EventChannels {
         if !sh.has_vcpu_info(vcpu) {
             return Ok(SetPending::NoVcpuInfo);
         }
-        let (word, _) = self.layout().word_and_bit(port);
+        let (word, _) = sh.layout.word_and_bit(port);
         if sh.test_and_set_selector(vcpu, word)? {
             return Ok(SetPending::SelectorAlreadySet);
         }
@@ -656,13 +659,10 @@ impl EventChannels {
         Ok(SetPending::Raised)
     }
 
+    /// Raises the upcall `r` says went 0→1 (a poller was kicked by whoever marked it).
     fn raise_if(&self, r: Result<SetPending, XenError>, vcpu: u32) -> Result<SetPending, XenError> {
-        if r == Ok(SetPending::Raised) {
-            // Xen vcpu_mark_events_pending → vcpu_kick: a polling vCPU wakes.
-            self.poll.check(None, Some(vcpu));
-            if !DeferredUpcalls::defer(vcpu) {
-                self.upcall.upcall(vcpu);
-            }
+        if r == Ok(SetPending::Raised) && !DeferredUpcalls::defer(vcpu) {
+            self.upcall.upcall(vcpu);
         }
         r
     }
@@ -676,6 +676,9 @@ impl EventChannels {
             return;
         }
         let r = self.mark_vcpu(&sh, port, vcpu);
+        if r == Ok(SetPending::Raised) {
+            self.poll.check(None, Some(vcpu));
+        }
         let _ = self.raise_if(r, vcpu);
     }
 }

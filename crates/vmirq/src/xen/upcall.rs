@@ -124,27 +124,29 @@ impl Upcalls {
         if let Some(v) = vector.filter(|v| *v < 0x10) {
             return Err(UpcallError::BadVector(v));
         }
-        let mut config = Config::clone(&self.config.load());
-        let slot = config
-            .per_vcpu
-            .get_mut(vcpu as usize)
-            .ok_or(UpcallError::NoSuchVcpu(vcpu))?;
-        *slot = vector;
-        self.config.store(Arc::new(config));
+        self.update_vcpu(vcpu, |c, i| c.per_vcpu[i] = vector)
+    }
+
+    /// Changes `vcpu`'s entry of the configuration. vCPUs set theirs concurrently (each its
+    /// own HVMOP), so the change is a read-copy-update that retries, never a plain store
+    /// that could drop another vCPU's.
+    fn update_vcpu(&self, vcpu: u32, set: impl Fn(&mut Config, usize)) -> Result<(), UpcallError> {
+        let i = vcpu as usize;
+        if i >= self.config.load().per_vcpu.len() {
+            return Err(UpcallError::NoSuchVcpu(vcpu));
+        }
+        self.config.rcu(|config| {
+            let mut config = Config::clone(config);
+            set(&mut config, i);
+            config
+        });
         Ok(())
     }
 
     /// Upcall vectors of Xen vCPU `vcpu` go to APIC ID `apic_id` from now on (the identity
     /// until set). Callback GSIs go where the IOAPIC sends them.
     pub fn set_apic_id(&self, vcpu: u32, apic_id: u32) -> Result<(), UpcallError> {
-        let mut config = Config::clone(&self.config.load());
-        let slot = config
-            .apic_ids
-            .get_mut(vcpu as usize)
-            .ok_or(UpcallError::NoSuchVcpu(vcpu))?;
-        *slot = apic_id;
-        self.config.store(Arc::new(config));
-        Ok(())
+        self.update_vcpu(vcpu, |c, i| c.apic_ids[i] = apic_id)
     }
 
     /// The APIC ID Xen vCPU `vcpu`'s upcall vectors go to.
@@ -186,9 +188,10 @@ impl Upcalls {
                 .store(Arc::new(Some(Arc::clone(&wired.trigger))));
             *gsi = Some(wired);
         }
-        let mut config = Config::clone(&self.config.load());
-        config.callback = callback;
-        self.config.store(Arc::new(config));
+        self.config.rcu(|config| Config {
+            callback,
+            ..Config::clone(config)
+        });
         drop(gsi);
         // An upcall already pending on vCPU 0 asserts the new GSI at once.
         if let (Callback::Gsi(_), Some(ch)) = (callback, self.channels()) {

@@ -61,18 +61,14 @@ impl GuestClock {
 
     /// The host instant of guest time `t`, and whether `t` has passed.
     fn instant(&self, t: u64) -> (Instant, bool) {
-        let now = self.now();
-        if t <= now {
-            (Instant::now(), true)
+        let (guest_now, host_now) = (self.now(), Instant::now());
+        if t <= guest_now {
+            (host_now, true)
         } else {
-            // Clamped: a deadline centuries away is as good as never.
-            let wait = Duration::from_nanos((t - now).min(1 << 62));
-            (
-                Instant::now()
-                    .checked_add(wait)
-                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(1 << 32)),
-                false,
-            )
+            // Clamped to about 13 days, which no Instant overflows: a timer whose deadline is
+            // further fires then and re-arms for the rest (singleshot_fired, periodic_fired).
+            let wait = Duration::from_nanos((t - guest_now).min(1 << 50));
+            (host_now.checked_add(wait).unwrap_or(host_now), false)
         }
     }
 }
