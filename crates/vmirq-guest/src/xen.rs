@@ -3,11 +3,14 @@
 //! packed ([`xen_cmd`]), and [`serve_xen`] unpacks them for [`vmirq::xen::Hypercalls`].
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmirq::xen::hypercall::nr;
 use vmirq::xen::{attach, EventChannels, Hypercalls, Upcalls, XenConfig};
 
-use crate::machine::Machine;
+use crate::layout::SCRATCH;
+use crate::machine::{hypercall_op, Machine, MachineError};
 
 /// Event channels for the test guest (a 32-bit compat guest, domain 1) with `vcpus` vCPUs and
 /// shared_info at `shared_info_gpa`, attached to `m`'s interrupts; no hypercall served yet,
@@ -35,6 +38,32 @@ pub fn attach_compat(
 /// struct's address is the mailbox's.
 pub const fn xen_cmd(number: u32, op: u32, arg: u32) -> u32 {
     (op & 0xff) | (number & 0xff) << 8 | arg << 16
+}
+
+/// The guest (vCPU 0) makes hypercall `cmd` (an EVTCHNOP, or a [`xen_cmd`] word) with the
+/// argument struct `args` at [`SCRATCH`]; returns its result and the struct as it left it.
+pub fn hypercall(m: &dyn Machine, cmd: u32, args: &[u8]) -> Result<(i64, Vec<u8>), MachineError> {
+    m.write_guest(SCRATCH, args)?;
+    let r = m.guest_mmio(&[hypercall_op(cmd, SCRATCH as u32)])?[0] as i32;
+    let mut out = vec![0; args.len()];
+    m.read_guest(SCRATCH, &mut out)?;
+    Ok((i64::from(r), out))
+}
+
+/// A VMM thread that sends on `port` once a vCPU blocks in SCHEDOP_poll (positive evidence
+/// the poll waits), panicking if none does within `wait`.
+pub fn wake_poller(channels: &Arc<EventChannels>, port: u32, wait: Duration) -> JoinHandle<()> {
+    let channels = Arc::clone(channels);
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + wait;
+        while channels.pollers() == 0 {
+            assert!(Instant::now() < deadline, "no vCPU blocked in its poll");
+            std::thread::yield_now();
+        }
+        channels
+            .notify_port(port)
+            .expect("the polled port is bound");
+    })
 }
 
 /// The machine's guest serves its hypercalls with `hypercalls`: a plain `EVTCHNOP` command word

@@ -13,7 +13,6 @@ use vmirq_guest::on_every_machine;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const WAIT: Duration = Duration::from_secs(5);
-const ARGS: u32 = vmirq_guest::layout::SCRATCH as u32;
 const DOMID_SELF: u16 = 0x7FF0;
 // EVTCHNOP numbers (xen/include/public/event_channel.h).
 const BIND_INTERDOMAIN: u32 = 0;
@@ -68,14 +67,10 @@ fn xen(m: &dyn Machine) -> Xen {
     x
 }
 
-/// The guest issues EVTCHNOP `cmd` with `args` at [`ARGS`]; returns its result and the args
-/// as the hypercall left them.
+/// The guest issues EVTCHNOP `cmd` with `args`; returns its result and the args as the
+/// hypercall left them.
 fn hypercall(m: &dyn Machine, cmd: u32, args: &[u8]) -> (i64, Vec<u8>) {
-    m.write_guest(u64::from(ARGS), args).unwrap();
-    let r = m.guest_mmio(&[hypercall_op(cmd, ARGS)]).unwrap()[0] as i32;
-    let mut out = vec![0; args.len()];
-    m.read_guest(u64::from(ARGS), &mut out).unwrap();
-    (i64::from(r), out)
+    vmirq_guest::xen::hypercall(m, cmd, args).unwrap()
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {

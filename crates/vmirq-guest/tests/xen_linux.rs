@@ -168,18 +168,7 @@ on_every_machine!(
         mask_xen_port(m, polled).unwrap();
         let ports_at = SCRATCH + 0x8000;
         m.write_guest(ports_at, &polled.to_le_bytes()).unwrap();
-        let ch = Arc::clone(&channels);
-        let waker = std::thread::spawn(move || {
-            let deadline = Instant::now() + WAIT;
-            while ch.pollers() == 0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "vCPU 0 never blocked in its poll"
-                );
-                std::thread::yield_now();
-            }
-            ch.notify_port(polled).unwrap();
-        });
+        let waker = vmirq_guest::xen::wake_poller(&channels, polled, WAIT);
         let poll = xen_cmd(nr::SCHED_OP, schedop::POLL, 0);
         let deadline = Instant::now() + WAIT;
         while !channels.port_status(polled).pending {

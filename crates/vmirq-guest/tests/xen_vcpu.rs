@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 use vmirq::xen::hypercall::{hvmop, nr, schedop, vcpuop, xenmem};
 use vmirq::xen::{EventChannels, Hypercalls, Upcalls};
 use vmirq_guest::layout::{XEN_SHARED_INFO, XEN_UPCALL_VECTOR};
-use vmirq_guest::machine::{hypercall_op, Machine, MachineConfig, Mode};
+use vmirq_guest::machine::{Machine, MachineConfig, Mode};
 use vmirq_guest::migration::mask_xen_port;
 use vmirq_guest::on_every_machine;
 use vmirq_guest::xen::{serve_xen, xen_cmd};
 
 const WAIT: Duration = Duration::from_secs(5);
-const ARGS: u32 = vmirq_guest::layout::SCRATCH as u32;
-const PORTS: u32 = ARGS + 0x100;
+/// A port array, past the argument structs the guest's hypercalls read at the scratch area.
+const PORTS: u32 = vmirq_guest::layout::SCRATCH as u32 + 0x100;
 const VIRQ_TIMER: u32 = 0;
 const BIND_VIRQ: u32 = 1;
 const BIND_IPI: u32 = 7;
@@ -49,13 +49,9 @@ fn xen_at(m: &dyn Machine, shared_info: u64) -> Xen {
     Xen { channels, upcalls }
 }
 
-/// The guest makes hypercall `cmd` (a [`xen_cmd`] word) with `args` at [`ARGS`].
+/// The guest makes hypercall `cmd` (a [`xen_cmd`] word) with `args`.
 fn hypercall(m: &dyn Machine, cmd: u32, args: &[u8]) -> (i64, Vec<u8>) {
-    m.write_guest(u64::from(ARGS), args).unwrap();
-    let r = m.guest_mmio(&[hypercall_op(cmd, ARGS)]).unwrap()[0] as i32;
-    let mut out = vec![0; args.len()];
-    m.read_guest(u64::from(ARGS), &mut out).unwrap();
-    (i64::from(r), out)
+    vmirq_guest::xen::hypercall(m, cmd, args).unwrap()
 }
 
 fn le(words: &[u32]) -> Vec<u8> {
@@ -128,18 +124,7 @@ on_every_machine!(
         // Linux's xen_poll_irq polls a masked port: the pending bit wakes it, no upcall.
         mask_xen_port(m, p).unwrap();
         m.write_guest(u64::from(PORTS), &p.to_le_bytes()).unwrap();
-        let channels = Arc::clone(&x.channels);
-        let waker = std::thread::spawn(move || {
-            let deadline = Instant::now() + WAIT;
-            while channels.pollers() == 0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "the vCPU never blocked in its poll"
-                );
-                std::thread::yield_now();
-            }
-            channels.notify_port(p).unwrap();
-        });
+        let waker = vmirq_guest::xen::wake_poller(&x.channels, p, WAIT);
         // struct sched_poll (compat): ports handle, nr_ports, u64 timeout (0: none).
         let poll = xen_cmd(nr::SCHED_OP, schedop::POLL, 0);
         assert_eq!(hypercall(m, poll, &le(&[PORTS, 1, 0, 0])).0, 0);
