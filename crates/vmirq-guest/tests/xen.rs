@@ -523,13 +523,18 @@ on_every_machine!(
             hypercall(m, BIND_VIRQ, &args(&[(0, VIRQ_CONSOLE)], 12)).0,
             EBUSY
         );
-        // FIFO is not there; set_priority checks the port; no reset to continue.
+        // FIFO before init_control; init_control's checks (none succeeds: this guest stays on
+        // 2-level); set_priority checks the port; no reset to continue.
         const INIT_CONTROL: u32 = 11;
         const EXPAND_ARRAY: u32 = 12;
         const SET_PRIORITY: u32 = 13;
         const RESET_CONT: u32 = 14;
-        assert_eq!(hypercall(m, INIT_CONTROL, &[0; 24]).0, EOPNOTSUPP);
         assert_eq!(hypercall(m, EXPAND_ARRAY, &[0; 8]).0, EOPNOTSUPP);
+        const ENOENT: i64 = -2;
+        let init = |offset: u32, vcpu: u32| args(&[(8, offset), (12, vcpu)], 24);
+        assert_eq!(hypercall(m, INIT_CONTROL, &init(0, 7)).0, ENOENT);
+        assert_eq!(hypercall(m, INIT_CONTROL, &init(4, 0)).0, EINVAL);
+        assert_eq!(hypercall(m, INIT_CONTROL, &init(4032, 0)).0, EINVAL);
         assert_eq!(hypercall(m, SET_PRIORITY, &args(&[(0, 1024)], 8)).0, EINVAL);
         assert_eq!(hypercall(m, SET_PRIORITY, &args(&[(0, p)], 8)).0, ENOSYS);
         assert_eq!(

@@ -49,11 +49,13 @@
 //! [`EventChannels`].
 
 pub mod abi;
+pub mod fifo;
 pub mod hypercall;
 pub mod layout;
 mod ops;
 mod pirq;
 mod poll;
+mod port_ops;
 pub mod ports;
 mod shinfo;
 mod state;
@@ -61,6 +63,8 @@ pub mod timer;
 mod upcall;
 mod vcpu;
 
+#[cfg(test)]
+mod fifo_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
@@ -81,10 +85,10 @@ pub use layout::Layout;
 use layout::{SharedInfo, LEGACY_MAX_VCPUS, MAX_VCPUS, NOT_PLACED};
 pub use pirq::{map_type, msi_pirq, pirq_msi, NR_PIRQS};
 use poll::PollState;
-use ports::{BackendSlot, Binding, PortSlot, Table};
+use ports::{BackendSlot, Binding, PortSlot, Slots, Table};
 pub use ports::{PortState, PortStatus, Remote};
 pub(crate) use state::restore;
-pub use state::{XenBackendState, XenState};
+pub use state::{XenBackendState, XenFifoState, XenState};
 pub use upcall::{attach, Callback, UpcallError, Upcalls};
 pub use vcpu::{timer_service, XenTimerState, MAX_POLL_PORTS, MIN_PERIOD_NS, STIME_DELTA_MAX};
 use vcpu::{GuestClock, VcpuTimers};
@@ -112,7 +116,8 @@ pub trait UpcallSink: Send + Sync {
     fn upcall(&self, vcpu: u32);
 }
 
-/// How a 2-level set-pending ended (Xen event_2l.c `evtchn_2l_set_pending`).
+/// How a set-pending ended (Xen event_2l.c `evtchn_2l_set_pending`, event_fifo.c
+/// `evtchn_fifo_set_pending`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SetPending {
     /// The pending bit was already set: coalesced with an earlier event.
@@ -126,6 +131,16 @@ pub enum SetPending {
     UpcallAlreadyPending,
     /// `upcall_pending` went 0→1 and the upcall was raised.
     Raised,
+    /// FIFO: linked behind its queue's tail; the guest finds it walking the queue.
+    Appended,
+    /// FIFO: the queue's new head, but its priority's READY bit was already set.
+    ReadyAlreadySet,
+    /// FIFO: the port's event-array page does not exist yet; the event is raised when the
+    /// guest adds it (EVTCHNOP_expand_array).
+    Remembered,
+    /// FIFO: dropped as Xen drops it (no control block, or the port kept changing queues);
+    /// counted in [`EventChannels::fifo_give_ups`].
+    Dropped,
     /// Pending, but the vCPU (32 or above) has registered no `vcpu_info` yet: nothing else is
     /// marked (Xen's `dummy_vcpu_info`); the registration finds the event.
     NoVcpuInfo,
@@ -152,8 +167,15 @@ pub struct EventChannels {
     /// address and then sees every port without readers knows nobody uses the old page.
     shared_info_gpa: AtomicU64,
     upcall: Arc<dyn UpcallSink>,
-    /// Binding words, indexed by port.
-    slots: Box<[PortSlot]>,
+    /// Binding words, indexed by port, in buckets.
+    slots: Slots,
+    /// The guest switched to the FIFO ABI (EVTCHNOP_init_control) and not back (reset).
+    /// Deliveries read it after taking their port's hold (see `port_ops`).
+    fifo_on: AtomicBool,
+    /// FIFO: every vCPU's 16 queues.
+    queues: fifo::Queues,
+    /// FIFO: the event-array pages and control blocks.
+    pages: fifo::GuestPages,
     /// Port bound to (vCPU, VIRQ), at `vcpu * NR_VIRQS + virq`; 0 when none. Global VIRQs
     /// live under vCPU 0 (Xen `virq_to_evtchn`). Written under the mutex.
     virqs: Box<[AtomicU32]>,
@@ -189,21 +211,22 @@ impl EventChannels {
             vcpus: config.vcpus.clamp(1, MAX_VCPUS),
             ..config
         };
-        // Port storage has the 64-bit size whatever the width: the width can switch.
-        let ports = Layout::LONG_MODE.ports;
         Self {
+            pages: fifo::GuestPages::new(memory.clone(), config.vcpus),
+            queues: fifo::Queues::new(config.vcpus),
+            fifo_on: AtomicBool::new(false),
             memory,
             long_mode: AtomicBool::new(config.long_mode),
             shared_info_gpa: AtomicU64::new(config.shared_info_gpa),
             upcall,
-            slots: (0..ports).map(|_| PortSlot::default()).collect(),
+            slots: Slots::default(),
             placed: (0..config.vcpus)
                 .map(|_| AtomicU64::new(NOT_PLACED))
                 .collect(),
             virqs: (0..config.vcpus * NR_VIRQS)
                 .map(|_| AtomicU32::new(0))
                 .collect(),
-            table: Mutex::new(Table::new(ports)),
+            table: Mutex::new(Table::default()),
             clock: GuestClock::new(),
             vcpu_timers: Mutex::new((0..config.vcpus).map(|_| VcpuTimers::default()).collect()),
             poll: PollState::default(),
@@ -236,7 +259,13 @@ impl EventChannels {
     /// reads its argument first (-EFAULT outside guest RAM), as Xen's `do_event_channel_op`.
     /// All ops act on the domain, so `vcpu` only labels the trace.
     pub fn hypercall(&self, vcpu: u32, cmd: u32, args_gpa: u64) -> i64 {
-        tracing::trace!(vcpu, cmd, args_gpa, "EVTCHNOP");
+        tracing::trace!(
+            vcpu,
+            cmd,
+            args_gpa,
+            abi = self.port_ops().name(),
+            "EVTCHNOP"
+        );
         if abi::arg_size(cmd).is_none() {
             return -errno::ENOSYS;
         }
@@ -266,15 +295,16 @@ impl EventChannels {
             op::UNMASK => self.with_arg(a, false, |x: &mut abi::PortArg| {
                 // Xen `evtchn_unmask`: any valid port, free ones and the reserved port 0
                 // included (their vCPU is 0).
-                if x.port >= self.layout().ports {
+                if x.port >= self.max_ports() {
                     return Err(XenError::Invalid);
                 }
-                self.unmask_bits(x.port, t.vcpu(x.port));
+                self.unmask_port(&t, x.port);
                 Ok(())
             }),
             op::RESET => self.with_arg(a, false, |x: &mut abi::Reset| {
                 self.check_dom(x.dom)?;
                 self.close_all(&mut t);
+                self.switch_to_2level();
                 Ok(())
             }),
             // Xen `evtchn_reset(d, true)`: a reset here always completes in one call, so there
@@ -283,16 +313,9 @@ impl EventChannels {
                 self.check_dom(x.dom)?;
                 Err(XenError::Busy)
             }),
-            // The FIFO ABI is not built: Xen without CONFIG_EVTCHN_FIFO answers -EOPNOTSUPP
-            // (`evtchn_fifo_init_control`, `evtchn_fifo_expand_array`), and Linux stays on
-            // 2-level.
-            op::INIT_CONTROL => self.with_arg(a, false, |_: &mut abi::InitControl| {
-                Err(XenError::NotSupported)
-            }),
-            op::EXPAND_ARRAY => self.with_arg(a, false, |_: &mut abi::ExpandArray| {
-                Err(XenError::NotSupported)
-            }),
-            op::SET_PRIORITY => self.with_arg(a, false, |x| self.set_priority(x)),
+            op::INIT_CONTROL => self.with_arg(a, true, |x| self.init_control(&mut t, x)),
+            op::EXPAND_ARRAY => self.with_arg(a, false, |x| self.expand_array(x)),
+            op::SET_PRIORITY => self.with_arg(a, false, |x| self.set_priority(&mut t, x)),
             _ => Err(XenError::NoSys),
         };
         drop(t);
@@ -318,7 +341,7 @@ impl EventChannels {
             return Err(XenError::NoEntry);
         }
         let guard = self.slot(port)?.try_read().ok_or(XenError::Closed)?;
-        let r = self.mark_pending(port, vcpu);
+        let r = self.mark_pending(port, vcpu, guard.binding.priority);
         drop(guard);
         self.raise_if(r, vcpu)
     }
@@ -357,7 +380,7 @@ impl EventChannels {
             return Ok(());
         }
         let vcpu = u32::from(b.vcpu);
-        let r = self.mark_pending(port, vcpu);
+        let r = self.mark_pending(port, vcpu, b.priority);
         drop(guard);
         self.raise_if(r, vcpu).map(drop)
     }
@@ -496,20 +519,21 @@ impl EventChannels {
     pub fn port_status(&self, port: u32) -> PortStatus {
         let t = self.lock();
         let valid = self.check_port(port).is_ok();
-        let sh = self.shared();
+        let ops = self.port_ops();
         PortStatus {
             state: t.state(port),
             vcpu: t.vcpu(port),
-            pending: valid && sh.test_pending(port).unwrap_or(false),
-            masked: valid && sh.test_mask(port).unwrap_or(false),
+            pending: valid && ops.is_pending(self, port),
+            masked: valid && ops.is_masked(self, port),
         }
     }
 
-    /// Closes every port (`EVTCHNOP_reset` on the guest's behalf, e.g. at guest reboot).
-    /// Backend endpoints stay open, unconnected.
+    /// Closes every port and goes back to the 2-level ABI (`EVTCHNOP_reset` on the guest's
+    /// behalf, e.g. at guest reboot). Backend endpoints stay open, unconnected.
     pub fn reset(&self) {
         let mut t = self.lock();
         self.close_all(&mut t);
+        self.switch_to_2level();
     }
 
     // ---- helpers ----
@@ -531,18 +555,19 @@ impl EventChannels {
     /// or width before they changed has finished. A port held continuously by a stream of
     /// deliveries is seen free between two of them.
     fn quiesce(&self) {
-        for slot in self.slots.iter() {
+        for (_, slot) in self.slots.iter() {
             slot.wait_no_readers();
         }
     }
 
     fn slot(&self, port: u32) -> Result<&PortSlot, XenError> {
-        self.slots.get(port as usize).ok_or(XenError::Invalid)
+        // A port whose bucket was never allocated was never opened.
+        self.slots.get(port).ok_or(XenError::Closed)
     }
 
     /// Port 0 is never valid (QEMU `valid_port`; Xen keeps it reserved).
     fn check_port(&self, port: u32) -> Result<(), XenError> {
-        if port == 0 || port >= self.layout().ports {
+        if port == 0 || port >= self.max_ports() {
             return Err(XenError::Invalid);
         }
         Ok(())
@@ -586,21 +611,25 @@ impl EventChannels {
     }
 
     fn alloc(&self, t: &mut Table, state: PortState, vcpu: u32) -> Result<u32, XenError> {
-        let port = t.free_port(self.layout().ports).ok_or(XenError::NoSpace)?;
-        t.ports[port as usize] = (state, vcpu);
-        self.slots[port as usize].publish(Binding::new(state, vcpu));
+        let port = self.free_port(t).ok_or(XenError::NoSpace)?;
+        t.set(port, state, vcpu);
+        self.slot(port)?.publish(Binding::new(state, vcpu));
         Ok(port)
     }
 
-    /// Changes an open port's state, keeping its vCPU.
+    /// The lowest port free for a new binding (a FIFO port still on a queue is not).
+    fn free_port(&self, t: &mut Table) -> Option<u32> {
+        let ops = self.port_ops();
+        t.free_port(ops.ports(self), &self.slots, |p| ops.is_busy(self, p))
+    }
+
+    /// Changes an open port's state, keeping its vCPU and priority.
     fn set_state(&self, t: &mut Table, port: u32, state: PortState) {
         let vcpu = t.vcpu(port);
-        if let (Some(entry), Some(slot)) = (
-            t.ports.get_mut(port as usize),
-            self.slots.get(port as usize),
-        ) {
-            *entry = (state, vcpu);
-            slot.publish(Binding::new(state, vcpu));
+        if let Ok(slot) = self.slot(port) {
+            let priority = slot.binding().priority;
+            t.set(port, state, vcpu);
+            slot.publish(Binding::new(state, vcpu).with_priority(priority));
         }
     }
 
@@ -620,28 +649,14 @@ impl EventChannels {
     fn deliver(&self, port: u32) -> Result<SetPending, XenError> {
         let guard = self.slot(port)?.try_read().ok_or(XenError::Closed)?;
         let vcpu = u32::from(guard.binding.vcpu);
-        let r = self.mark_pending(port, vcpu);
+        let r = self.mark_pending(port, vcpu, guard.binding.priority);
         drop(guard);
         self.raise_if(r, vcpu)
     }
 
-    /// Xen event_2l.c `evtchn_2l_set_pending`, in its strict order. The caller holds the port.
-    fn mark_pending(&self, port: u32, vcpu: u32) -> Result<SetPending, XenError> {
-        let sh = self.shared();
-        if sh.test_and_set_pending(port)? {
-            return Ok(SetPending::Coalesced);
-        }
-        let r = if sh.test_mask(port)? {
-            Ok(SetPending::Masked)
-        } else {
-            self.mark_vcpu(&sh, port, vcpu)
-        };
-        // Xen evtchn_2l_set_pending ends with evtchn_check_pollers, masked or not; an upcall
-        // raised kicks its vCPU too (vcpu_mark_events_pending → vcpu_kick). One look at the
-        // pollers for both.
-        let raised = (r == Ok(SetPending::Raised)).then_some(vcpu);
-        self.poll.check(Some(port), raised);
-        r
+    /// Marks the port pending through the guest's ABI. The caller holds the port.
+    fn mark_pending(&self, port: u32, vcpu: u32, priority: u8) -> Result<SetPending, XenError> {
+        self.port_ops().set_pending(self, port, vcpu, priority)
     }
 
     /// Sets the selector bit of the port's word, then `upcall_pending`.
@@ -667,19 +682,17 @@ impl EventChannels {
         r
     }
 
-    /// Xen event_2l.c `evtchn_2l_unmask`: clear the mask bit; if it was set and the port is
-    /// pending, set the selector bit and upcall_pending as in set-pending. Failures to reach
-    /// shared_info are ignored (the guest has nothing there to signal).
-    fn unmask_bits(&self, port: u32, vcpu: u32) {
-        let sh = self.shared();
-        if sh.test_and_clear_mask(port) != Ok(true) || sh.test_pending(port) != Ok(true) {
-            return;
-        }
-        let r = self.mark_vcpu(&sh, port, vcpu);
-        if r == Ok(SetPending::Raised) {
-            self.poll.check(None, Some(vcpu));
-        }
-        let _ = self.raise_if(r, vcpu);
+    /// EVTCHNOP_unmask through the guest's ABI, on the port's vCPU and priority (vCPU 0 and
+    /// the default priority for a free port); the upcall it raises is raised (deferred while
+    /// a hypercall holds the table mutex).
+    fn unmask_port(&self, t: &Table, port: u32) {
+        let vcpu = t.vcpu(port);
+        let priority = match self.slots.get(port) {
+            Some(s) if t.state(port) != PortState::Closed => s.binding().priority,
+            _ => ports::DEFAULT_PRIORITY,
+        };
+        let r = self.port_ops().unmask(self, port, vcpu, priority);
+        let _ = self.raise_if(Ok(r), vcpu);
     }
 }
 

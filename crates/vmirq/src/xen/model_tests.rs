@@ -389,7 +389,16 @@ impl Model {
                 check_dom(self, u16_at(a, 0))?;
                 self.close_all();
             }
-            11 | 12 => return Err(XenError::NotSupported),
+            // init_control with a frame outside RAM (the runner puts it there: this is the
+            // 2-level model; fifo_tests covers the switch): the vCPU, the offset, the frame.
+            11 => {
+                if u32_at(a, 12) >= self.vcpus {
+                    return Err(XenError::NoEntry);
+                }
+                return Err(XenError::Invalid);
+            }
+            // expand_array before init_control.
+            12 => return Err(XenError::NotSupported),
             13 if u32_at(a, 0) >= self.nports => return Err(XenError::Invalid),
             13 => return Err(XenError::NoSys),
             14 => {
@@ -484,7 +493,14 @@ fn run(long: bool, vcpus: u32, seed: u64, density: u32, ops: Vec<Op>) -> Result<
 
     for (step, op) in ops.into_iter().enumerate() {
         match op {
-            Op::Hypercall { cmd, words, avail } => {
+            Op::Hypercall {
+                cmd,
+                mut words,
+                avail,
+            } => {
+                if cmd == 11 {
+                    words[1] |= 0x8000_0000; // control_gfn outside RAM
+                }
                 let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
                 // `avail` bytes of argument fit in RAM: 24 at the scratch area, fewer at the
                 // end of RAM, none far outside it.

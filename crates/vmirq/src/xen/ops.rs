@@ -41,7 +41,7 @@ impl EventChannels {
         if !backend && !self.is_self(a.remote_dom) {
             return Err(XenError::NoSuchDomain);
         }
-        t.free_port(self.layout().ports).ok_or(XenError::NoSpace)?;
+        self.free_port(t).ok_or(XenError::NoSpace)?;
         let lp = if backend {
             // QEMU `xen_evtchn_bind_interdomain_op`: the backend port must exist (-ENOENT) and
             // be unconnected (-EBUSY).
@@ -189,14 +189,24 @@ impl EventChannels {
         Ok(())
     }
 
-    /// Xen `evtchn_set_priority`: a port beyond the table is -EINVAL; every other one, port 0
-    /// and free ports included, is -ENOSYS, since the 2-level ABI has no priorities
-    /// (`evtchn_port_set_priority`).
-    pub(super) fn set_priority(&self, a: &mut abi::SetPriority) -> Result<(), XenError> {
-        if a.port >= self.layout().ports {
+    /// Xen `evtchn_set_priority`: a port beyond the table is -EINVAL. On 2-level every other
+    /// one, port 0 and free ports included, is -ENOSYS (no priorities); on FIFO a port the
+    /// table holds takes priorities 0..=15 (`evtchn_fifo_set_priority`).
+    pub(super) fn set_priority(
+        &self,
+        t: &mut Table,
+        a: &mut abi::SetPriority,
+    ) -> Result<(), XenError> {
+        let ops = self.port_ops();
+        let valid = if self.is_fifo() {
+            a.port < t.len()
+        } else {
+            a.port < ops.ports(self)
+        };
+        if !valid {
             return Err(XenError::Invalid);
         }
-        Err(XenError::NoSys)
+        ops.set_priority(self, t, a.port, a.priority)
     }
 
     pub(super) fn bind_vcpu(&self, t: &mut Table, a: &mut abi::BindVcpu) -> Result<(), XenError> {
@@ -214,8 +224,10 @@ impl EventChannels {
         // Xen `evtchn_bind_vcpu` changes the port's vCPU and nothing else: no event is raised
         // on the new vCPU (Linux masks the port around the move and unmasks it after).
         let state = t.state(a.port);
-        t.ports[a.port as usize].1 = a.vcpu;
-        self.slots[a.port as usize].publish(Binding::new(state, a.vcpu));
+        t.set(a.port, state, a.vcpu);
+        let slot = self.slot(a.port)?;
+        let priority = slot.binding().priority;
+        slot.publish(Binding::new(state, a.vcpu).with_priority(priority));
         Ok(())
     }
 
@@ -270,17 +282,20 @@ impl EventChannels {
         }
         let slot = self.slot(port)?;
         slot.begin_close();
-        let _ = self.shared().clear_pending(port);
-        t.ports[port as usize] = (PortState::Closed, 0);
+        let ops = self.port_ops();
+        ops.clear_pending(self, port);
+        if self.is_fifo() {
+            self.fifo_close(port);
+        }
+        t.set(port, PortState::Closed, 0);
         slot.finish_close();
         Ok(())
     }
 
     pub(super) fn close_all(&self, t: &mut Table) {
-        for port in 1..t.ports.len() as u32 {
-            if t.state(port) != PortState::Closed {
-                let _ = self.close_port(t, port);
-            }
+        let open: Vec<u32> = t.open().map(|(p, _, _)| p).collect();
+        for port in open {
+            let _ = self.close_port(t, port);
         }
     }
 }

@@ -7,15 +7,24 @@
 //! - a [`PortState`] in the [`Table`], under the mutex: the whole binding, including peers and
 //!   remote domains, which only the hypercall path needs.
 //!
+//! Ports live in buckets of [`BUCKET_PORTS`], allocated the first time a port of the bucket
+//! is handed out and kept until the channels are dropped (Xen `evtchn_allocate_port` grows the
+//! same way), so a guest with 64 ports holds one bucket however many ports its ABI addresses
+//! (4096 for 2-level, 2^17 for FIFO). Free ports below the high-water mark sit in an ordered
+//! set, so the lowest free port is found without scanning the table.
+//!
 //! The reader count is a per-port read-trylock in the spirit of Xen's `evtchn_read_trylock`
 //! (Xen ≥ 4.15 event_channel.c): delivery takes it with one `fetch_add` and backs off if the port
 //! is closed or being closed; close sets `CLOSING`, waits for the readers in flight to leave,
 //! clears the pending bit, and only then marks the slot closed. See the module doc of `xen`.
 
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicU64, Ordering};
+use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -105,7 +114,7 @@ const READER: u64 = 1 << 32;
 pub struct Binding {
     /// The port's `EVTCHNSTAT_*` value (3 bits).
     pub stat: u32,
-    /// FIFO priority (4 bits); always [`DEFAULT_PRIORITY`] for now.
+    /// FIFO priority (4 bits), [`DEFAULT_PRIORITY`] until `EVTCHNOP_set_priority`.
     pub priority: u8,
     /// The VIRQ number for a VIRQ port, the PIRQ for a PIRQ port, else 0.
     pub virq: u8,
@@ -128,6 +137,11 @@ impl Binding {
         }
     }
 
+    /// The same binding at FIFO `priority` (0..=15).
+    pub fn with_priority(self, priority: u8) -> Self {
+        Self { priority, ..self }
+    }
+
     fn encode(self) -> u64 {
         u64::from(self.stat) & STATE_MASK
             | u64::from(self.priority & 0xf) << PRIORITY_SHIFT
@@ -145,16 +159,24 @@ impl Binding {
     }
 }
 
-/// One port's atomic binding word.
+/// One port's atomic binding word, and the FIFO ABI's per-port host state.
 #[derive(Debug)]
 pub struct PortSlot {
     word: AtomicU64,
+    /// FIFO: the queue the port was last linked on (Xen `fifo_lastq`: vCPU in bits 15:0,
+    /// priority in bits 19:16). Changed only with that queue's and the new queue's locks held.
+    pub lastq: AtomicU32,
+    /// FIFO: an event arrived while the port's event-array page did not exist yet (Xen
+    /// `evtchn->pending`); raised when the page is added.
+    pub early: AtomicBool,
 }
 
 impl Default for PortSlot {
     fn default() -> Self {
         Self {
             word: AtomicU64::new(0),
+            lastq: AtomicU32::new(0),
+            early: AtomicBool::new(false),
         }
     }
 }
@@ -241,6 +263,63 @@ impl PortSlot {
     }
 }
 
+/// Ports per bucket of the port table.
+pub const BUCKET_PORTS: u32 = 256;
+/// Ports any ABI addresses: FIFO's 2^17 (`EVTCHN_FIFO_NR_CHANNELS`).
+pub const MAX_PORTS: u32 = 1 << 17;
+/// Backend endpoints the VMM can open.
+pub const MAX_BACKENDS: u32 = 4096;
+
+/// The binding words, in buckets allocated on first use. Lookups are lock-free: a bucket,
+/// once there, stays until the table is dropped.
+pub struct Slots {
+    buckets: Box<[OnceLock<Box<[PortSlot]>>]>,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self {
+            buckets: (0..MAX_PORTS / BUCKET_PORTS)
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+}
+
+impl Slots {
+    /// The port's slot, if its bucket exists.
+    pub fn get(&self, port: u32) -> Option<&PortSlot> {
+        let bucket = self.buckets.get((port / BUCKET_PORTS) as usize)?.get()?;
+        bucket.get((port % BUCKET_PORTS) as usize)
+    }
+
+    /// Allocates the bucket holding `port` (below [`MAX_PORTS`]) if it is not there yet.
+    fn ensure(&self, port: u32) {
+        if let Some(b) = self.buckets.get((port / BUCKET_PORTS) as usize) {
+            b.get_or_init(|| (0..BUCKET_PORTS).map(|_| PortSlot::default()).collect());
+        }
+    }
+
+    /// Every allocated slot, with its port.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &PortSlot)> {
+        self.buckets.iter().enumerate().flat_map(|(b, bucket)| {
+            bucket.get().into_iter().flat_map(move |slots| {
+                slots
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, s)| (b as u32 * BUCKET_PORTS + i as u32, s))
+            })
+        })
+    }
+
+    /// Bytes the allocated buckets and the bucket directory take.
+    pub fn bytes(&self) -> usize {
+        let buckets = self.buckets.iter().filter(|b| b.get().is_some()).count();
+        std::mem::size_of_val(&*self.buckets)
+            + buckets * BUCKET_PORTS as usize * std::mem::size_of::<PortSlot>()
+    }
+}
+
 /// A VMM backend endpoint, under the [`Table`] mutex.
 #[derive(Debug)]
 pub struct BackendSlot {
@@ -253,9 +332,11 @@ pub struct BackendSlot {
 /// The slow-path state, protected by the `EventChannels` mutex.
 #[derive(Debug)]
 pub struct Table {
-    /// Indexed by port; entry 0 is never used.
-    pub ports: Vec<(PortState, u32)>,
-    /// Indexed by backend port; entry 0 is never used.
+    /// Indexed by port, grown a bucket at a time; entry 0 is never used.
+    ports: Vec<(PortState, u32)>,
+    /// Closed ports below `ports.len()`, port 0 excepted.
+    free: BTreeSet<u32>,
+    /// Indexed by backend port, grown on demand; entry 0 is never used.
     pub backends: Vec<Option<BackendSlot>>,
     /// Per PIRQ: handed out by PHYSDEVOP_get_free_pirq and not unmapped.
     pub pirqs: Vec<bool>,
@@ -263,29 +344,105 @@ pub struct Table {
     pub pirq_gsi: Vec<Option<u32>>,
 }
 
-impl Table {
-    /// A table of `ports` closed ports and no backend endpoints.
-    pub fn new(ports: u32) -> Self {
+impl Default for Table {
+    fn default() -> Self {
         Self {
-            ports: vec![(PortState::Closed, 0); ports as usize],
-            backends: (0..ports).map(|_| None).collect(),
+            ports: Vec::new(),
+            free: BTreeSet::new(),
+            backends: vec![None],
             pirqs: vec![false; super::NR_PIRQS as usize],
             pirq_gsi: vec![None; super::NR_PIRQS as usize],
         }
     }
+}
 
-    /// The lowest free port below `limit` (Xen `get_free_port`); port 0 is reserved.
-    pub fn free_port(&self, limit: u32) -> Option<u32> {
-        (1..self.ports.len().min(limit as usize))
-            .find(|&p| self.ports[p].0 == PortState::Closed)
-            .map(|p| p as u32)
+impl Table {
+    /// Ports the table holds (the high-water mark, bucket-rounded).
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u32 {
+        self.ports.len() as u32
     }
 
-    /// The lowest free backend port.
-    pub fn free_backend(&self) -> Option<u32> {
-        (1..self.backends.len())
-            .find(|&p| self.backends[p].is_none())
-            .map(|p| p as u32)
+    /// Grows the table (and `slots`) by whole buckets until it holds `port`; false beyond
+    /// [`MAX_PORTS`].
+    pub fn reserve(&mut self, port: u32, slots: &Slots) -> bool {
+        if port >= MAX_PORTS {
+            return false;
+        }
+        while self.len() <= port {
+            let start = self.len();
+            slots.ensure(start);
+            self.ports
+                .resize((start + BUCKET_PORTS) as usize, (PortState::Closed, 0));
+            self.free.extend(start.max(1)..start + BUCKET_PORTS);
+        }
+        true
+    }
+
+    /// The lowest free port below `limit` that is not `busy` (Xen `get_free_port`: a FIFO port
+    /// still linked on a queue is not reused); port 0 is reserved. Grows the table when every
+    /// port it holds is taken. Only busy ports are stepped over.
+    pub fn free_port(
+        &mut self,
+        limit: u32,
+        slots: &Slots,
+        busy: impl Fn(u32) -> bool,
+    ) -> Option<u32> {
+        loop {
+            if let Some(p) = self.free.range(1..limit).copied().find(|&p| !busy(p)) {
+                return Some(p);
+            }
+            let next = self.len();
+            if next >= limit || !self.reserve(next, slots) {
+                return None;
+            }
+        }
+    }
+
+    /// Sets the port's state and vCPU (the port must be below [`Self::len`]).
+    pub fn set(&mut self, port: u32, state: PortState, vcpu: u32) {
+        if let Some(entry) = self.ports.get_mut(port as usize) {
+            *entry = (state, vcpu);
+            if state == PortState::Closed {
+                if port != 0 {
+                    self.free.insert(port);
+                }
+            } else {
+                self.free.remove(&port);
+            }
+        }
+    }
+
+    /// Every open port with its state and vCPU, lowest first.
+    pub fn open(&self) -> impl Iterator<Item = (u32, PortState, u32)> + '_ {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, _))| *s != PortState::Closed)
+            .map(|(p, (s, v))| (p as u32, *s, *v))
+    }
+
+    /// The lowest free backend port, growing the backend table up to [`MAX_BACKENDS`].
+    pub fn free_backend(&mut self) -> Option<u32> {
+        if let Some(p) = (1..self.backends.len()).find(|&p| self.backends[p].is_none()) {
+            return Some(p as u32);
+        }
+        if self.backends.len() >= MAX_BACKENDS as usize {
+            return None;
+        }
+        self.backends.push(None);
+        Some(self.backends.len() as u32 - 1)
+    }
+
+    /// Grows the backend table to hold `be` (below [`MAX_BACKENDS`]).
+    pub fn reserve_backend(&mut self, be: u32) -> bool {
+        if be >= MAX_BACKENDS {
+            return false;
+        }
+        while self.backends.len() <= be as usize {
+            self.backends.push(None);
+        }
+        true
     }
 
     /// The port's state; out-of-range ports read closed.

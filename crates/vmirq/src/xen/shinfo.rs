@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{Layout, SharedInfo, LEGACY_MAX_VCPUS};
-use super::{EventChannels, PortState, XenError};
+use super::{EventChannels, XenError};
 
 const PAGE: u64 = 0x1000;
 
@@ -70,12 +70,7 @@ impl EventChannels {
     pub fn set_long_mode(&self, long_mode: bool) -> Result<(), XenError> {
         let t = self.lock();
         let compat_ports = Layout::COMPAT.ports as usize;
-        if !long_mode
-            && t.ports
-                .iter()
-                .skip(compat_ports)
-                .any(|(s, _)| *s != PortState::Closed)
-        {
+        if !long_mode && !self.is_fifo() && t.open().any(|(p, _, _)| p as usize >= compat_ports) {
             return Err(XenError::Busy);
         }
         self.long_mode.store(long_mode, Ordering::SeqCst);

@@ -56,6 +56,27 @@ pub struct XenState {
     /// GSI PIRQs: (PIRQ, its GSI, the GSI's input levels: bit 0 line, bit 1 resampled).
     #[serde(default)]
     pub gsi_pirqs: Vec<(u32, u32, u8)>,
+    /// The FIFO ABI's host state, if the guest switched to it (its event words, READY and
+    /// HEADs are guest RAM and travel with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fifo: Option<Box<XenFifoState>>,
+}
+
+/// The FIFO ABI's state outside guest RAM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XenFifoState {
+    /// Per vCPU: its control block's guest address, if it has one.
+    pub control_blocks: Vec<Option<u64>>,
+    /// The event-array pages' guest addresses, in order.
+    pub array_pages: Vec<u64>,
+    /// Per (vCPU, priority), vCPU-major: the queue's tail port (0: empty).
+    pub tails: Vec<u32>,
+    /// Open ports whose priority is not the default: (port, priority).
+    pub priorities: Vec<(u32, u8)>,
+    /// Ports whose last queue is not vCPU 0's priority 0: (port, packed vCPU and priority).
+    pub lastq: Vec<(u32, u32)>,
+    /// Ports with an event waiting for their event-array page.
+    pub early: Vec<u32>,
 }
 
 impl XenState {
@@ -88,7 +109,10 @@ impl EventChannels {
             long_mode: _,
             shared_info_gpa: _,
             upcall: _,
-            slots: _,
+            slots,
+            fifo_on,
+            queues,
+            pages,
             virqs,
             placed,
             table: _,
@@ -101,21 +125,42 @@ impl EventChannels {
             gsi_levels,
         } = self;
         let Table {
-            ports,
             backends,
             pirqs,
             pirq_gsi,
+            ..
         } = &*t;
+        let fifo = fifo_on.load(Ordering::SeqCst).then(|| {
+            Box::new(XenFifoState {
+                control_blocks: pages.control_gpas(),
+                array_pages: pages.page_gpas(),
+                tails: queues.all().iter().map(|q| q.tail()).collect(),
+                priorities: t
+                    .open()
+                    .filter_map(|(p, _, _)| {
+                        let prio = slots.get(p)?.binding().priority;
+                        (prio != super::ports::DEFAULT_PRIORITY).then_some((p, prio))
+                    })
+                    .collect(),
+                lastq: slots
+                    .iter()
+                    .filter_map(|(p, s)| {
+                        let l = s.lastq.load(Ordering::SeqCst);
+                        (l != 0).then_some((p, l))
+                    })
+                    .collect(),
+                early: slots
+                    .iter()
+                    .filter(|(_, s)| s.early.load(Ordering::SeqCst))
+                    .map(|(p, _)| p)
+                    .collect(),
+            })
+        });
         let (upcall_vectors, callback, apic_ids) = upcalls.configuration();
         XenState {
             // The address and width as they are now.
             config: self.config(),
-            ports: ports
-                .iter()
-                .enumerate()
-                .filter(|(_, (state, _))| *state != PortState::Closed)
-                .map(|(port, (state, vcpu))| (port as u32, *state, *vcpu))
-                .collect(),
+            ports: t.open().collect(),
             virqs: virqs.iter().map(|p| p.load(Ordering::Acquire)).collect(),
             vcpu_info: placed
                 .iter()
@@ -152,6 +197,7 @@ impl EventChannels {
                     Some((p as u32, gsi, levels))
                 })
                 .collect(),
+            fifo,
         }
     }
 }
@@ -182,14 +228,26 @@ pub(crate) fn restore(
         timers,
         pirqs,
         gsi_pirqs,
+        fifo,
     } = state;
     let (channels, upcalls) = attach(interrupts, memory, *config);
     let mut endpoints = Vec::new();
     {
         let mut t = channels.lock();
+        if let Some(f) = fifo {
+            restore_fifo(&channels, &mut t, f)?;
+        }
         for (port, state, vcpu) in ports {
-            t.ports[*port as usize] = (*state, *vcpu);
-            channels.slots[*port as usize].publish(Binding::new(*state, *vcpu));
+            t.reserve(*port, &channels.slots);
+            t.set(*port, *state, *vcpu);
+            let slot = channels
+                .slot(*port)
+                .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+            let priority = fifo
+                .as_ref()
+                .and_then(|f| f.priorities.iter().find(|(p, _)| p == port))
+                .map_or(super::ports::DEFAULT_PRIORITY, |(_, prio)| *prio);
+            slot.publish(Binding::new(*state, *vcpu).with_priority(priority));
             if let PortState::Pirq(pirq) = state {
                 channels.pirq_ports[*pirq as usize].store(*port, Ordering::Release);
             }
@@ -224,6 +282,7 @@ pub(crate) fn restore(
             if saved.pending {
                 ours.write(1).map_err(io)?;
             }
+            t.reserve_backend(be as u32);
             t.backends[be] = Some(BackendSlot {
                 guest_port: saved.guest_port,
                 notify: ours,
@@ -266,7 +325,11 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
             c.vcpus
         ));
     }
-    let ports = super::Layout::new(c.long_mode).ports as usize;
+    let ports = if state.fifo.is_some() {
+        super::fifo::FIFO_PORTS as usize
+    } else {
+        super::Layout::new(c.long_mode).ports as usize
+    };
     let n = c.vcpus as usize;
     if state.virqs.len() != n * NR_VIRQS as usize
         || state.placements().len() != n
@@ -283,7 +346,13 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
     if !ascending(state.ports.iter().map(|p| p.0).collect()) {
         return bad("ports out of range, repeated or unordered".into());
     }
-    if !ascending(state.backends.iter().map(|b| b.0).collect()) {
+    let backends_ok = state
+        .backends
+        .iter()
+        .all(|b| b.0 < super::ports::MAX_BACKENDS)
+        && state.backends.windows(2).all(|w| w[0].0 < w[1].0)
+        && state.backends.iter().all(|b| b.0 != 0);
+    if !backends_ok {
         return bad("backend ports out of range, repeated or unordered".into());
     }
     for &(port, s, vcpu) in &state.ports {
@@ -366,5 +435,72 @@ fn check(state: &XenState, vcpus: u32, pins: u32) -> Result<(), SnapshotError> {
     if let Some(v) = state.upcall_vectors.iter().flatten().find(|v| **v < 0x10) {
         return bad(format!("upcall vector {v:#x}"));
     }
+    if let Some(f) = &state.fifo {
+        use super::fifo::{CONTROL_BLOCK_SIZE, FIFO_PORTS, MAX_PAGES, PRIORITIES};
+        let block_ok = |g: &u64| g % 8 == 0 && g % 0x1000 <= u64::from(0x1000 - CONTROL_BLOCK_SIZE);
+        let ok = f.control_blocks.len() == n
+            && f.control_blocks.iter().flatten().all(block_ok)
+            && f.array_pages.len() <= MAX_PAGES as usize
+            && f.array_pages.iter().all(|g| g % 0x1000 == 0)
+            && f.tails.len() == n * PRIORITIES as usize
+            && f.tails.iter().all(|t| *t < FIFO_PORTS)
+            && f.priorities
+                .iter()
+                .all(|(p, prio)| *p < FIFO_PORTS && u32::from(*prio) < PRIORITIES)
+            && f.lastq
+                .iter()
+                .all(|(p, l)| *p < FIFO_PORTS && l & 0xffff < c.vcpus && l >> 20 == 0)
+            && f.early.iter().all(|p| *p < FIFO_PORTS);
+        if !ok {
+            return bad("FIFO state out of range".into());
+        }
+    }
+    Ok(())
+}
+
+/// Puts the FIFO ABI back as saved: control blocks, event-array pages, queue tails and the
+/// ports' last queues and remembered events. Nothing runs yet.
+fn restore_fifo(
+    channels: &EventChannels,
+    t: &mut Table,
+    f: &XenFifoState,
+) -> Result<(), SnapshotError> {
+    let bad = |what: String| SnapshotError::Invalid(format!("Xen FIFO: {what}"));
+    for (vcpu, gpa) in f.control_blocks.iter().enumerate() {
+        if let Some(gpa) = gpa {
+            channels
+                .pages
+                .map_control(vcpu as u32, *gpa)
+                .map_err(|e| bad(format!("control block of vCPU {vcpu}: {e}")))?;
+        }
+    }
+    for gpa in &f.array_pages {
+        channels
+            .pages
+            .add_page(gpa / 0x1000)
+            .map_err(|e| bad(format!("event-array page {gpa:#x}: {e}")))?;
+    }
+    for (q, tail) in channels.queues.all().iter().zip(&f.tails) {
+        q.reset(*tail);
+    }
+    let ports = f
+        .lastq
+        .iter()
+        .map(|(p, _)| *p)
+        .chain(f.early.iter().copied());
+    for port in ports {
+        t.reserve(port, &channels.slots);
+    }
+    for (port, l) in &f.lastq {
+        if let Ok(slot) = channels.slot(*port) {
+            slot.lastq.store(*l, Ordering::SeqCst);
+        }
+    }
+    for port in &f.early {
+        if let Ok(slot) = channels.slot(*port) {
+            slot.early.store(true, Ordering::SeqCst);
+        }
+    }
+    channels.fifo_on.store(true, Ordering::SeqCst);
     Ok(())
 }

@@ -51,17 +51,17 @@ fn vm() -> Vm {
 }
 
 impl Vm {
-    fn call<T: ByteValued>(&self, cmd: u32, arg: T) -> (i64, T) {
+    pub(super) fn call<T: ByteValued>(&self, cmd: u32, arg: T) -> (i64, T) {
         self.mem.write_obj(arg, GuestAddress(ARGS)).unwrap();
         let rc = self.ec.hypercall(0, cmd, ARGS);
         (rc, self.mem.read_obj(GuestAddress(ARGS)).unwrap())
     }
 
-    fn port_op(&self, cmd: u32, port: u32) -> i64 {
+    pub(super) fn port_op(&self, cmd: u32, port: u32) -> i64 {
         self.call(cmd, abi::PortArg { port }).0
     }
 
-    fn alloc_unbound(&self, remote_dom: u16) -> u32 {
+    pub(super) fn alloc_unbound(&self, remote_dom: u16) -> u32 {
         let a = abi::AllocUnbound {
             dom: DOMID_SELF,
             remote_dom,
@@ -100,7 +100,7 @@ impl Vm {
         (rc, out.local_port)
     }
 
-    fn bind_vcpu(&self, port: u32, vcpu: u32) -> i64 {
+    pub(super) fn bind_vcpu(&self, port: u32, vcpu: u32) -> i64 {
         self.call(op::BIND_VCPU, abi::BindVcpu { port, vcpu }).0
     }
 
@@ -256,10 +256,6 @@ fn errno_table() {
         ..Default::default()
     };
     assert_eq!(vm.call(op::BIND_PIRQ, pirq).0, -EINVAL);
-    assert_eq!(
-        vm.call(op::INIT_CONTROL, abi::InitControl::default()).0,
-        -EOPNOTSUPP
-    );
     assert_eq!(
         vm.call(op::EXPAND_ARRAY, abi::ExpandArray::default()).0,
         -EOPNOTSUPP

@@ -228,13 +228,13 @@ impl EventChannels {
         let single = (ports.len() == 1).then(|| ports[0]);
         let polling = self.poll.enter(vcpu, single);
         // Checked after counting in: a delivery from now on sees the poller.
-        let sh = self.shared();
+        let ops = self.port_ops();
         let mut ready = self.upcall_pending(vcpu);
         for &port in ports {
-            if port >= self.layout().ports {
+            if port >= ops.ports(self) {
                 return Err(XenError::Invalid);
             }
-            ready |= sh.test_pending(port).unwrap_or(false);
+            ready |= ops.is_pending(self, port);
         }
         if !ready {
             let deadline = (timeout_abs_ns != 0).then(|| self.clock.instant(timeout_abs_ns));
