@@ -175,6 +175,47 @@ pub const fn hypercall_mailbox(apic_id: usize) -> u64 {
     HYPERCALL_MAILBOX + slot(apic_id) * HYPERCALL_MAILBOX_SIZE
 }
 
+/// Nonzero once the host switched the guest to the FIFO ABI: the upcall then runs the FIFO
+/// consumer instead of the 2-level one.
+pub const XEN_FIFO_FLAG: u64 = 0x0808;
+/// FIFO control blocks: the one of APIC ID `a` at `XEN_FIFO_CONTROL + a * 0x80` (72 bytes,
+/// 8-byte aligned).
+pub const XEN_FIFO_CONTROL: u64 = 0x6_0000;
+/// Bytes between two control blocks.
+pub const XEN_FIFO_CONTROL_STRIDE: u64 = 0x80;
+/// The FIFO consumer's own copy of each queue's next head (Linux's per-CPU `q->head[]`):
+/// 16 u32 per APIC ID.
+pub const XEN_FIFO_HEADS: u64 = 0x6_2000;
+/// One bit per port the FIFO consumer handled (2^17 bits); a bit found set is a duplicate.
+pub const XEN_FIFO_SEEN: u64 = 0x6_4000;
+/// Events the FIFO consumer handled (u32).
+pub const XEN_FIFO_TOTAL: u64 = 0x6_8000;
+/// Events the FIFO consumer handled whose bit in [`XEN_FIFO_SEEN`] was already set (u32).
+pub const XEN_FIFO_DUPS: u64 = 0x6_8004;
+/// Entries written to [`XEN_FIFO_LOG`] so far (u32; may pass the capacity).
+pub const XEN_FIFO_LOG_COUNT: u64 = 0x6_8008;
+/// The ports the FIFO consumer handled, in order, up to [`XEN_FIFO_LOG_CAP`].
+pub const XEN_FIFO_LOG: u64 = 0x6_8010;
+/// Entries the log holds.
+pub const XEN_FIFO_LOG_CAP: u32 = 4096;
+/// The event array: the guest adds its pages in order from here, so port `p`'s word is at
+/// `XEN_FIFO_ARRAY + 4 p`; 128 pages hold all 2^17 ports.
+pub const XEN_FIFO_ARRAY: u64 = 0x7_0000;
+/// Ports of the FIFO ABI.
+pub const XEN_FIFO_PORTS: u32 = 1 << 17;
+/// Events one FIFO upcall pass handles at most before handing READY back.
+pub const XEN_FIFO_BUDGET: u32 = 1 << 18;
+
+/// The FIFO control block of APIC ID `apic_id` (clamped like the guest does).
+pub const fn xen_fifo_control(apic_id: usize) -> u64 {
+    XEN_FIFO_CONTROL + slot(apic_id) * XEN_FIFO_CONTROL_STRIDE
+}
+
+/// The FIFO consumer's head copies of APIC ID `apic_id`.
+pub const fn xen_fifo_heads(apic_id: usize) -> u64 {
+    XEN_FIFO_HEADS + slot(apic_id) * 64
+}
+
 /// Guest memory the guest's code never touches, where hosts put hypercall arguments.
 pub const SCRATCH: u64 = 0x50000;
 
@@ -218,7 +259,14 @@ mod tests {
         let script_end = MMIO_SCRIPT_ENTRIES_ADDR + MMIO_SCRIPT_ENTRY_SIZE * MMIO_SCRIPT_MAX as u64;
         assert!(script_end <= CODE_ADDR);
         const { assert!(COUNTERS_ADDR + COUNTERS_SIZE <= SCRATCH) };
-        const { assert!(SCRATCH + 0x10000 <= 1 << 20) };
+        const { assert!(SCRATCH + 0x10000 <= XEN_FIFO_CONTROL) };
+        assert!(xen_fifo_control(MAX_VCPUS) + 72 <= XEN_FIFO_HEADS);
+        assert!(xen_fifo_heads(MAX_VCPUS) + 64 <= XEN_FIFO_SEEN);
+        const { assert!(XEN_FIFO_SEEN + (XEN_FIFO_PORTS / 8) as u64 <= XEN_FIFO_TOTAL) };
+        const { assert!(XEN_FIFO_LOG + XEN_FIFO_LOG_CAP as u64 * 4 <= XEN_FIFO_ARRAY) };
+        const { assert!(XEN_FIFO_ARRAY + XEN_FIFO_PORTS as u64 * 4 <= 1 << 20) };
+        const { assert!(CMD_DONE_ADDR + 4 <= XEN_FIFO_FLAG) };
+        const { assert!(XEN_FIFO_FLAG + 4 <= HYPERCALL_MAILBOX) };
         const { assert!(CMD_DONE_ADDR + 4 <= HYPERCALL_MAILBOX) };
         assert!(hypercall_mailbox(MAX_VCPUS - 1) + HYPERCALL_MAILBOX_SIZE <= CODE_ADDR);
         assert!(u64::from(STACK_TOP) <= XEN_SHARED_INFO);

@@ -636,7 +636,7 @@ impl SimMachine {
         sim.set_isr_observer(Box::new(move |vcpu, vector| {
             if vector == layout::XEN_UPCALL_VECTOR {
                 // The simulated vCPU's APIC ID is its index, as on the KVM machine.
-                if let Err(e) = program::xen_2l_consume(&consumer_mem, vcpu) {
+                if let Err(e) = program::xen_consume(&consumer_mem, vcpu) {
                     tracing::warn!(vcpu, "simulated Xen consumer failed: {e}");
                 }
             }

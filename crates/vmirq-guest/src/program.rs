@@ -100,6 +100,11 @@ impl From<IcedError> for AsmError {
     }
 }
 
+/// FIFO event word bits (xen/include/public/event_channel.h).
+const FIFO_MASKED: u32 = 1 << 30;
+const FIFO_LINKED: u32 = 1 << 29;
+const FIFO_LINK: u32 = (1 << 17) - 1;
+
 fn ip_of(result: &CodeAssemblerResult, label: &CodeLabel) -> Result<u16, AsmError> {
     let ip = result.label_ip(label)?;
     u16::try_from(ip).map_err(|_| AsmError(format!("label at {ip:#x} is beyond 64 KiB")))
@@ -139,6 +144,22 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     let mut port_inc = a.create_label();
     let mut xen_legacy = a.create_label();
     let mut xen_info_ok = a.create_label();
+    let mut xen_fifo = a.create_label();
+    let mut fifo_pass = a.create_label();
+    let mut fifo_id_ok = a.create_label();
+    let mut fifo_ready_xchg = a.create_label();
+    let mut fifo_loop = a.create_label();
+    let mut fifo_have_head = a.create_label();
+    let mut fifo_unlink = a.create_label();
+    let mut fifo_cmpxchg = a.create_label();
+    let mut fifo_handle = a.create_label();
+    let mut fifo_pending_btr = a.create_label();
+    let mut fifo_first = a.create_label();
+    let mut fifo_no_counter = a.create_label();
+    let mut fifo_no_log = a.create_label();
+    let mut fifo_next = a.create_label();
+    let mut fifo_budget = a.create_label();
+    let mut fifo_pass_done = a.create_label();
 
     // --- Boot, identical on every vCPU.
     a.set_label(&mut entry)?;
@@ -317,6 +338,9 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.shl(ebx, XEN_VCPU_INFO_SIZE.trailing_zeros())?;
     a.add(ebx, XEN_SHARED_INFO as u32)?;
     a.set_label(&mut xen_info_ok)?;
+    a.mov(eax, XEN_FIFO_FLAG as u32)?;
+    a.cmp(dword_ptr(eax), 0u32)?;
+    a.jne(xen_fifo)?;
     a.mov(ebp, XEN_CONSUMER_MAX_PASSES)?;
     let pending = (XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET) as i32;
     let mask = (XEN_SHARED_INFO + XEN_EVTCHN_MASK_OFFSET) as i32;
@@ -365,6 +389,121 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.pop(ebx)?;
     a.pop(eax)?;
     a.jmp(common)?;
+
+    // --- The Xen FIFO consumer, as Linux's __evtchn_fifo_handle_events and consume_one_event
+    // run it (drivers/xen/events/events_fifo.c): clear upcall_pending, take READY with xchg,
+    // and while any priority is ready, take the highest (bsf): its head is the consumer's own
+    // copy, or the control block's HEAD when that copy is 0; unlink the head (lock cmpxchg
+    // clearing LINKED and LINK; the old LINK is the next head, 0 empties the queue), and if
+    // the word is not MASKED, ack it with lock btr PENDING and count it only if that took it;
+    // then OR in READY again. Repeats while upcall_pending was set again. Entered with EBX =
+    // vcpu_info and the registers saved. Registers: ESI = control block, EDI = head copies,
+    // EDX = ready priorities, ECX = priority, EBX = event word, EBP = budget, EAX = scratch.
+    // Counting: XEN_FIFO_TOTAL, a bit in XEN_FIFO_SEEN (a bit already set counts in
+    // XEN_FIFO_DUPS), the port counter below 1024, and the port appended to XEN_FIFO_LOG.
+    a.set_label(&mut xen_fifo)?;
+    a.mov(ebp, XEN_CONSUMER_MAX_PASSES)?;
+    a.set_label(&mut fifo_pass)?;
+    a.mov(byte_ptr(ebx + XEN_UPCALL_PENDING_OFFSET as i32), 0u32)?;
+    a.push(ebx)?;
+    a.push(ebp)?;
+    a.mov(eax, LAPIC_ID)?;
+    a.mov(eax, dword_ptr(eax))?;
+    a.shr(eax, 24u32)?;
+    a.cmp(eax, (MAX_VCPUS - 1) as u32)?;
+    a.jbe(fifo_id_ok)?;
+    a.mov(eax, (MAX_VCPUS - 1) as u32)?;
+    a.set_label(&mut fifo_id_ok)?;
+    a.mov(esi, eax)?;
+    a.shl(esi, XEN_FIFO_CONTROL_STRIDE.trailing_zeros())?;
+    a.add(esi, XEN_FIFO_CONTROL as u32)?;
+    a.mov(edi, eax)?;
+    a.shl(edi, 6u32)?;
+    a.add(edi, XEN_FIFO_HEADS as u32)?;
+    a.mov(ebp, XEN_FIFO_BUDGET)?;
+    a.xor(edx, edx)?;
+    a.set_label(&mut fifo_ready_xchg)?;
+    a.xchg(dword_ptr(esi), edx)?;
+    a.and(edx, 0xFFFFu32)?;
+    a.set_label(&mut fifo_loop)?;
+    a.test(edx, edx)?;
+    a.jz(fifo_pass_done)?;
+    a.dec(ebp)?;
+    a.jz(fifo_budget)?;
+    a.bsf(ecx, edx)?;
+    a.mov(eax, dword_ptr(edi + ecx * 4))?;
+    a.test(eax, eax)?;
+    a.jnz(fifo_have_head)?;
+    a.mov(eax, dword_ptr(esi + ecx * 4 + 8))?;
+    a.set_label(&mut fifo_have_head)?;
+    a.and(eax, FIFO_LINK)?;
+    a.lea(ebx, dword_ptr(eax * 4 + XEN_FIFO_ARRAY as i32))?;
+    a.mov(eax, dword_ptr(ebx))?;
+    // clear_linked: EAX = the word as last seen; on failure cmpxchg loads the new one.
+    a.set_label(&mut fifo_unlink)?;
+    a.push(ecx)?;
+    a.mov(ecx, eax)?;
+    a.and(ecx, !(FIFO_LINKED | FIFO_LINK))?;
+    a.set_label(&mut fifo_cmpxchg)?;
+    a.lock().cmpxchg(dword_ptr(ebx), ecx)?;
+    a.pop(ecx)?;
+    a.jnz(fifo_unlink)?;
+    a.and(eax, FIFO_LINK)?;
+    a.mov(dword_ptr(edi + ecx * 4), eax)?;
+    a.test(eax, eax)?;
+    a.jnz(fifo_handle)?;
+    a.btr(edx, ecx)?;
+    a.set_label(&mut fifo_handle)?;
+    a.mov(eax, dword_ptr(ebx))?;
+    a.test(eax, FIFO_MASKED)?;
+    a.jnz(fifo_next)?;
+    a.set_label(&mut fifo_pending_btr)?;
+    a.lock().btr(dword_ptr(ebx), 31u32)?;
+    a.jnc(fifo_next)?;
+    a.mov(eax, ebx)?;
+    a.sub(eax, XEN_FIFO_ARRAY as u32)?;
+    a.shr(eax, 2u32)?;
+    a.push(ebx)?;
+    a.push(ecx)?;
+    a.mov(ebx, XEN_FIFO_TOTAL as u32)?;
+    a.lock().inc(dword_ptr(ebx))?;
+    a.mov(ebx, XEN_FIFO_SEEN as u32)?;
+    a.lock().bts(dword_ptr(ebx), eax)?;
+    a.jnc(fifo_first)?;
+    a.mov(ebx, XEN_FIFO_DUPS as u32)?;
+    a.lock().inc(dword_ptr(ebx))?;
+    a.set_label(&mut fifo_first)?;
+    a.cmp(eax, XEN_2L_PORTS as u32)?;
+    a.jae(fifo_no_counter)?;
+    a.lock()
+        .inc(dword_ptr(eax * 4 + XEN_PORT_COUNTERS as i32))?;
+    a.set_label(&mut fifo_no_counter)?;
+    a.mov(ecx, 1u32)?;
+    a.mov(ebx, XEN_FIFO_LOG_COUNT as u32)?;
+    a.lock().xadd(dword_ptr(ebx), ecx)?;
+    a.cmp(ecx, XEN_FIFO_LOG_CAP)?;
+    a.jae(fifo_no_log)?;
+    a.mov(dword_ptr(ecx * 4 + XEN_FIFO_LOG as i32), eax)?;
+    a.set_label(&mut fifo_no_log)?;
+    a.pop(ecx)?;
+    a.pop(ebx)?;
+    a.set_label(&mut fifo_next)?;
+    a.xor(eax, eax)?;
+    a.xchg(dword_ptr(esi), eax)?;
+    a.and(eax, 0xFFFFu32)?;
+    a.or(edx, eax)?;
+    a.jmp(fifo_loop)?;
+    // Out of budget: hand the ready priorities back for the next upcall.
+    a.set_label(&mut fifo_budget)?;
+    a.lock().or(dword_ptr(esi), edx)?;
+    a.set_label(&mut fifo_pass_done)?;
+    a.pop(ebp)?;
+    a.pop(ebx)?;
+    a.cmp(byte_ptr(ebx + XEN_UPCALL_PENDING_OFFSET as i32), 0u32)?;
+    a.je(xen_done)?;
+    a.dec(ebp)?;
+    a.jnz(fifo_pass)?;
+    a.jmp(xen_done)?;
 
     // --- One stub per vector; the upcall vector's runs the consumer first.
     let mut stubs: Vec<CodeLabel> = (0..VECTORS).map(|_| a.create_label()).collect();
@@ -551,6 +690,78 @@ pub fn xen_2l_consume(mem: &GuestMemoryMmap, apic_id: usize) -> Result<u32, Gues
         }
     }
     Ok(acked)
+}
+
+/// The guest's FIFO words at their fixed places in the test layout (port `p` at
+/// `XEN_FIFO_ARRAY + 4 p`, APIC ID `a`'s control block at [`xen_fifo_control`]), for the
+/// simulated consumer.
+struct LayoutWords<'a>(&'a GuestMemoryMmap);
+
+impl vmirq::xen::fifo::Words for LayoutWords<'_> {
+    type A = AtomicU32;
+
+    fn event(&self, port: u32) -> Option<&AtomicU32> {
+        (port < XEN_FIFO_PORTS)
+            .then(|| guest_atomic_u32(self.0, XEN_FIFO_ARRAY + u64::from(port) * 4).ok())
+            .flatten()
+    }
+
+    fn control(&self, vcpu: u32, priority: u32) -> Option<(&AtomicU32, &AtomicU32)> {
+        let cb = xen_fifo_control(vcpu as usize);
+        let ready = guest_atomic_u32(self.0, cb).ok()?;
+        let head = guest_atomic_u32(self.0, cb + 8 + u64::from(priority) * 4).ok()?;
+        Some((ready, head))
+    }
+}
+
+/// Counts a port the FIFO consumer handled, as the assembled consumer does.
+fn fifo_count(mem: &GuestMemoryMmap, port: u32) -> Result<(), GuestError> {
+    guest_atomic_u32(mem, XEN_FIFO_TOTAL)?.fetch_add(1, Ordering::SeqCst);
+    let seen = guest_atomic_u32(mem, XEN_FIFO_SEEN + u64::from(port / 32) * 4)?;
+    if seen.fetch_or(1 << (port % 32), Ordering::SeqCst) & 1 << (port % 32) != 0 {
+        guest_atomic_u32(mem, XEN_FIFO_DUPS)?.fetch_add(1, Ordering::SeqCst);
+    }
+    if let Some(addr) = port_counter_addr(port) {
+        guest_atomic_u32(mem, addr)?.fetch_add(1, Ordering::SeqCst);
+    }
+    let i = guest_atomic_u32(mem, XEN_FIFO_LOG_COUNT)?.fetch_add(1, Ordering::SeqCst);
+    if i < XEN_FIFO_LOG_CAP {
+        guest_atomic_u32(mem, XEN_FIFO_LOG + u64::from(i) * 4)?.store(port, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// The guest's upcall handler for a vCPU the host simulates: the FIFO consumer (through
+/// [`vmirq::xen::fifo::consume`], Linux's algorithm, which the assembled one follows step for
+/// step) once [`XEN_FIFO_FLAG`] is set, else [`xen_2l_consume`]. Returns the events handled.
+pub fn xen_consume(mem: &GuestMemoryMmap, apic_id: usize) -> Result<u32, GuestError> {
+    if mem.read_obj::<u32>(GuestAddress(XEN_FIFO_FLAG))? == 0 {
+        return xen_2l_consume(mem, apic_id);
+    }
+    let upcall_pending = GuestAddress(xen_vcpu_info(apic_id) + XEN_UPCALL_PENDING_OFFSET);
+    let heads_at = xen_fifo_heads(apic_id);
+    let mut heads = [0u32; 16];
+    for (i, h) in heads.iter_mut().enumerate() {
+        *h = mem.read_obj(GuestAddress(heads_at + i as u64 * 4))?;
+    }
+    let words = LayoutWords(mem);
+    let mut handled = Vec::new();
+    for _ in 0..XEN_CONSUMER_MAX_PASSES {
+        mem.store(0u8, upcall_pending, Ordering::SeqCst)?;
+        vmirq::xen::fifo::consume(&words, apic_id as u32, &mut heads, XEN_FIFO_BUDGET, |p| {
+            handled.push(p)
+        });
+        if mem.load::<u8>(upcall_pending, Ordering::SeqCst)? == 0 {
+            break;
+        }
+    }
+    for (i, h) in heads.iter().enumerate() {
+        mem.write_obj(*h, GuestAddress(heads_at + i as u64 * 4))?;
+    }
+    for &p in &handled {
+        fifo_count(mem, p)?;
+    }
+    Ok(handled.len() as u32)
 }
 
 /// Whether vCPU 0 has finished command `seq`.

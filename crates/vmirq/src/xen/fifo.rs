@@ -874,11 +874,13 @@ mod loom_tests {
     }
 
     /// A port consumed on one queue and sent again on another while a second port is sent
-    /// on the old one: the old queue's stale tail must not link the second port behind it.
+    /// on the old queue and a third on the new one: the old queue's stale tail (the moved
+    /// port) must not take the second port into the new queue, where the third would
+    /// overwrite its link and lose it.
     #[test]
     fn loom_fifo_a_port_changing_queues_leaves_no_stale_tail() {
         loom::model(|| {
-            let w = world(3, true);
+            let w = world(4, true);
             w.send(1, 7);
             let consumer = {
                 let w = w.clone();
@@ -890,13 +892,16 @@ mod loom_tests {
             };
             w.send(1, 3);
             w.send(2, 7);
+            w.send(3, 3);
             let mut heads = consumer.join().unwrap();
             w.consume(&mut heads);
             // Port 1 was sent twice; it may have been handled once (coalesced) or twice.
             let h1 = w.handled[1].load(Ordering::SeqCst);
             assert!((1..=2).contains(&h1), "port 1 handled {h1} times");
-            assert_eq!(w.handled[2].load(Ordering::SeqCst), 1, "port 2 lost");
-            for p in 1..3 {
+            for p in 2..4 {
+                assert_eq!(w.handled[p].load(Ordering::SeqCst), 1, "port {p} lost");
+            }
+            for p in 1..4 {
                 let word = w.m.words[p].load(Ordering::SeqCst);
                 assert_eq!(word & (LINKED | PENDING), 0, "port {p} left {word:#x}");
             }

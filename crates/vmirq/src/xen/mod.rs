@@ -63,7 +63,7 @@ pub mod timer;
 mod upcall;
 mod vcpu;
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod fifo_tests;
 #[cfg(test)]
 mod model_tests;

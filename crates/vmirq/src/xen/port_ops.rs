@@ -269,6 +269,11 @@ impl EventChannels {
         ops.print_state(self, port)
     }
 
+    /// FIFO event-array pages the guest added (1024 ports each).
+    pub fn fifo_pages(&self) -> u32 {
+        self.pages.count()
+    }
+
     /// Whether the guest switched to the FIFO ABI.
     pub fn is_fifo(&self) -> bool {
         self.fifo_on.load(Ordering::SeqCst)
