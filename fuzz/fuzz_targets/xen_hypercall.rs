@@ -4,7 +4,9 @@
 //! between calls, and the lock-free paths (set_pending, VIRQs, PIRQ MSIs) interleaved. Polls
 //! get a timeout in the past (a poll with none would wait for an event, as on Xen). Invariants:
 //! no panic; no call longer than 100 ms; nothing written to guest memory outside the argument
-//! structs, shared_info (wherever the guest moved it) and the vcpu_info areas it registered.
+//! structs, shared_info (wherever the guest moved it), the vcpu_info areas it registered and
+//! the FIFO control blocks and event-array pages it registered (EVTCHNOP 11 and 12 switch the
+//! guest to FIFO; pokes then scribble over its event words).
 #![no_main]
 
 use std::sync::Arc;
@@ -70,6 +72,16 @@ enum Op {
     },
     PirqMsi {
         pirq: u16,
+    },
+    /// EVTCHNOP_init_control and expand_array with arguments in range (random ones rarely
+    /// are), so the FIFO ABI is reached: a control block in page `page` at `offset`, then
+    /// `pages` event-array pages from page `array`.
+    Fifo {
+        vcpu: u8,
+        page: u8,
+        offset: u16,
+        array: u8,
+        pages: u8,
     },
 }
 
@@ -168,6 +180,26 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
                 writable.sort_unstable();
                 writable.dedup();
             }
+            Op::Fifo {
+                vcpu,
+                page,
+                offset,
+                array,
+                pages,
+            } => {
+                let pfn = |p: u8| u64::from(p) % (RAM as u64 / 0x1000);
+                let mut init = [0u8; 24];
+                init[0..8].copy_from_slice(&pfn(*page).to_le_bytes());
+                init[8..12].copy_from_slice(&u32::from(*offset % 0x1000).to_le_bytes());
+                init[12..16].copy_from_slice(&u32::from(*vcpu % 3).to_le_bytes());
+                mem.write_slice(&init, GuestAddress(ARGS)).unwrap();
+                ec.hypercall(0, 11, ARGS);
+                for n in 0..*pages % 4 {
+                    let gfn = pfn(array.wrapping_add(n));
+                    mem.write_slice(&gfn.to_le_bytes(), GuestAddress(ARGS)).unwrap();
+                    ec.hypercall(0, 12, ARGS);
+                }
+            }
             Op::PirqMsi { pirq } => {
                 let _ = ec.deliver_pirq_msi(pirq_msi(u32::from(*pirq)));
             }
@@ -182,6 +214,12 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
             t0.elapsed() < Duration::from_millis(100),
             "{op:?} took too long"
         );
+        // FIFO control blocks and event-array pages the guest registered are the ABI's too.
+        for area in ec.fifo_guest_areas() {
+            if !writable.contains(&area) {
+                writable.push(area);
+            }
+        }
     }
     // Timers still armed would fire into the checked memory: stop them first.
     for v in 0..2 {

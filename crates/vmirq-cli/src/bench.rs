@@ -393,84 +393,6 @@ fn msix_figures(m: &dyn Machine) -> Result<(f64, f64, f64, f64), vmirq::Error> {
     Ok((batched, one_by_one, per_vector_bytes, next_to))
 }
 
-/// ns per fast-path event (`EventChannels::set_pending` on a bound, unmasked port whose
-/// pending bit is clear, while the guest has not yet consumed: selector and upcall_pending
-/// already set), and the floor it is compared with: three atomic RMWs on the same memory.
-/// Both on one private guest-memory page, same run.
-fn xen_set_pending() -> Result<(f64, f64), vmirq::Error> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-    use vmirq::xen::{EventChannels, UpcallSink, XenConfig};
-    struct NoUpcall;
-    impl UpcallSink for NoUpcall {
-        fn upcall(&self, _vcpu: u32) {}
-    }
-    const PORTS: u32 = 1000;
-    const ROUNDS: u32 = 200;
-    fn fail<E>(_: E) -> vmirq::Error {
-        vmirq::Error::Unsupported("set up the Xen bench memory")
-    }
-    let memory =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).map_err(fail)?;
-    let shared_info = 0x2_0000u64;
-    let config = XenConfig {
-        vcpus: 1,
-        long_mode: true,
-        shared_info_gpa: shared_info,
-        domid: 1,
-    };
-    let ch = EventChannels::new(memory.clone(), config, Arc::new(NoUpcall));
-    // Bind PORTS IPI ports on vCPU 0 (EVTCHNOP_bind_ipi = 7: {u32 vcpu, u32 port out}).
-    let args = GuestAddress(0x1000);
-    let mut ports = Vec::new();
-    for _ in 0..PORTS {
-        memory.write_obj(0u64, args).map_err(fail)?;
-        if ch.hypercall(0, 7, args.0) != 0 {
-            return Err(vmirq::Error::Unsupported("bind an IPI port in the bench"));
-        }
-        ports.push(
-            memory
-                .read_obj::<u32>(GuestAddress(args.0 + 4))
-                .map_err(fail)?,
-        );
-    }
-    let pending = GuestAddress(shared_info + 0x800);
-    let clear = || {
-        for w in 0..16u64 {
-            let _ = memory.write_obj(0u64, GuestAddress(pending.0 + w * 8));
-        }
-    };
-    clear();
-    // The floor: three fetch_or on words of one cache line, as many as set_pending's events.
-    let words: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
-    let floor_round = || {
-        let t0 = Instant::now();
-        for i in 0..u64::from(PORTS) {
-            let bit = 1u64 << (i % 64);
-            words[0].fetch_or(bit, Ordering::SeqCst);
-            words[1].fetch_or(bit, Ordering::SeqCst);
-            words[2].fetch_or(bit, Ordering::SeqCst);
-        }
-        t0.elapsed()
-    };
-    // Rounds of the two alternate, and each figure is the median round: a preemption or a
-    // migration spoils one round of one of them, not the ratio.
-    let (mut events, mut floors) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let t0 = Instant::now();
-        for &p in &ports {
-            let _ = ch.set_pending(p, 0);
-        }
-        events.push(t0.elapsed());
-        clear();
-        floors.push(floor_round());
-    }
-    std::hint::black_box(&words);
-    let median_per_event =
-        |rounds: &mut Vec<Duration>| quantile(rounds, 0.5).as_nanos() as f64 / f64::from(PORTS);
-    Ok((median_per_event(&mut events), median_per_event(&mut floors)))
-}
-
 /// Edge latency paths, all on one VM with the host's default halt polling: (name, baseline).
 const EDGE_LATENCY: [(&str, Option<&str>); 4] = [
     ("msi-irqfd-kernel", None),
@@ -647,10 +569,14 @@ fn loaded_figures(
 
 pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoError> {
     let kernel = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
-    let edge: Vec<_> = EDGE_LATENCY
+    // The FIFO upcall needs a guest of its own (its upcall runs the FIFO consumer), measured
+    // in the same phase as the 2-level one, samples interleaved.
+    let fifo_vm = boot(kind, &paths::machine_config(Mode::Kernel.irqchip()))?;
+    let mut edge: Vec<_> = EDGE_LATENCY
         .iter()
         .map(|(name, base)| (*name, &*kernel, *base))
         .collect();
+    edge.push(("xenfifo-upcall", &*fifo_vm, Some("xen2l-upcall")));
     let mut results = latency_phase(&edge, samples)?;
     // The level pair runs on two VMs that must wait alike. With the host's adaptive halt
     // polling, whichever VM's vCPU happens to poll wakes 2x faster and its path "wins" (the
@@ -689,13 +615,33 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
         None,
     ));
     let m: &dyn Machine = &*kernel;
-    let (set_pending, floor) = xen_set_pending().map_err(bench_err)?;
-    results.push(result("atomic.floor-3-rmw", floor, "ns", None));
+    let f = crate::xen_fifo::set_pending_figures().map_err(bench_err)?;
+    results.push(result("atomic.floor-3-rmw", f.floor, "ns", None));
+    let two_level = ("xen2l.set-pending", f.two_level);
     results.push(result(
-        "xen2l.set-pending",
-        set_pending,
+        two_level.0,
+        f.two_level,
         "ns",
-        Some(("atomic.floor-3-rmw", floor)),
+        Some(("atomic.floor-3-rmw", f.floor)),
+    ));
+    results.push(result("xenfifo.set-pending", f.fifo, "ns", Some(two_level)));
+    results.push(result(
+        "xenfifo.set-pending.locked-only",
+        f.fifo_locked,
+        "ns",
+        Some(("xenfifo.set-pending", f.fifo)),
+    ));
+    results.push(result(
+        "xenfifo.set-pending.new-head",
+        f.new_head_fast,
+        "ns",
+        Some(two_level),
+    ));
+    results.push(result(
+        "xenfifo.set-pending.new-head.locked-only",
+        f.new_head_locked,
+        "ns",
+        Some(("xenfifo.set-pending.new-head", f.new_head_fast)),
     ));
     // Xen timers: deadline → guest ISR on a VM of their own (its guest gets the timer's
     // event channels), against the event-channel upcall path measured above.

@@ -8,6 +8,7 @@ mod demo;
 mod paths;
 mod report;
 mod soak;
+mod xen_fifo;
 
 use std::process::ExitCode;
 

@@ -142,6 +142,18 @@ pub fn rig(m: &dyn Machine, name: &str) -> Result<Rig, vmirq::Error> {
                 _keep: Some(Box::new((irqfd, gsi, fd, xen))),
             })
         }
+        "xenfifo-upcall" => {
+            let vcpu = TARGET_VCPU as u32;
+            let (channels, upcalls, port) = crate::xen_fifo::upcall_guest(m, vcpu)?;
+            let (irqfd, gsi, fd) = Xen::route_to(m, port, vcpu)?;
+            Ok(Rig {
+                name: "xenfifo-upcall",
+                vector: vmirq_guest::layout::XEN_UPCALL_VECTOR,
+                fire: trigger_of(&fd)?,
+                resample: None,
+                _keep: Some(Box::new((irqfd, gsi, fd, channels, upcalls))),
+            })
+        }
         _ => Err(vmirq::Error::Unsupported("rig an unknown path")),
     }
 }
@@ -314,6 +326,15 @@ impl Xen {
     /// An eventfd route to `port` on `vcpu` (KVM_IRQ_ROUTING_XEN_EVTCHN), served by vmirq.
     pub fn route(
         &self,
+        m: &dyn Machine,
+        port: u32,
+        vcpu: u32,
+    ) -> Result<(EdgeIrqfd, GsiRoute, EventFd), vmirq::Error> {
+        Self::route_to(m, port, vcpu)
+    }
+
+    /// [`Self::route`] for event channels attached some other way.
+    pub fn route_to(
         m: &dyn Machine,
         port: u32,
         vcpu: u32,

@@ -41,6 +41,7 @@ fn check_demo(report: &Value, backend: &str, paced: u64) {
             "msix",
             "xen-2l",
             "xen-timer",
+            "xen-fifo",
             "migrate",
         ]
     );
@@ -58,6 +59,12 @@ fn check_demo(report: &Value, backend: &str, paced: u64) {
             // 200 single-shot timers, each delivered once.
             assert_eq!(n("sent"), 200, "{p}");
             assert_eq!(n("delivered"), 200, "{p}");
+        } else if p["path"] == "xen-fifo" {
+            // 12 rounds over a port per (vCPU, priority): 128 simulated vCPUs, 48 on KVM;
+            // each round waits for every event, so none coalesce.
+            let vcpus = if backend == "kvm" { 48 } else { 128 };
+            assert_eq!(n("sent"), 12 * 16 * vcpus, "{p}");
+            assert_eq!(n("delivered"), n("sent"), "{p}");
         } else if p["path"] == "msix" || p["path"] == "xen-2l" {
             // 1,000 events over 64 vectors / 32 ports; events on masked ones coalesce.
             assert_eq!(n("sent"), 1000, "{p}");
@@ -139,6 +146,9 @@ fn check_bench(report: &Value, backend: &str) {
             "latency.level-resample-kernel.to-isr",
         ),
         ("xen2l.set-pending", "atomic.floor-3-rmw"),
+        ("xenfifo.set-pending", "xen2l.set-pending"),
+        ("xenfifo.set-pending.new-head", "xen2l.set-pending"),
+        ("latency.xenfifo-upcall", "latency.xen2l-upcall"),
         ("msix.unmask-2048", "msix.unmask-2048.per-vector"),
     ];
     for (name, baseline) in pairs {

@@ -176,8 +176,12 @@ pub const fn hypercall_mailbox(apic_id: usize) -> u64 {
 }
 
 /// Nonzero once the host switched the guest to the FIFO ABI: the upcall then runs the FIFO
-/// consumer instead of the 2-level one.
+/// consumer instead of the 2-level one. With [`XEN_FIFO_RECORD`] also set, the consumer
+/// records each event in [`XEN_FIFO_SEEN`] and [`XEN_FIFO_LOG`].
 pub const XEN_FIFO_FLAG: u64 = 0x0808;
+/// The FIFO flag's bit asking the consumer to record every event (tests); without it the
+/// consumer only counts (bench: the guest runs emulated, every instruction shows).
+pub const XEN_FIFO_RECORD: u32 = 2;
 /// FIFO control blocks: the one of APIC ID `a` at `XEN_FIFO_CONTROL + a * 0x80` (72 bytes,
 /// 8-byte aligned).
 pub const XEN_FIFO_CONTROL: u64 = 0x6_0000;

@@ -145,8 +145,10 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     let mut xen_legacy = a.create_label();
     let mut xen_info_ok = a.create_label();
     let mut xen_fifo = a.create_label();
+    let mut xen_fifo_pre = a.create_label();
+    let mut fifo_legacy = a.create_label();
+    let mut fifo_counted = a.create_label();
     let mut fifo_pass = a.create_label();
-    let mut fifo_id_ok = a.create_label();
     let mut fifo_ready_xchg = a.create_label();
     let mut fifo_loop = a.create_label();
     let mut fifo_have_head = a.create_label();
@@ -327,6 +329,9 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.jbe(xen_id_ok)?;
     a.mov(ebx, (MAX_VCPUS - 1) as u32)?;
     a.set_label(&mut xen_id_ok)?;
+    a.mov(eax, XEN_FIFO_FLAG as u32)?;
+    a.cmp(dword_ptr(eax), 0u32)?;
+    a.jne(xen_fifo_pre)?;
     // APIC IDs from 32 on have no slot in shared_info: theirs are at XEN_VCPU_INFO_EXT.
     a.cmp(ebx, 32u32)?;
     a.jb(xen_legacy)?;
@@ -338,9 +343,6 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.shl(ebx, XEN_VCPU_INFO_SIZE.trailing_zeros())?;
     a.add(ebx, XEN_SHARED_INFO as u32)?;
     a.set_label(&mut xen_info_ok)?;
-    a.mov(eax, XEN_FIFO_FLAG as u32)?;
-    a.cmp(dword_ptr(eax), 0u32)?;
-    a.jne(xen_fifo)?;
     a.mov(ebp, XEN_CONSUMER_MAX_PASSES)?;
     let pending = (XEN_SHARED_INFO + XEN_EVTCHN_PENDING_OFFSET) as i32;
     let mask = (XEN_SHARED_INFO + XEN_EVTCHN_MASK_OFFSET) as i32;
@@ -397,29 +399,34 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     // clearing LINKED and LINK; the old LINK is the next head, 0 empties the queue), and if
     // the word is not MASKED, ack it with lock btr PENDING and count it only if that took it;
     // then OR in READY again. Repeats while upcall_pending was set again. Entered with EBX =
-    // vcpu_info and the registers saved. Registers: ESI = control block, EDI = head copies,
+    // APIC ID and the registers saved. Registers: ESI = control block, EDI = head copies,
     // EDX = ready priorities, ECX = priority, EBX = event word, EBP = budget, EAX = scratch.
-    // Counting: XEN_FIFO_TOTAL, a bit in XEN_FIFO_SEEN (a bit already set counts in
-    // XEN_FIFO_DUPS), the port counter below 1024, and the port appended to XEN_FIFO_LOG.
+    // Counting (the guest runs emulated here, so it is kept short): the port counter below
+    // 1024 and XEN_FIFO_TOTAL; with bit 1 of XEN_FIFO_FLAG also a bit in XEN_FIFO_SEEN (one
+    // already set counts in XEN_FIFO_DUPS) and the port appended to XEN_FIFO_LOG.
+    a.set_label(&mut xen_fifo_pre)?;
+    a.mov(esi, ebx)?;
+    a.shl(esi, XEN_FIFO_CONTROL_STRIDE.trailing_zeros())?;
+    a.add(esi, XEN_FIFO_CONTROL as u32)?;
+    a.mov(edi, ebx)?;
+    a.shl(edi, 6u32)?;
+    a.add(edi, XEN_FIFO_HEADS as u32)?;
+    // EBX = vcpu_info, as for the 2-level consumer.
+    a.cmp(ebx, 32u32)?;
+    a.jb(fifo_legacy)?;
+    a.sub(ebx, 32u32)?;
+    a.shl(ebx, XEN_VCPU_INFO_SIZE.trailing_zeros())?;
+    a.add(ebx, XEN_VCPU_INFO_EXT as u32)?;
+    a.jmp(xen_fifo)?;
+    a.set_label(&mut fifo_legacy)?;
+    a.shl(ebx, XEN_VCPU_INFO_SIZE.trailing_zeros())?;
+    a.add(ebx, XEN_SHARED_INFO as u32)?;
     a.set_label(&mut xen_fifo)?;
     a.mov(ebp, XEN_CONSUMER_MAX_PASSES)?;
     a.set_label(&mut fifo_pass)?;
     a.mov(byte_ptr(ebx + XEN_UPCALL_PENDING_OFFSET as i32), 0u32)?;
     a.push(ebx)?;
     a.push(ebp)?;
-    a.mov(eax, LAPIC_ID)?;
-    a.mov(eax, dword_ptr(eax))?;
-    a.shr(eax, 24u32)?;
-    a.cmp(eax, (MAX_VCPUS - 1) as u32)?;
-    a.jbe(fifo_id_ok)?;
-    a.mov(eax, (MAX_VCPUS - 1) as u32)?;
-    a.set_label(&mut fifo_id_ok)?;
-    a.mov(esi, eax)?;
-    a.shl(esi, XEN_FIFO_CONTROL_STRIDE.trailing_zeros())?;
-    a.add(esi, XEN_FIFO_CONTROL as u32)?;
-    a.mov(edi, eax)?;
-    a.shl(edi, 6u32)?;
-    a.add(edi, XEN_FIFO_HEADS as u32)?;
     a.mov(ebp, XEN_FIFO_BUDGET)?;
     a.xor(edx, edx)?;
     a.set_label(&mut fifo_ready_xchg)?;
@@ -463,21 +470,24 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.mov(eax, ebx)?;
     a.sub(eax, XEN_FIFO_ARRAY as u32)?;
     a.shr(eax, 2u32)?;
+    a.cmp(eax, XEN_2L_PORTS as u32)?;
+    a.jae(fifo_no_counter)?;
+    a.lock()
+        .inc(dword_ptr(eax * 4 + XEN_PORT_COUNTERS as i32))?;
+    a.set_label(&mut fifo_no_counter)?;
     a.push(ebx)?;
-    a.push(ecx)?;
     a.mov(ebx, XEN_FIFO_TOTAL as u32)?;
     a.lock().inc(dword_ptr(ebx))?;
+    a.mov(ebx, XEN_FIFO_FLAG as u32)?;
+    a.test(dword_ptr(ebx), 2u32)?;
+    a.jz(fifo_counted)?;
+    a.push(ecx)?;
     a.mov(ebx, XEN_FIFO_SEEN as u32)?;
     a.lock().bts(dword_ptr(ebx), eax)?;
     a.jnc(fifo_first)?;
     a.mov(ebx, XEN_FIFO_DUPS as u32)?;
     a.lock().inc(dword_ptr(ebx))?;
     a.set_label(&mut fifo_first)?;
-    a.cmp(eax, XEN_2L_PORTS as u32)?;
-    a.jae(fifo_no_counter)?;
-    a.lock()
-        .inc(dword_ptr(eax * 4 + XEN_PORT_COUNTERS as i32))?;
-    a.set_label(&mut fifo_no_counter)?;
     a.mov(ecx, 1u32)?;
     a.mov(ebx, XEN_FIFO_LOG_COUNT as u32)?;
     a.lock().xadd(dword_ptr(ebx), ecx)?;
@@ -486,6 +496,7 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.mov(dword_ptr(ecx * 4 + XEN_FIFO_LOG as i32), eax)?;
     a.set_label(&mut fifo_no_log)?;
     a.pop(ecx)?;
+    a.set_label(&mut fifo_counted)?;
     a.pop(ebx)?;
     a.set_label(&mut fifo_next)?;
     a.xor(eax, eax)?;
@@ -715,14 +726,17 @@ impl vmirq::xen::fifo::Words for LayoutWords<'_> {
 }
 
 /// Counts a port the FIFO consumer handled, as the assembled consumer does.
-fn fifo_count(mem: &GuestMemoryMmap, port: u32) -> Result<(), GuestError> {
+fn fifo_count(mem: &GuestMemoryMmap, port: u32, record: bool) -> Result<(), GuestError> {
+    if let Some(addr) = port_counter_addr(port) {
+        guest_atomic_u32(mem, addr)?.fetch_add(1, Ordering::SeqCst);
+    }
     guest_atomic_u32(mem, XEN_FIFO_TOTAL)?.fetch_add(1, Ordering::SeqCst);
+    if !record {
+        return Ok(());
+    }
     let seen = guest_atomic_u32(mem, XEN_FIFO_SEEN + u64::from(port / 32) * 4)?;
     if seen.fetch_or(1 << (port % 32), Ordering::SeqCst) & 1 << (port % 32) != 0 {
         guest_atomic_u32(mem, XEN_FIFO_DUPS)?.fetch_add(1, Ordering::SeqCst);
-    }
-    if let Some(addr) = port_counter_addr(port) {
-        guest_atomic_u32(mem, addr)?.fetch_add(1, Ordering::SeqCst);
     }
     let i = guest_atomic_u32(mem, XEN_FIFO_LOG_COUNT)?.fetch_add(1, Ordering::SeqCst);
     if i < XEN_FIFO_LOG_CAP {
@@ -735,7 +749,8 @@ fn fifo_count(mem: &GuestMemoryMmap, port: u32) -> Result<(), GuestError> {
 /// [`vmirq::xen::fifo::consume`], Linux's algorithm, which the assembled one follows step for
 /// step) once [`XEN_FIFO_FLAG`] is set, else [`xen_2l_consume`]. Returns the events handled.
 pub fn xen_consume(mem: &GuestMemoryMmap, apic_id: usize) -> Result<u32, GuestError> {
-    if mem.read_obj::<u32>(GuestAddress(XEN_FIFO_FLAG))? == 0 {
+    let flag = mem.read_obj::<u32>(GuestAddress(XEN_FIFO_FLAG))?;
+    if flag == 0 {
         return xen_2l_consume(mem, apic_id);
     }
     let upcall_pending = GuestAddress(xen_vcpu_info(apic_id) + XEN_UPCALL_PENDING_OFFSET);
@@ -759,7 +774,7 @@ pub fn xen_consume(mem: &GuestMemoryMmap, apic_id: usize) -> Result<u32, GuestEr
         mem.write_obj(*h, GuestAddress(heads_at + i as u64 * 4))?;
     }
     for &p in &handled {
-        fifo_count(mem, p)?;
+        fifo_count(mem, p, flag & XEN_FIFO_RECORD != 0)?;
     }
     Ok(handled.len() as u32)
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use vmirq::xen::{EventChannels, Upcalls};
 use vmirq_guest::layout::{
     xen_fifo_control, SCRATCH, XEN_FIFO_ARRAY, XEN_FIFO_DUPS, XEN_FIFO_FLAG, XEN_FIFO_LOG,
-    XEN_FIFO_LOG_COUNT, XEN_FIFO_SEEN, XEN_FIFO_TOTAL, XEN_SHARED_INFO, XEN_UPCALL_VECTOR,
+    XEN_FIFO_LOG_COUNT, XEN_FIFO_RECORD, XEN_FIFO_SEEN, XEN_FIFO_TOTAL, XEN_SHARED_INFO,
+    XEN_UPCALL_VECTOR,
 };
 use vmirq_guest::machine::{Machine, MachineConfig, Mode};
 use vmirq_guest::on_every_machine;
@@ -82,7 +83,7 @@ fn fifo(m: &dyn Machine, vcpus: u32, pages: u32, vectors: bool) -> Fifo {
     m.set_hypercall_handler(Arc::new(move |vcpu: usize, cmd: u32, args: u64| {
         c.hypercall(vcpu as u32, cmd, args)
     }));
-    write_u32(m, XEN_FIFO_FLAG, 1);
+    write_u32(m, XEN_FIFO_FLAG, 1 | XEN_FIFO_RECORD);
     for v in 0..vcpus {
         let cb = xen_fifo_control(v as usize);
         let out = ok(
@@ -229,7 +230,7 @@ on_every_machine!(
         assert!(ch.port_status(a).pending && ch.port_status(b).pending);
         // The guest switches; the events come back once the page holding their words exists.
         let f = Fifo { ch, up, vcpus: 2 };
-        write_u32(m, XEN_FIFO_FLAG, 1);
+        write_u32(m, XEN_FIFO_FLAG, 1 | XEN_FIFO_RECORD);
         for v in 0..2 {
             let cb = xen_fifo_control(v as usize);
             ok(

@@ -607,3 +607,21 @@ fn events_flow_while_ports_move_between_priorities_and_vcpus() {
         "a behaving guest costs no give-up"
     );
 }
+
+#[test]
+fn a_guest_with_64_ports_holds_one_bucket_whatever_its_abi_addresses() {
+    let g = Guest::new(1, 1);
+    let empty = g.vm.ec.port_table_bytes();
+    for _ in 0..64 {
+        g.vm.bind_ipi(0);
+    }
+    let small = g.vm.ec.port_table_bytes();
+    assert!(small > empty, "no bucket allocated");
+    // One bucket of 256 binding words, not 2^17 (2 MiB) or 4096 (64 KiB).
+    assert!(small < 32 << 10, "64 ports take {small} bytes");
+    for _ in 64..100_000 {
+        g.vm.bind_ipi(0);
+    }
+    let big = g.vm.ec.port_table_bytes();
+    assert!(big > 20 * small, "100,000 ports take {big} bytes");
+}

@@ -269,6 +269,23 @@ impl EventChannels {
         ops.print_state(self, port)
     }
 
+    /// The guest memory the FIFO ABI writes, as `[start, end)` guest physical ranges: each
+    /// vCPU's control block and each event-array page (what a VMM tracking dirty pages or
+    /// checking writes needs). Empty on 2-level.
+    pub fn fifo_guest_areas(&self) -> Vec<(u64, u64)> {
+        let blocks = self.pages.control_gpas().into_iter().flatten();
+        let blocks = blocks.map(|g| (g, g + u64::from(fifo::CONTROL_BLOCK_SIZE)));
+        let pages = self.pages.page_gpas().into_iter().map(|g| (g, g + 0x1000));
+        blocks.chain(pages).collect()
+    }
+
+    /// Bytes the port table holds: the buckets of binding words allocated so far, the bucket
+    /// directory, and the slow-path table with its free set. Grows a bucket (256 ports) at a
+    /// time, so a guest with 64 ports pays for one bucket, not for its ABI's 4096 or 2^17.
+    pub fn port_table_bytes(&self) -> usize {
+        self.slots.bytes() + self.lock().bytes()
+    }
+
     /// FIFO event-array pages the guest added (1024 ports each).
     pub fn fifo_pages(&self) -> u32 {
         self.pages.count()

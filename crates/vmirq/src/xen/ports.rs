@@ -422,6 +422,17 @@ impl Table {
             .map(|(p, (s, v))| (p as u32, *s, *v))
     }
 
+    /// Bytes the table's own storage takes (entries, backends, PIRQ maps, the free set at
+    /// about three words a port).
+    pub fn bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.ports.capacity() * size_of::<(PortState, u32)>()
+            + self.free.len() * 3 * size_of::<u64>()
+            + self.backends.capacity() * size_of::<Option<BackendSlot>>()
+            + self.pirqs.capacity()
+            + self.pirq_gsi.capacity() * size_of::<Option<u32>>()
+    }
+
     /// The lowest free backend port, growing the backend table up to [`MAX_BACKENDS`].
     pub fn free_backend(&mut self) -> Option<u32> {
         if let Some(p) = (1..self.backends.len()).find(|&p| self.backends[p].is_none()) {
