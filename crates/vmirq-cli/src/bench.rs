@@ -626,22 +626,10 @@ pub fn run(kind: BackendKind, json: bool, samples: usize) -> Result<(), DemoErro
     ));
     results.push(result("xenfifo.set-pending", f.fifo, "ns", Some(two_level)));
     results.push(result(
-        "xenfifo.set-pending.locked-only",
-        f.fifo_locked,
-        "ns",
-        Some(("xenfifo.set-pending", f.fifo)),
-    ));
-    results.push(result(
         "xenfifo.set-pending.new-head",
-        f.new_head_fast,
+        f.new_head,
         "ns",
         Some(two_level),
-    ));
-    results.push(result(
-        "xenfifo.set-pending.new-head.locked-only",
-        f.new_head_locked,
-        "ns",
-        Some(("xenfifo.set-pending.new-head", f.new_head_fast)),
     ));
     // Xen timers: deadline → guest ISR on a VM of their own (its guest gets the timer's
     // event channels), against the event-channel upcall path measured above.

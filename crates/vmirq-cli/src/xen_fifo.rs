@@ -403,12 +403,8 @@ pub struct SetPendingFigures {
     /// `xenfifo.set-pending`: 1000 ports of one queue (a head, then links behind the tail).
     pub fifo: f64,
     /// `xenfifo.set-pending.new-head`: 1000 ports on 1000 empty queues (64 vCPUs x 16
-    /// priorities), each event a new head, with the lock-free first try.
-    pub new_head_fast: f64,
-    /// The same without the lock-free first try (`set_fifo_fast_path(false)`).
-    pub new_head_locked: f64,
-    /// `xenfifo.set-pending` without the lock-free first try.
-    pub fifo_locked: f64,
+    /// priorities), each event a new head.
+    pub new_head: f64,
 }
 
 /// An upcall sink that raises nothing: set-pending alone is measured.
@@ -418,6 +414,9 @@ impl vmirq::xen::UpcallSink for NoUpcall {
     fn upcall(&self, _vcpu: u32) {}
 }
 
+/// A set-pending rig's memory, channels and bound (port, vCPU) pairs.
+type SetPendingRig = (GuestMemoryMmap, EventChannels, Vec<(u32, u32)>);
+
 /// Event channels over 1 MiB of plain memory with shared_info at 0x20000, `vcpus` vCPUs
 /// (those from 32 on with a vcpu_info at 0x21000), and `ports` IPIs bound by `bind(i)`'s vCPU
 /// and priority; FIFO (control blocks at 0x10000, pages from 0x40000) when `fifo`.
@@ -426,7 +425,7 @@ fn set_pending_rig(
     fifo_abi: bool,
     ports: u32,
     bind: impl Fn(u32) -> (u32, u32),
-) -> Result<(GuestMemoryMmap, EventChannels, Vec<(u32, u32)>), vmirq::Error> {
+) -> Result<SetPendingRig, vmirq::Error> {
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)])
         .map_err(|_| fail("allocate bench memory"))?;
     let config = XenConfig {
@@ -511,35 +510,25 @@ pub fn set_pending_figures() -> Result<SetPendingFigures, vmirq::Error> {
         }
         t0.elapsed()
     };
-    let mut samples: [Vec<Duration>; 6] = Default::default();
+    let mut samples: [Vec<Duration>; 4] = Default::default();
     for _ in 0..ROUNDS {
         for mem in [&mem2, &memq, &memh] {
             clear(mem);
         }
         samples[0].push(round(&ch2, &ports2));
         samples[1].push(floor_round());
-        chq.set_fifo_fast_path(true);
         samples[2].push(round(&chq, &portsq));
-        clear(&memq);
-        chq.set_fifo_fast_path(false);
-        samples[5].push(round(&chq, &portsq));
-        chh.set_fifo_fast_path(true);
         samples[3].push(round(&chh, &portsh));
-        clear(&memh);
-        chh.set_fifo_fast_path(false);
-        samples[4].push(round(&chh, &portsh));
     }
     std::hint::black_box(&words);
     let per_event = |s: &mut Vec<Duration>| {
         crate::report::quantile(s, 0.5).as_nanos() as f64 / f64::from(PORTS)
     };
-    let [a, b, c, d, e, f] = &mut samples;
+    let [a, b, c, d] = &mut samples;
     Ok(SetPendingFigures {
         two_level: per_event(a),
         floor: per_event(b),
         fifo: per_event(c),
-        new_head_fast: per_event(d),
-        new_head_locked: per_event(e),
-        fifo_locked: per_event(f),
+        new_head: per_event(d),
     })
 }

@@ -307,13 +307,6 @@ impl EventChannels {
         self.queues.give_ups.snapshot()
     }
 
-    /// Turns the FIFO linker's lock-free first try on or off (the bench compares both).
-    pub fn set_fifo_fast_path(&self, on: bool) {
-        self.queues
-            .fast_path
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Sets `upcall_pending` for a FIFO event (Xen `vcpu_mark_events_pending`).
     fn mark_upcall(&self, vcpu: u32) -> SetPending {
         let sh = self.shared();

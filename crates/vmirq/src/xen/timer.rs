@@ -277,9 +277,12 @@ mod tests {
             })
             .collect();
         assert!(!service.has_thread());
-        let now = Instant::now();
+        // Deadlines 10 µs apart from 50 ms on: all armed before the first is due, even on a
+        // loaded machine (arming them one by one past their deadlines would fire them in
+        // arming order).
+        let base = Instant::now() + Duration::from_millis(50);
         for (i, t) in timers.iter().enumerate().rev() {
-            t.arm(now + Duration::from_micros(i as u64 * 10));
+            t.arm(base + Duration::from_micros(i as u64 * 10));
         }
         assert!(service.has_thread());
         let fired: Vec<i32> = (0..100).map(|_| rx.recv().unwrap()).collect();
