@@ -443,6 +443,14 @@ pub trait Machine: Send + Sync {
     fn count(&self, vcpu: usize, vector: u8) -> u64;
     /// Lets the machine make progress: the simulated one runs until idle; KVM runs by itself.
     fn pump(&self);
+    /// How long [`Machine::wait_isr`] waits for a report between two pumps. A simulated vCPU
+    /// runs only when pumped, and with [`EoiTiming::GuestEoi`] its handlers end only at the
+    /// next pump: the slice is how long a handler lasts. It must stay well below the period
+    /// of any device the tests stream (a 200 µs stream with 2 ms handlers always has its
+    /// next interrupt pending when the last one ends, and a lower vector never gets in).
+    fn poll_slice(&self) -> Duration {
+        Duration::from_millis(2)
+    }
     fn log(&self) -> &IsrLog;
 
     /// When the vCPUs' LAPICs retire an interrupt, if known: the simulator says; on KVM it is
@@ -495,7 +503,7 @@ pub trait Machine: Send + Sync {
         loop {
             self.pump();
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Some(e) = self.log().take(pred, left.min(Duration::from_millis(2))) {
+            if let Some(e) = self.log().take(pred, left.min(self.poll_slice())) {
                 return Some(e);
             }
             if left.is_zero() || self.log().failure().is_some() {
@@ -741,6 +749,10 @@ impl Machine for SimMachine {
 
     fn pump(&self) {
         self.sim.run_until_idle();
+    }
+
+    fn poll_slice(&self) -> Duration {
+        Duration::from_micros(50)
     }
 
     fn guest_mmio(&self, script: &[(u32, u32)]) -> Result<Vec<u32>, MachineError> {

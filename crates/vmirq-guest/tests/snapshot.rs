@@ -359,6 +359,109 @@ mod xen {
             );
         }
     );
+
+    /// Guest RAM the FIFO ABI and the test guest's consumer use: travels with the VM.
+    const FIFO_RAM: [(u64, usize); 4] = [
+        (XEN_SHARED_INFO, 0x1000),
+        (vmirq_guest::layout::XEN_FIFO_FLAG, 4),
+        (vmirq_guest::layout::XEN_FIFO_CONTROL, 0x3000),
+        (vmirq_guest::layout::XEN_FIFO_ARRAY, 0x1000),
+    ];
+
+    fn fifo_call(m: &dyn Machine, cmd: u32, words: &[u32]) -> Vec<u32> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let (r, out) = vmirq_guest::xen::hypercall(m, cmd, &bytes).unwrap();
+        assert_eq!(r, 0, "EVTCHNOP {cmd} {words:?}");
+        out.chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    on_every_machine!(
+        restored_fifo_queues_keep_their_order_tails_and_masked_events,
+        two_vcpus,
+        |m: &dyn Machine, mode: Mode| {
+            use vmirq_guest::layout::{xen_fifo_control, XEN_FIFO_ARRAY, XEN_FIFO_FLAG};
+            let (channels, upcalls) =
+                attach(m.interrupts(), m.guest_memory().unwrap().clone(), config());
+            serve_hypercalls(m, &channels);
+            m.write_guest(XEN_FIFO_FLAG, &1u32.to_le_bytes()).unwrap();
+            for v in 0..2u32 {
+                let cb = xen_fifo_control(v as usize);
+                fifo_call(m, 11, &[(cb >> 12) as u32, 0, (cb & 0xfff) as u32, v, 0, 0]);
+            }
+            m.write_guest(XEN_FIFO_ARRAY, &[0u8; 0x1000]).unwrap();
+            fifo_call(m, 12, &[(XEN_FIFO_ARRAY >> 12) as u32, 0]);
+            for v in 0..2 {
+                upcalls
+                    .set_upcall_vector(v, Some(XEN_UPCALL_VECTOR))
+                    .unwrap();
+            }
+            let ipi = |prio: u32| {
+                let port = fifo_call(m, BIND_IPI, &[1, 0])[1];
+                fifo_call(m, 13, &[port, prio]);
+                port
+            };
+            let (a, b, c) = (ipi(3), ipi(9), ipi(3));
+            channels.notify_port(a).unwrap();
+            assert_eq!(m.wait_port_count(a, 1, WAIT), 1, "the path is live");
+            // b masked and pending; vCPU 1's upcall off: c then a queue up at priority 3.
+            let word_b = XEN_FIFO_ARRAY + u64::from(b) * 4;
+            m.write_guest(word_b, &(1u32 << 30).to_le_bytes()).unwrap();
+            channels.notify_port(b).unwrap();
+            upcalls.set_upcall_vector(1, None).unwrap();
+            channels.notify_port(c).unwrap();
+            channels.notify_port(a).unwrap();
+            m.interrupts().pause();
+            let mut snapshot = m.interrupts().save().unwrap();
+            let state = channels.save(&upcalls);
+            assert!(state.fifo.is_some());
+            snapshot
+                .insert_state("xen", ObjectState::Xen(state))
+                .unwrap();
+            let snapshot = Snapshot::from_bytes(&snapshot.to_bytes()).unwrap();
+            let ram: Vec<Vec<u8>> = FIFO_RAM
+                .iter()
+                .map(|&(at, len)| {
+                    let mut b = vec![0u8; len];
+                    m.read_guest(at, &mut b).unwrap();
+                    b
+                })
+                .collect();
+
+            let target = boot_another(m, &two_vcpus(mode).restored_from(snapshot)).unwrap();
+            for ((at, _), bytes) in FIFO_RAM.iter().zip(&ram) {
+                target.write_guest(*at, bytes).unwrap();
+            }
+            let restored = target.take_restored().unwrap();
+            let (channels, upcalls, _) = restored
+                .xen("xen", target.guest_memory().unwrap().clone(), 2)
+                .unwrap();
+            serve_hypercalls(&*target, &channels);
+            let irq = restored.finish().unwrap();
+            irq.resume().unwrap();
+            assert!(channels.is_fifo());
+            // vCPU 1's upcall back: its queue, restored, gives c then a.
+            upcalls
+                .set_upcall_vector(1, Some(XEN_UPCALL_VECTOR))
+                .unwrap();
+            assert_eq!(target.wait_port_count(c, 1, WAIT), 1, "c was lost");
+            assert_eq!(target.wait_port_count(a, 1, WAIT), 1, "a was lost");
+            // The masked event waits for its unmask.
+            assert_eq!(target.port_counter(b), 0);
+            target
+                .write_guest(word_b, &(1u32 << 31).to_le_bytes())
+                .unwrap();
+            assert_eq!(hypercall(&*target, UNMASK, b).0, 0);
+            assert_eq!(target.wait_port_count(b, 1, WAIT), 1, "b was lost");
+            // The restored tail is consumed: the next events start the queue again.
+            channels.notify_port(c).unwrap();
+            channels.notify_port(a).unwrap();
+            assert_eq!(target.wait_port_count(c, 2, WAIT), 2);
+            assert_eq!(target.wait_port_count(a, 2, WAIT), 2);
+            assert_eq!(channels.fifo_give_ups(), [0; 4]);
+        }
+    );
 }
 
 const SOURCE_PIN: u32 = 9;
