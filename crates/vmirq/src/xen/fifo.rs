@@ -51,9 +51,9 @@ pub const PRIORITIES: u32 = 16;
 pub const WORDS_PER_PAGE: u32 = 1024;
 /// Event-array pages: enough for every port.
 pub const MAX_PAGES: u32 = FIFO_PORTS / WORDS_PER_PAGE;
-/// Bytes of a control block: READY, a reserved word, HEAD[16].
+/// Bytes of a control block: READY, a reserved word, 16 HEADs.
 pub const CONTROL_BLOCK_SIZE: u32 = 8 + 4 * PRIORITIES;
-/// Offset of HEAD[0] in the control block.
+/// Offset of the first HEAD in the control block.
 pub const HEAD_OFFSET: u32 = 8;
 /// Compare-exchanges on a tail word with BUSY set before the link is given up (Xen: 4).
 pub const LINK_RETRIES: u32 = 4;
@@ -123,7 +123,7 @@ pub trait Words {
     type A: Atom;
     /// The port's event word; `None` while its event-array page does not exist.
     fn event(&self, port: u32) -> Option<&Self::A>;
-    /// The vCPU's control block: READY and HEAD[priority]; `None` before `init_control`.
+    /// The vCPU's control block: READY and the HEAD of `priority`; `None` before `init_control`.
     fn control(&self, vcpu: u32, priority: u32) -> Option<(&Self::A, &Self::A)>;
 }
 

@@ -1,18 +1,22 @@
-//! Xen event channels for KVM guests, 2-level ABI, emulated entirely in userspace (this host's
-//! KVM lacks `KVM_CAP_XEN_HVM`).
+//! Xen event channels for KVM guests, 2-level and FIFO ABIs, emulated entirely in userspace
+//! (this host's KVM lacks `KVM_CAP_XEN_HVM`).
 //!
 //! The module owns the guest's port table, the VIRQ-to-port map and the VMM backend endpoints,
 //! implements the `EVTCHNOP_*` hypercalls (Xen xen/common/event_channel.c, with QEMU
-//! hw/i386/kvm/xen_evtchn.c's choices where Xen-on-KVM differs), and sets the 2-level bits in
-//! the guest's `shared_info` page (Xen event_2l.c). Raising the upcall itself (vector, callback
-//! GSI) belongs to the caller's [`UpcallSink`].
+//! hw/i386/kvm/xen_evtchn.c's choices where Xen-on-KVM differs), and marks events the way the
+//! guest's ABI says (`port_ops`): bits in `shared_info` (Xen event_2l.c) or FIFO event words
+//! linked on per-vCPU priority queues ([`fifo`], Xen event_fifo.c; docs/xen-fifo.md). Raising
+//! the upcall itself (vector, callback GSI) belongs to the caller's [`UpcallSink`].
 //!
 //! # Concurrency
 //!
 //! - **Lock-free**: [`EventChannels::set_pending`] (eventfd routes), [`EventChannels::notify_port`]
 //!   and [`EventChannels::raise_virq`]. Each takes a per-port read hold with one `fetch_add` on
 //!   the port's binding word, does the 2-level bit operations as atomic RMWs on guest memory,
-//!   drops the hold, then raises the upcall. Nothing in them waits or retries.
+//!   drops the hold, then raises the upcall. Nothing in them waits or retries. On FIFO they
+//!   also take the port's (vCPU, priority) queue lock — a spinlock held for a handful of
+//!   atomics, never across anything that waits — and retry a bounded number of times when
+//!   the guest races them (see [`fifo`]).
 //! - **One mutex** protects the slow-path [`ports::Table`] (full bindings, loopback peers,
 //!   backend endpoints) and serializes every writer of the binding words and the VIRQ map:
 //!   every hypercall, `bind_backend`, `unbind_backend`, `reset`. The mutex is never taken by
