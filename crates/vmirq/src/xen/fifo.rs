@@ -240,9 +240,9 @@ impl Queue {
         self.0.store(w & LINK, Ordering::Release);
     }
 
-    /// Sets the tail with no lock (restore, reset: nothing else runs).
+    /// Sets the tail (a port below 2^17) with no lock (restore, reset: nothing else runs).
     pub fn reset(&self, tail: u32) {
-        self.0.store(tail & LINK, Ordering::SeqCst);
+        self.0.store(tail, Ordering::SeqCst);
     }
 }
 

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::abi::{self, errno::*, op};
-use super::fifo::{self, bits, GuestPages, Words, PRIORITIES};
+use super::fifo::{self, bits, Atom, GuestPages, Words, PRIORITIES};
 use super::tests::{vm_with, Vm};
 use super::*;
 
@@ -625,4 +625,232 @@ fn a_guest_with_64_ports_holds_one_bucket_whatever_its_abi_addresses() {
     let big = g.vm.ec.port_table_bytes();
     assert!(big > 20 * small, "100,000 ports take {big} bytes");
     eprintln!("port table: {empty} B empty, {small} B with 64 ports, {big} B with 100,000");
+}
+
+/// An event word the guest edits between the host's reads and its compare-exchanges: each
+/// of the first `edits` exchanges finds the word changed (the guest flipped MASKED, or, with
+/// `unlink`, cleared LINKED and LINK). Every value the word takes is recorded.
+struct Edited {
+    word: std::sync::atomic::AtomicU32,
+    edits: std::sync::atomic::AtomicU32,
+    unlink: bool,
+    seen: std::sync::Mutex<Vec<u32>>,
+}
+
+impl Edited {
+    fn new(w: u32, edits: u32, unlink: bool) -> Self {
+        Self {
+            word: std::sync::atomic::AtomicU32::new(w),
+            edits: std::sync::atomic::AtomicU32::new(edits),
+            unlink,
+            seen: std::sync::Mutex::new(vec![w]),
+        }
+    }
+    fn note(&self) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push(self.word.load(Ordering::SeqCst));
+    }
+}
+
+impl fifo::Atom for Edited {
+    fn get(&self) -> u32 {
+        self.word.load(Ordering::SeqCst)
+    }
+    fn or(&self, v: u32) -> u32 {
+        let old = self.word.fetch_or(v, Ordering::SeqCst);
+        self.note();
+        old
+    }
+    fn and(&self, v: u32) -> u32 {
+        let old = self.word.fetch_and(v, Ordering::SeqCst);
+        self.note();
+        old
+    }
+    fn put(&self, v: u32) {
+        self.word.store(v, Ordering::SeqCst);
+        self.note();
+    }
+    fn cas(&self, current: u32, new: u32) -> u32 {
+        let left = self.edits.load(Ordering::SeqCst);
+        if left > 0 {
+            self.edits.store(left - 1, Ordering::SeqCst);
+            let edited = if self.unlink {
+                self.word
+                    .fetch_and(!(bits::LINKED | bits::LINK), Ordering::SeqCst);
+                self.word.load(Ordering::SeqCst)
+            } else {
+                self.word.fetch_xor(bits::MASKED, Ordering::SeqCst) ^ bits::MASKED
+            };
+            self.note();
+            return edited;
+        }
+        let r = match self
+            .word
+            .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(w) | Err(w) => w,
+        };
+        self.note();
+        r
+    }
+}
+
+/// Port 1 is the queue's linked tail (an `Edited` word); port 2 is sent.
+struct TailWords {
+    tail: Edited,
+    port: Edited,
+    ready: Edited,
+    head: Edited,
+}
+
+impl Words for TailWords {
+    type A = Edited;
+    fn event(&self, port: u32) -> Option<&Edited> {
+        match port {
+            1 => Some(&self.tail),
+            2 => Some(&self.port),
+            _ => None,
+        }
+    }
+    fn control(&self, _: u32, priority: u32) -> Option<(&Edited, &Edited)> {
+        (priority == 7).then_some((&self.ready, &self.head))
+    }
+}
+
+/// Sends port 2 behind tail port 1, whose word the guest edits `edits` times.
+fn link_behind_edited_tail(edits: u32, unlink: bool) -> (fifo::Linked, TailWords, fifo::Queues) {
+    let w = TailWords {
+        tail: Edited::new(bits::LINKED | bits::PENDING, edits, unlink),
+        port: Edited::new(0, 0, false),
+        ready: Edited::new(0, 0, false),
+        head: Edited::new(0, 0, false),
+    };
+    let queues = fifo::Queues::new(1);
+    queues.queue(0, 7).reset(1);
+    let lastq = std::sync::atomic::AtomicU32::new(fifo::lastq(0, 7));
+    let slot = super::ports::PortSlot::default();
+    let r = queues.set_pending(&w, &lastq, &slot, 2, 0, 7);
+    (r, w, queues)
+}
+
+#[test]
+fn a_tail_edited_once_is_linked_after_busy_is_set_and_busy_is_cleared() {
+    let (r, w, queues) = link_behind_edited_tail(1, false);
+    assert_eq!(r, fifo::Linked::Appended { newly: true });
+    let seen = w.tail.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|v| v & bits::BUSY != 0),
+        "BUSY never set while retrying: {seen:x?}"
+    );
+    let end = w.tail.get();
+    assert_eq!(end & bits::LINK, 2, "linked to port 2");
+    assert_eq!(end & bits::BUSY, 0, "BUSY left set");
+    assert_ne!(end & bits::LINKED, 0);
+    assert_eq!(queues.queue(0, 7).tail(), 2);
+    assert_eq!(w.head.get(), 0, "no new head");
+    assert_eq!(queues.give_ups.snapshot(), [0; 4]);
+}
+
+#[test]
+fn a_tail_unlinked_while_retrying_makes_a_new_head_and_loses_its_busy_bit() {
+    let (r, w, queues) = link_behind_edited_tail(1, true);
+    assert_eq!(
+        r,
+        fifo::Linked::Head {
+            newly: true,
+            ready: true
+        }
+    );
+    assert_eq!(
+        w.tail.get(),
+        bits::PENDING,
+        "BUSY cleared, nothing else touched"
+    );
+    assert_eq!(w.head.get(), 2);
+    assert_eq!(w.ready.get(), 1 << 7);
+    assert_eq!(queues.queue(0, 7).tail(), 2);
+}
+
+#[test]
+fn a_tail_the_guest_never_stops_editing_is_given_up_after_four_retries() {
+    let (r, w, queues) = link_behind_edited_tail(100, false);
+    // Xen reports the link done (the event is lost to the guest's own edits) and counts it.
+    assert_eq!(r, fifo::Linked::Appended { newly: true });
+    assert_eq!(queues.give_ups.snapshot(), [1, 0, 0, 0]);
+    assert_eq!(
+        w.tail.edits.load(Ordering::SeqCst),
+        100 - 1 - fifo::LINK_RETRIES,
+        "one try, then four with BUSY set"
+    );
+    let end = w.tail.get();
+    assert_eq!(end & bits::BUSY, 0, "BUSY left set");
+    assert_eq!(
+        end & (bits::LINKED | bits::PENDING),
+        bits::LINKED | bits::PENDING
+    );
+}
+
+#[test]
+fn a_masked_event_wakes_a_vcpu_polling_its_port() {
+    // Xen evtchn_fifo_set_pending ends with evtchn_check_pollers when PENDING went 0->1,
+    // masked or not: nothing is linked and no upcall raised, only the poll wakes.
+    let g = Guest::new(1, 1);
+    let p = g.ipi(0, 7);
+    g.word(p).fetch_or(bits::MASKED, Ordering::SeqCst);
+    let ec = Arc::clone(&g.vm.ec);
+    let poller = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let deadline = ec.guest_time() + 10_000_000_000;
+        ec.poll(0, &[p], deadline).unwrap();
+        t0.elapsed()
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while g.vm.ec.pollers() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vCPU never polled"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(g.vm.ec.set_pending(p, 0), Ok(SetPending::Masked));
+    let waited = poller.join().unwrap();
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "the poll slept through its event ({waited:?})"
+    );
+    assert!(g.vm.up.take().is_empty(), "no upcall for a masked event");
+}
+
+#[test]
+fn reset_forgets_the_queues_so_a_fifo_guest_starting_again_finds_its_events() {
+    let mut g = Guest::new(1, 1);
+    let p = g.ipi(0, 7);
+    g.vm.ec.notify_port(p).unwrap();
+    // The guest never consumes p: it stays linked, the queue's tail. Then it resets.
+    assert_eq!(g.vm.call(op::RESET, abi::Reset { dom: DOMID_SELF }).0, 0);
+    assert!(!g.vm.ec.is_fifo());
+    // It comes back to FIFO on the same pages (p's word still LINKED there) and binds again:
+    // the port after p (p is busy) on the same queue. With the old tail remembered it would
+    // be linked behind p, which no HEAD reaches.
+    g.vm.mem
+        .write_slice(&[0u8; 72], GuestAddress(control(0)))
+        .unwrap();
+    g.heads = vec![[0; PRIORITIES as usize]];
+    g.pages = GuestPages::new(g.vm.mem.clone(), 1);
+    assert_eq!(g.init_control(0, control(0)), 0);
+    let gpa = ARRAY;
+    let r = g.vm.call(
+        op::EXPAND_ARRAY,
+        abi::ExpandArray {
+            array_gfn: gpa >> 12,
+        },
+    );
+    assert_eq!(r.0, 0);
+    g.pages.add_page(gpa >> 12).unwrap();
+    let q = g.ipi(0, 7);
+    assert_ne!(q, p, "a port still linked is not reused");
+    g.vm.ec.notify_port(q).unwrap();
+    assert_eq!(g.consume(0), vec![q], "q reached from the new HEAD");
 }
