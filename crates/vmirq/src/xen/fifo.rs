@@ -765,18 +765,21 @@ mod loom_tests {
         }
     }
 
+    /// The guest's consumer on another vCPU thread: one pass; returns its head copies.
+    fn spawn_consumer(w: &Arc<World>) -> thread::JoinHandle<[u32; 16]> {
+        let w = w.clone();
+        thread::spawn(move || {
+            let mut heads = [0; 16];
+            w.consume(&mut heads);
+            heads
+        })
+    }
+
     #[test]
     fn loom_fifo_linker_vs_guest_consumer() {
         loom::model(move || {
             let w = world(3);
-            let consumer = {
-                let w = w.clone();
-                thread::spawn(move || {
-                    let mut heads = [0; 16];
-                    w.consume(&mut heads);
-                    heads
-                })
-            };
+            let consumer = spawn_consumer(&w);
             w.send(1, 7);
             w.send(2, 7);
             let mut heads = consumer.join().unwrap();
@@ -811,14 +814,7 @@ mod loom_tests {
         loom::model(|| {
             let w = world(4);
             w.send(1, 7);
-            let consumer = {
-                let w = w.clone();
-                thread::spawn(move || {
-                    let mut heads = [0; 16];
-                    w.consume(&mut heads);
-                    heads
-                })
-            };
+            let consumer = spawn_consumer(&w);
             w.send(1, 3);
             w.send(2, 7);
             w.send(3, 3);

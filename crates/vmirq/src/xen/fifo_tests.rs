@@ -60,15 +60,23 @@ impl Guest {
         rc
     }
 
+    /// Adds the next event-array page, its words written masked as Linux's
+    /// `init_array_page` does.
     fn expand(&self) -> i64 {
+        self.add_page(Some(bits::MASKED))
+    }
+
+    /// Adds the next event-array page, every word written `fill` first (`None`: as it is).
+    fn add_page(&self, fill: Option<u32>) -> i64 {
         let n = self.pages.count();
         let gpa = ARRAY + u64::from(n) * 0x1000;
-        // Linux's init_array_page: every word masked.
         for i in 0..fifo::WORDS_PER_PAGE {
-            self.vm
-                .mem
-                .write_obj(bits::MASKED, GuestAddress(gpa + u64::from(i) * 4))
-                .unwrap();
+            if let Some(w) = fill {
+                self.vm
+                    .mem
+                    .write_obj(w, GuestAddress(gpa + u64::from(i) * 4))
+                    .unwrap();
+            }
         }
         let rc = self.vm.call(
             op::EXPAND_ARRAY,
@@ -289,19 +297,8 @@ fn switching_from_2level_keeps_pending_events() {
     }
     // Not pending under FIFO until the page exists (their words do not).
     assert!(!g.vm.pending(a));
-    // Linux's array pages start masked; write this one unmasked so the carried events link.
-    let gpa = ARRAY;
-    g.vm.mem
-        .write_slice(&[0u8; 4096], GuestAddress(gpa))
-        .unwrap();
-    let r = g.vm.call(
-        op::EXPAND_ARRAY,
-        abi::ExpandArray {
-            array_gfn: gpa >> 12,
-        },
-    );
-    assert_eq!(r.0, 0);
-    g.pages.add_page(gpa >> 12).unwrap();
+    // Linux's array pages start masked; this one unmasked, so the carried events link.
+    assert_eq!(g.add_page(Some(0)), 0);
     let mut up = g.vm.up.take();
     up.sort_unstable();
     assert_eq!(up, vec![0, 1], "each vCPU's carried event raised");
@@ -840,15 +837,7 @@ fn reset_forgets_the_queues_so_a_fifo_guest_starting_again_finds_its_events() {
     g.heads = vec![[0; PRIORITIES as usize]];
     g.pages = GuestPages::new(g.vm.mem.clone(), 1);
     assert_eq!(g.init_control(0, control(0)), 0);
-    let gpa = ARRAY;
-    let r = g.vm.call(
-        op::EXPAND_ARRAY,
-        abi::ExpandArray {
-            array_gfn: gpa >> 12,
-        },
-    );
-    assert_eq!(r.0, 0);
-    g.pages.add_page(gpa >> 12).unwrap();
+    assert_eq!(g.add_page(None), 0);
     let q = g.ipi(0, 7);
     assert_ne!(q, p, "a port still linked is not reused");
     g.vm.ec.notify_port(q).unwrap();
