@@ -50,6 +50,20 @@ pub fn hypercall(m: &dyn Machine, cmd: u32, args: &[u8]) -> Result<(i64, Vec<u8>
     Ok((i64::from(r), out))
 }
 
+/// The u32 of guest RAM at `gpa` (the tests' view of the guest's words). Panics outside RAM.
+pub fn read_u32(m: &dyn Machine, gpa: u64) -> u32 {
+    let mut b = [0; 4];
+    m.read_guest(gpa, &mut b)
+        .expect("a test address inside guest RAM");
+    u32::from_le_bytes(b)
+}
+
+/// Writes `v` to the u32 of guest RAM at `gpa`. Panics outside RAM.
+pub fn write_u32(m: &dyn Machine, gpa: u64, v: u32) {
+    m.write_guest(gpa, &v.to_le_bytes())
+        .expect("a test address inside guest RAM");
+}
+
 /// A VMM thread that sends on `port` once a vCPU blocks in SCHEDOP_poll (positive evidence
 /// the poll waits), panicking if none does within `wait`.
 pub fn wake_poller(channels: &Arc<EventChannels>, port: u32, wait: Duration) -> JoinHandle<()> {

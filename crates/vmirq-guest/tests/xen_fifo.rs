@@ -15,6 +15,7 @@ use vmirq_guest::layout::{
 };
 use vmirq_guest::machine::{Machine, MachineConfig, Mode};
 use vmirq_guest::on_every_machine;
+use vmirq_guest::xen::{read_u32, write_u32};
 
 const WAIT: Duration = Duration::from_secs(20);
 const DOMID_SELF: u16 = 0x7FF0;
@@ -32,16 +33,6 @@ const LINKED: u32 = 1 << 29;
 
 fn two_vcpus(mode: Mode) -> MachineConfig {
     MachineConfig::new(2, mode.irqchip())
-}
-
-fn read_u32(m: &dyn Machine, gpa: u64) -> u32 {
-    let mut b = [0; 4];
-    m.read_guest(gpa, &mut b).unwrap();
-    u32::from_le_bytes(b)
-}
-
-fn write_u32(m: &dyn Machine, gpa: u64, v: u32) {
-    m.write_guest(gpa, &v.to_le_bytes()).unwrap();
 }
 
 fn word_gpa(port: u32) -> u64 {

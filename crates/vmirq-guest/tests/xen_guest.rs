@@ -14,21 +14,12 @@ use vmirq_guest::layout::{
 };
 use vmirq_guest::machine::{hypercall_op, mmio_read_op, Machine, MachineConfig, Mode};
 use vmirq_guest::on_every_machine;
+use vmirq_guest::xen::{read_u32, write_u32};
 
 const WAIT: Duration = Duration::from_secs(5);
 
 fn two_vcpus(mode: Mode) -> MachineConfig {
     MachineConfig::new(2, mode.irqchip())
-}
-
-fn read_u32(m: &dyn Machine, gpa: u64) -> u32 {
-    let mut b = [0; 4];
-    m.read_guest(gpa, &mut b).unwrap();
-    u32::from_le_bytes(b)
-}
-
-fn write_u32(m: &dyn Machine, gpa: u64, v: u32) {
-    m.write_guest(gpa, &v.to_le_bytes()).unwrap();
 }
 
 fn read_u8(m: &dyn Machine, gpa: u64) -> u8 {
