@@ -345,7 +345,7 @@ impl EventChannels {
             return Err(XenError::NoEntry);
         }
         let guard = self.slot(port)?.try_read().ok_or(XenError::Closed)?;
-        let r = self.mark_pending(port, vcpu, guard.binding.priority);
+        let r = self.mark_pending(port, vcpu, &guard);
         drop(guard);
         self.raise_if(r, vcpu)
     }
@@ -384,7 +384,7 @@ impl EventChannels {
             return Ok(());
         }
         let vcpu = u32::from(b.vcpu);
-        let r = self.mark_pending(port, vcpu, b.priority);
+        let r = self.mark_pending(port, vcpu, &guard);
         drop(guard);
         self.raise_if(r, vcpu).map(drop)
     }
@@ -571,12 +571,7 @@ impl EventChannels {
 
     /// Port 0 is never valid (QEMU `valid_port`; Xen keeps it reserved).
     fn check_port(&self, port: u32) -> Result<(), XenError> {
-        let ports = if self.fifo_on.load(Ordering::Relaxed) {
-            fifo::FIFO_PORTS
-        } else {
-            self.layout().ports
-        };
-        if port == 0 || port >= ports {
+        if port == 0 || port >= self.max_ports() {
             return Err(XenError::Invalid);
         }
         Ok(())
@@ -629,7 +624,7 @@ impl EventChannels {
     /// The lowest port free for a new binding (a FIFO port still on a queue is not).
     fn free_port(&self, t: &mut Table) -> Option<u32> {
         let ops = self.port_ops();
-        t.free_port(ops.ports(self), &self.slots, |p| ops.is_busy(self, p))
+        t.free_port(self.max_ports(), &self.slots, |p| ops.is_busy(self, p))
     }
 
     /// Changes an open port's state, keeping its vCPU and priority.
@@ -658,19 +653,26 @@ impl EventChannels {
     fn deliver(&self, port: u32) -> Result<SetPending, XenError> {
         let guard = self.slot(port)?.try_read().ok_or(XenError::Closed)?;
         let vcpu = u32::from(guard.binding.vcpu);
-        let r = self.mark_pending(port, vcpu, guard.binding.priority);
+        let r = self.mark_pending(port, vcpu, &guard);
         drop(guard);
         self.raise_if(r, vcpu)
     }
 
-    /// Marks the port pending through the guest's ABI. The caller holds the port. (The fast
-    /// path names the two implementations itself: a direct call the compiler inlines.)
-    fn mark_pending(&self, port: u32, vcpu: u32, priority: u8) -> Result<SetPending, XenError> {
+    /// Marks the port pending through the guest's ABI, on `vcpu` at the priority of the
+    /// binding `hold` took. (The fast path names the two implementations itself: a direct
+    /// call the compiler inlines.)
+    fn mark_pending(
+        &self,
+        port: u32,
+        vcpu: u32,
+        hold: &ports::ReadGuard<'_>,
+    ) -> Result<SetPending, XenError> {
         use port_ops::PortOps;
+        let (slot, priority) = (hold.slot(), hold.binding.priority);
         if self.fifo_on.load(Ordering::SeqCst) {
-            port_ops::Fifo.set_pending(self, port, vcpu, priority)
+            port_ops::Fifo.set_pending(self, port, slot, vcpu, priority)
         } else {
-            port_ops::TwoLevel.set_pending(self, port, vcpu, priority)
+            port_ops::TwoLevel.set_pending(self, port, slot, vcpu, priority)
         }
     }
 

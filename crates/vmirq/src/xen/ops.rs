@@ -201,7 +201,7 @@ impl EventChannels {
         let valid = if self.is_fifo() {
             a.port < t.len()
         } else {
-            a.port < ops.ports(self)
+            a.port < self.max_ports()
         };
         if !valid {
             return Err(XenError::Invalid);

@@ -91,7 +91,7 @@ impl EventChannels {
             return Ok(());
         }
         let vcpu = u32::from(b.vcpu);
-        let r = self.mark_pending(port, vcpu, b.priority);
+        let r = self.mark_pending(port, vcpu, &guard);
         drop(guard);
         self.raise_if(r, vcpu).map(drop)
     }

@@ -14,21 +14,21 @@ use std::sync::atomic::Ordering;
 
 use super::abi::{self, XenError};
 use super::fifo::{self, Linked, Words};
-use super::ports::{Binding, PortState, Table};
+use super::ports::{Binding, PortSlot, PortState, Table};
 use super::{EventChannels, SetPending};
 
-/// The operations whose meaning depends on the ABI. `port` is below the ABI's port count.
+/// The operations whose meaning depends on the ABI. `port` is below
+/// [`EventChannels::max_ports`].
 pub(super) trait PortOps: Sync {
     /// The ABI's name, for traces.
     fn name(&self) -> &'static str;
-    /// Ports the ABI addresses.
-    fn ports(&self, ch: &EventChannels) -> u32;
-    /// Marks `port` pending for `vcpu` and raises what the ABI raises; the caller holds the
-    /// port and raises the upcall if the result is [`SetPending::Raised`].
+    /// Marks `port` (its `slot`) pending for `vcpu` and raises what the ABI raises; the
+    /// caller holds the port and raises the upcall if the result is [`SetPending::Raised`].
     fn set_pending(
         &self,
         ch: &EventChannels,
         port: u32,
+        slot: &PortSlot,
         vcpu: u32,
         priority: u8,
     ) -> Result<SetPending, XenError>;
@@ -66,15 +66,12 @@ impl PortOps for TwoLevel {
         "2-level"
     }
 
-    fn ports(&self, ch: &EventChannels) -> u32 {
-        ch.layout().ports
-    }
-
     /// Xen event_2l.c `evtchn_2l_set_pending`, in its strict order.
     fn set_pending(
         &self,
         ch: &EventChannels,
         port: u32,
+        _slot: &PortSlot,
         vcpu: u32,
         _priority: u8,
     ) -> Result<SetPending, XenError> {
@@ -146,20 +143,16 @@ impl PortOps for Fifo {
         "FIFO"
     }
 
-    fn ports(&self, _: &EventChannels) -> u32 {
-        fifo::FIFO_PORTS
-    }
-
     /// Xen `evtchn_fifo_set_pending`, then `vcpu_mark_events_pending` for a new head whose
     /// READY bit went 0→1, and `evtchn_check_pollers` if PENDING went 0→1.
     fn set_pending(
         &self,
         ch: &EventChannels,
         port: u32,
+        slot: &PortSlot,
         vcpu: u32,
         priority: u8,
     ) -> Result<SetPending, XenError> {
-        let slot = ch.slot(port)?;
         let linked = ch.queues.set_pending(
             &ch.pages,
             &slot.lastq,
@@ -192,15 +185,16 @@ impl PortOps for Fifo {
     }
 
     /// Xen `evtchn_fifo_unmask`: clear MASKED; if PENDING, link it as set-pending does.
+    /// Nothing to do for a port without an event word or a slot (never bound).
     fn unmask(&self, ch: &EventChannels, port: u32, vcpu: u32, priority: u8) -> SetPending {
-        let Some(w) = ch.pages.event(port) else {
-            return SetPending::Remembered;
+        let (Some(w), Ok(slot)) = (ch.pages.event(port), ch.slot(port)) else {
+            return SetPending::Masked;
         };
         w.fetch_and(!fifo::bits::MASKED, Ordering::SeqCst);
         if w.load(Ordering::SeqCst) & fifo::bits::PENDING == 0 {
             return SetPending::Masked;
         }
-        self.set_pending(ch, port, vcpu, priority)
+        self.set_pending(ch, port, slot, vcpu, priority)
             .unwrap_or(SetPending::Dropped)
     }
 
@@ -263,7 +257,7 @@ impl EventChannels {
     /// The port's bits under the guest's ABI, for a log line (Xen's `print_state`).
     pub fn describe_port(&self, port: u32) -> String {
         let ops = self.port_ops();
-        if port >= ops.ports(self) {
+        if port >= self.max_ports() {
             return format!("{} port {port}: out of range", ops.name());
         }
         ops.print_state(self, port)
@@ -298,7 +292,11 @@ impl EventChannels {
 
     /// Ports the guest's ABI addresses: 4096 (1024 compat) for 2-level, 2^17 for FIFO.
     pub fn max_ports(&self) -> u32 {
-        self.port_ops().ports(self)
+        if self.fifo_on.load(Ordering::SeqCst) {
+            fifo::FIFO_PORTS
+        } else {
+            self.layout().ports
+        }
     }
 
     /// What the FIFO linker gave up on so far: [link retries, queue changes, no control
@@ -346,23 +344,14 @@ impl EventChannels {
         Ok(())
     }
 
-    /// Xen `setup_ports`: every open port keeps its 2-level pending state (raised once its
-    /// event-array page exists) and gets the default priority.
-    fn switch_to_fifo(&self, t: &mut Table) {
+    /// Xen `setup_ports`: every open port keeps its 2-level pending state, raised once its
+    /// event-array page exists. (Xen also resets priorities here; every port already has the
+    /// default: a bind sets it and 2-level refuses `set_priority`.)
+    fn switch_to_fifo(&self, t: &Table) {
         self.fifo_on.store(true, Ordering::SeqCst);
         self.quiesce();
-        let carried: Vec<u32> = t
-            .open()
-            .map(|(p, _, _)| p)
-            .filter(|&p| TwoLevel.is_pending(self, p))
-            .collect();
-        for (port, state, vcpu) in t.open().collect::<Vec<_>>() {
-            if let Ok(slot) = self.slot(port) {
-                slot.publish(Binding::new(state, vcpu));
-            }
-        }
-        for port in carried {
-            if let Ok(slot) = self.slot(port) {
+        for (port, _, _) in t.open() {
+            if let (true, Ok(slot)) = (TwoLevel.is_pending(self, port), self.slot(port)) {
                 slot.early.store(true, Ordering::SeqCst);
             }
         }

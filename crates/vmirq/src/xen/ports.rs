@@ -188,6 +188,13 @@ pub struct ReadGuard<'a> {
     pub binding: Binding,
 }
 
+impl<'a> ReadGuard<'a> {
+    /// The slot held.
+    pub fn slot(&self) -> &'a PortSlot {
+        self.slot
+    }
+}
+
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
         // Release: the guest-memory bit operations done under the guard happen before the

@@ -231,7 +231,7 @@ impl EventChannels {
         let ops = self.port_ops();
         let mut ready = self.upcall_pending(vcpu);
         for &port in ports {
-            if port >= ops.ports(self) {
+            if port >= self.max_ports() {
                 return Err(XenError::Invalid);
             }
             ready |= ops.is_pending(self, port);
