@@ -402,8 +402,8 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     // APIC ID and the registers saved. Registers: ESI = control block, EDI = head copies,
     // EDX = ready priorities, ECX = priority, EBX = event word, EBP = budget, EAX = scratch.
     // Counting (the guest runs emulated here, so it is kept short): the port counter below
-    // 1024 and XEN_FIFO_TOTAL; with bit 1 of XEN_FIFO_FLAG also a bit in XEN_FIFO_SEEN (one
-    // already set counts in XEN_FIFO_DUPS) and the port appended to XEN_FIFO_LOG.
+    // 1024; with bit 1 of XEN_FIFO_FLAG a bit in XEN_FIFO_SEEN (one already set counts in
+    // XEN_FIFO_DUPS) and the port appended to XEN_FIFO_LOG; then XEN_FIFO_TOTAL.
     a.set_label(&mut xen_fifo_pre)?;
     a.mov(esi, ebx)?;
     a.shl(esi, XEN_FIFO_CONTROL_STRIDE.trailing_zeros())?;
@@ -476,8 +476,6 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
         .inc(dword_ptr(eax * 4 + XEN_PORT_COUNTERS as i32))?;
     a.set_label(&mut fifo_no_counter)?;
     a.push(ebx)?;
-    a.mov(ebx, XEN_FIFO_TOTAL as u32)?;
-    a.lock().inc(dword_ptr(ebx))?;
     a.mov(ebx, XEN_FIFO_FLAG as u32)?;
     a.test(dword_ptr(ebx), 2u32)?;
     a.jz(fifo_counted)?;
@@ -496,7 +494,10 @@ fn assemble() -> Result<(GuestImage, Marks), AsmError> {
     a.mov(dword_ptr(ecx * 4 + XEN_FIFO_LOG as i32), eax)?;
     a.set_label(&mut fifo_no_log)?;
     a.pop(ecx)?;
+    // The total last: a host that saw it reach n finds the n events recorded.
     a.set_label(&mut fifo_counted)?;
+    a.mov(ebx, XEN_FIFO_TOTAL as u32)?;
+    a.lock().inc(dword_ptr(ebx))?;
     a.pop(ebx)?;
     a.set_label(&mut fifo_next)?;
     a.xor(eax, eax)?;
@@ -730,10 +731,16 @@ fn fifo_count(mem: &GuestMemoryMmap, port: u32, record: bool) -> Result<(), Gues
     if let Some(addr) = port_counter_addr(port) {
         guest_atomic_u32(mem, addr)?.fetch_add(1, Ordering::SeqCst);
     }
-    guest_atomic_u32(mem, XEN_FIFO_TOTAL)?.fetch_add(1, Ordering::SeqCst);
-    if !record {
-        return Ok(());
+    if record {
+        fifo_record(mem, port)?;
     }
+    // The total last, as the assembled consumer: who saw it reach n finds n events recorded.
+    guest_atomic_u32(mem, XEN_FIFO_TOTAL)?.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Records a handled port in the seen bitmap (a duplicate counted) and the log.
+fn fifo_record(mem: &GuestMemoryMmap, port: u32) -> Result<(), GuestError> {
     let seen = guest_atomic_u32(mem, XEN_FIFO_SEEN + u64::from(port / 32) * 4)?;
     if seen.fetch_or(1 << (port % 32), Ordering::SeqCst) & 1 << (port % 32) != 0 {
         guest_atomic_u32(mem, XEN_FIFO_DUPS)?.fetch_add(1, Ordering::SeqCst);
