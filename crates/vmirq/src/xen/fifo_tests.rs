@@ -828,6 +828,11 @@ fn reset_forgets_the_queues_so_a_fifo_guest_starting_again_finds_its_events() {
     // The guest never consumes p: it stays linked, the queue's tail. Then it resets.
     assert_eq!(g.vm.call(op::RESET, abi::Reset { dom: DOMID_SELF }).0, 0);
     assert!(!g.vm.ec.is_fifo());
+    assert_eq!(
+        g.vm.ec.fifo_give_ups()[3],
+        0,
+        "a reset does not wait for its linked ports (FIFO is gone with it)"
+    );
     // It comes back to FIFO on the same pages (p's word still LINKED there) and binds again:
     // the port after p (p is busy) on the same queue. With the old tail remembered it would
     // be linked behind p, which no HEAD reaches.

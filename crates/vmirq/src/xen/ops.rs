@@ -231,7 +231,13 @@ impl EventChannels {
         Ok(())
     }
 
+    /// EVTCHNOP_close. On FIFO it gives the guest a short while to unlink the port
+    /// (`fifo_close`).
     pub(super) fn close_port(&self, t: &mut Table, port: u32) -> Result<(), XenError> {
+        self.close_port_waiting(t, port, true)
+    }
+
+    fn close_port_waiting(&self, t: &mut Table, port: u32, wait: bool) -> Result<(), XenError> {
         match t.state(port) {
             PortState::Closed => return Err(XenError::Invalid),
             PortState::Virq(v) => {
@@ -285,17 +291,20 @@ impl EventChannels {
         let ops = self.port_ops();
         ops.clear_pending(self, port);
         if self.is_fifo() {
-            self.fifo_close(port);
+            self.fifo_close(port, wait);
         }
         t.set(port, PortState::Closed, 0);
         slot.finish_close();
         Ok(())
     }
 
+    /// Closes every port. Every caller then leaves FIFO (reset), which forgets the queues:
+    /// no close waits for an unlink (a guest with 2^17 linked ports would hold the table
+    /// mutex for seconds).
     pub(super) fn close_all(&self, t: &mut Table) {
         let open: Vec<u32> = t.open().map(|(p, _, _)| p).collect();
         for port in open {
-            let _ = self.close_port(t, port);
+            let _ = self.close_port_waiting(t, port, false);
         }
     }
 }

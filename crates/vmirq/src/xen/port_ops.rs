@@ -398,14 +398,14 @@ impl EventChannels {
         tracing::debug!("Xen event channels back to 2-level");
     }
 
-    /// The FIFO part of a close: the port is not left PENDING, and the guest gets a short
-    /// while to unlink it (Linux unlinks as it walks); if it does not, the port is not reused
-    /// until it does ([`PortOps::is_busy`]) and the give-up is counted.
-    pub(super) fn fifo_close(&self, port: u32) {
+    /// The FIFO part of a close: the port forgets a remembered event and, with `wait`, the
+    /// guest gets a short while to unlink it (Linux unlinks as it walks); if it does not, the
+    /// port is not reused until it does ([`PortOps::is_busy`]) and the give-up is counted.
+    pub(super) fn fifo_close(&self, port: u32, wait: bool) {
         if let Ok(slot) = self.slot(port) {
             slot.early.store(false, Ordering::SeqCst);
         }
-        let Some(w) = self.pages.event(port) else {
+        let Some(w) = self.pages.event(port).filter(|_| wait) else {
             return;
         };
         let deadline = std::time::Instant::now() + CLOSE_WAIT;
