@@ -45,6 +45,18 @@ trait FifoVm {
     fn pump(&self);
     fn vcpus(&self) -> u32;
 
+    /// vCPUs from 32 on register their vcpu_info at `at(vcpu)` (those below have theirs in
+    /// shared_info).
+    fn register_vcpu_infos(&self, at: impl Fn(u32) -> u64) -> Result<(), vmirq::Error>
+    where
+        Self: Sized,
+    {
+        for v in 32..self.vcpus() {
+            self.channels().register_vcpu_info(v, at(v))?;
+        }
+        Ok(())
+    }
+
     /// EVTCHNOP `cmd` through the hypercall entry, argument words at the scratch address;
     /// returns the words as the call left them.
     fn call(&self, cmd: u32, words: &[u32]) -> Result<Vec<u32>, vmirq::Error> {
@@ -98,7 +110,7 @@ fn switch<V: FifoVm + ?Sized>(
 struct OnMachine<'m> {
     m: &'m dyn Machine,
     ch: Arc<EventChannels>,
-    _up: Arc<Upcalls>,
+    up: Arc<Upcalls>,
     vcpus: u32,
 }
 
@@ -148,18 +160,11 @@ impl<'m> OnMachine<'m> {
         memory
             .write_obj(1u32, GuestAddress(XEN_FIFO_FLAG))
             .map_err(|_| fail("set the guest's FIFO flag"))?;
-        let vm = Self {
-            m,
-            ch,
-            _up: up,
-            vcpus,
-        };
-        for v in 32..vcpus {
-            vm.ch.register_vcpu_info(v, xen_vcpu_info(v as usize))?;
-        }
+        let vm = Self { m, ch, up, vcpus };
+        vm.register_vcpu_infos(|v| xen_vcpu_info(v as usize))?;
         switch(&vm, |v| xen_fifo_control(v as usize), XEN_FIFO_ARRAY, pages)?;
         for v in 0..vcpus {
-            vm._up
+            vm.up
                 .set_upcall_vector(v, Some(XEN_UPCALL_VECTOR))
                 .map_err(|_| fail("set the Xen upcall vector"))?;
             m.wait_isr(Some(v as usize), XEN_UPCALL_VECTOR, WAIT)
@@ -180,7 +185,7 @@ struct Sim128 {
     _irq: Arc<Interrupts>,
     mem: GuestMemoryMmap,
     ch: Arc<EventChannels>,
-    _up: Arc<Upcalls>,
+    up: Arc<Upcalls>,
     handled: Arc<AtomicU64>,
 }
 
@@ -189,6 +194,20 @@ const SIM_SHARED_INFO: u64 = 0x2_0000;
 const SIM_VCPU_INFO: u64 = 0x2_1000;
 const SIM_ARRAY: u64 = 0x4_0000;
 const SIM_SCRATCH: u64 = 0x8000;
+
+/// Where vCPU `v`'s vcpu_info is in the simulated guests' layout.
+fn sim_vcpu_info(v: u32) -> u64 {
+    if v < 32 {
+        SIM_SHARED_INFO + u64::from(v) * 64
+    } else {
+        SIM_VCPU_INFO + u64::from(v - 32) * 64
+    }
+}
+
+/// Where vCPU `v`'s FIFO control block is in the simulated guests' layout.
+fn sim_control(v: u32) -> u64 {
+    SIM_CONTROL + u64::from(v) * 0x80
+}
 
 impl FifoVm for Sim128 {
     fn channels(&self) -> &EventChannels {
@@ -224,18 +243,10 @@ impl Sim128 {
             domid: 1,
         };
         let (ch, up) = attach(&irq, mem.clone(), config);
-        let vcpu_info = |v: u32| {
-            if v < 32 {
-                SIM_SHARED_INFO + u64::from(v) * 64
-            } else {
-                SIM_VCPU_INFO + u64::from(v - 32) * 64
-            }
-        };
-        let control = |v: u32| SIM_CONTROL + u64::from(v) * 0x80;
         // The guest's view of its own FIFO pages, for its consumer.
         let pages_view = GuestPages::new(mem.clone(), SIM_VCPUS);
         for v in 0..SIM_VCPUS {
-            pages_view.map_control(v, control(v))?;
+            pages_view.map_control(v, sim_control(v))?;
         }
         for n in 0..u64::from(pages) {
             pages_view.add_page((SIM_ARRAY >> 12) + n)?;
@@ -247,7 +258,7 @@ impl Sim128 {
             if vector != XEN_UPCALL_VECTOR {
                 return;
             }
-            let pending = GuestAddress(vcpu_info(vcpu as u32));
+            let pending = GuestAddress(sim_vcpu_info(vcpu as u32));
             let mut heads = heads.lock().unwrap_or_else(|e| e.into_inner());
             for _ in 0..64 {
                 let _ = m.write_obj(0u8, pending);
@@ -264,15 +275,13 @@ impl Sim128 {
             _irq: irq,
             mem,
             ch,
-            _up: up,
+            up,
             handled,
         };
-        for v in 32..SIM_VCPUS {
-            vm.ch.register_vcpu_info(v, vcpu_info(v))?;
-        }
-        switch(&vm, control, SIM_ARRAY, pages)?;
+        vm.register_vcpu_infos(sim_vcpu_info)?;
+        switch(&vm, sim_control, SIM_ARRAY, pages)?;
         for v in 0..SIM_VCPUS {
-            vm._up
+            vm.up
                 .set_upcall_vector(v, Some(XEN_UPCALL_VECTOR))
                 .map_err(|_| fail("set the Xen upcall vector"))?;
         }
@@ -388,7 +397,7 @@ pub fn upcall_guest(
 ) -> Result<(Arc<EventChannels>, Arc<Upcalls>, u32), vmirq::Error> {
     let vm = OnMachine::attach(m, 2, 1)?;
     let port = vm.call(BIND_IPI, &[vcpu, 0])?[1];
-    Ok((Arc::clone(&vm.ch), Arc::clone(&vm._up), port))
+    Ok((Arc::clone(&vm.ch), Arc::clone(&vm.up), port))
 }
 
 /// `xenfifo.set-pending` and what it is compared with, in ns per event on a bound, unmasked
@@ -435,9 +444,6 @@ fn set_pending_rig(
         domid: 1,
     };
     let ch = EventChannels::new(memory.clone(), config, Arc::new(NoUpcall));
-    for v in 32..vcpus {
-        ch.register_vcpu_info(v, SIM_VCPU_INFO + u64::from(v - 32) * 64)?;
-    }
     struct Plain<'a>(&'a GuestMemoryMmap, &'a EventChannels, u32);
     impl FifoVm for Plain<'_> {
         fn channels(&self) -> &EventChannels {
@@ -458,9 +464,10 @@ fn set_pending_rig(
         }
     }
     let vm = Plain(&memory, &ch, vcpus);
+    vm.register_vcpu_infos(sim_vcpu_info)?;
     if fifo_abi {
         let pages = ports / fifo::WORDS_PER_PAGE + 1;
-        switch(&vm, |v| SIM_CONTROL + u64::from(v) * 0x80, SIM_ARRAY, pages)?;
+        switch(&vm, sim_control, SIM_ARRAY, pages)?;
     }
     let mut bound = Vec::new();
     for i in 0..ports {
